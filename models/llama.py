@@ -1,0 +1,114 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) in Flax NNX; variants are config data.
+
+Layers are a Python list of per-layer modules, so the jitted step is unrolled over depth and each
+decode step reads every weight once (PERF_NOTES.md section 5: a rolled scan over stacked weights
+copies each layer's weights before its GEMMs, ~3x the bytes).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jpaged.kv_cache import KVCache, StepInput
+from models.config import ModelConfig
+from models.layers import RMSNorm, apply_rope, paged_attention, rope_inv_freq
+
+
+def _linear(rngs, din, dout, dtype, bias=False):
+    init = nnx.initializers.normal(0.02)
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, kernel_init=init,
+                      bias_init=init, rngs=rngs)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        e, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = _linear(rngs, e, cfg.num_heads * d, dtype, cfg.qkv_bias)
+        self.k_proj = _linear(rngs, e, cfg.num_kv_heads * d, dtype, cfg.qkv_bias)
+        self.v_proj = _linear(rngs, e, cfg.num_kv_heads * d, dtype, cfg.qkv_bias)
+        self.o_proj = _linear(rngs, cfg.num_heads * d, e, dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.sliding_window = cfg.sliding_window
+
+    def __call__(self, x, inv_freq, k_pages, v_pages, step: StepInput, attn_impl: str):
+        t = x.shape[0]
+        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)      # [T, Hq, D]
+        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
+        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, step.positions, inv_freq)
+        k = apply_rope(k, step.positions, inv_freq)
+        o, k_pages, v_pages = paged_attention(
+            q, k, v, k_pages, v_pages, step, sm_scale=self.head_dim ** -0.5,
+            sliding_window=self.sliding_window, impl=attn_impl)
+        return self.o_proj(o.reshape(t, -1)), k_pages, v_pages
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.gate_proj = _linear(rngs, cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.up_proj = _linear(rngs, cfg.hidden_size, cfg.intermediate_size, dtype)
+        self.down_proj = _linear(rngs, cfg.intermediate_size, cfg.hidden_size, dtype)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(cfg, dtype, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x, inv_freq, k_pages, v_pages, step, attn_impl):
+        h, k_pages, v_pages = self.self_attn(self.input_layernorm(x), inv_freq, k_pages, v_pages,
+                                             step, attn_impl)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k_pages, v_pages
+
+
+class LlamaForCausalLM(nnx.Module):
+    """tokens + paged cache in, logits at `step.logits_index` + updated cache out."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _linear(
+            rngs, cfg.hidden_size, cfg.vocab_size, dtype)
+
+    def new_kv_cache(self, num_pages: int, page_size: int, dtype=None) -> KVCache:
+        cfg = self.config
+        return KVCache.create(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim,
+                              dtype or self.dtype)
+
+    def __call__(self, kv_cache: KVCache, step: StepInput, *, attn_impl: str = "reference"
+                 ) -> tuple[jax.Array, KVCache]:
+        """Returns logits [len(step.logits_index), vocab] in float32 and the updated cache."""
+        cfg = self.config
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        x = self.embed_tokens(step.token_ids)                                  # [T, E]
+        new_k, new_v = [], []
+        for layer, k_pages, v_pages in zip(self.layers, kv_cache.k, kv_cache.v):
+            x, k_pages, v_pages = layer(x, inv_freq, k_pages, v_pages, step, attn_impl)
+            new_k.append(k_pages)
+            new_v.append(v_pages)
+        h = self.norm(x[step.logits_index])                                     # [S, E]
+        if self.lm_head is None:
+            logits = self.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32), KVCache(k=tuple(new_k), v=tuple(new_v))
