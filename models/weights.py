@@ -59,9 +59,9 @@ def load_hf_weights(model: nnx.Module, weights: Iterable[tuple[str, np.ndarray]]
         value = np.asarray(array)
         if transpose:
             value = value.T
-        if value.shape != param.value.shape:
-            raise ValueError(f"weight {name!r} has shape {value.shape}, model expects {param.value.shape}")
-        param.value = jnp.asarray(value, dtype=param.value.dtype)
+        if value.shape != param.shape:
+            raise ValueError(f"weight {name!r} has shape {value.shape}, model expects {param.shape}")
+        param.set_value(jnp.asarray(value, dtype=param.dtype))
         missing.discard(path)
     if missing:
         names = sorted(".".join(map(str, p)) for p in missing)
