@@ -56,7 +56,13 @@ def hf_logits(hf_model, ids) -> np.ndarray:
 
 
 def hf_greedy(hf_model, ids, num_new: int) -> list[int]:
+    """Greedy continuation with HF's own forward and KV cache, never stopping at EOS."""
+    out, past = [], None
+    x = torch.tensor(np.asarray(ids)[None])
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor(np.asarray(ids)[None]), max_new_tokens=num_new, do_sample=False,
-                                min_new_tokens=num_new, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        for _ in range(num_new):
+            res = hf_model(x, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            out.append(int(res.logits[0, -1].argmax()))
+            x = torch.tensor([[out[-1]]])
+    return out

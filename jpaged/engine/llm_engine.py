@@ -1,0 +1,287 @@
+"""Engine: add_request / step / abort. The loop that ties scheduler, runner, sampling and outputs together.
+
+One `step()`: the scheduler picks sequences under the token budget -> the runner moves pages it was
+asked to (swap, copy-on-write), runs the jitted model+sampling step -> the scheduler appends the
+sampled tokens -> here: n > 1 forks, incremental detokenization, stop checks, RequestOutputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+import jax
+import numpy as np
+
+import pallas_kernels
+from jpaged.config import EngineConfig
+from jpaged.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
+from jpaged.engine.model_runner import ModelRunner, SampleRow
+from jpaged.engine.scheduler import Scheduler
+from jpaged.engine.sequence import Sequence
+from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
+from jpaged.sampling_params import SamplingParams
+
+CPU_KV_CACHE_BYTES = 1 << 30  # pool size on CPU when num_kv_blocks is not given
+
+
+@dataclasses.dataclass
+class _SeqState:
+    """Per-sequence output bookkeeping that the scheduler does not need."""
+
+    index: int
+    detok: IncrementalDetokenizer
+    stops: StopStringChecker
+    text: str = ""
+    cumulative_logprob: float = 0.0
+    logprobs: list | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    states: dict[int, _SeqState]
+    pending_forks: int
+    arrival_time: float
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.pending_forks == 0 and all(st.finish_reason for st in self.states.values())
+
+
+def resolve_attn_impl(attn_impl: str) -> str:
+    if attn_impl != "auto":
+        return attn_impl
+    return "pallas" if jax.default_backend() == "gpu" and "pallas" in pallas_kernels.IMPLS else "reference"
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, *, model=None, tokenizer=None):
+        if model is None:
+            from jpaged.loader import load_model
+            model, tokenizer = load_model(config.model, dtype=config.dtype)
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = config.model
+        mcfg = model.config
+        self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
+        self.eos_token_ids = set(getattr(tokenizer, "eos_token_ids", None) or mcfg.eos_token_ids)
+        num_pages = config.num_kv_blocks or self._default_num_pages(model)
+        self.scheduler = Scheduler(config, num_blocks=num_pages, max_model_len=self.max_model_len,
+                                   sliding_window=mcfg.sliding_window)
+        self.runner = ModelRunner(
+            model, num_pages=num_pages, page_size=config.block_size, max_model_len=self.max_model_len,
+            max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+            num_host_pages=config.num_host_kv_blocks, attn_impl=resolve_attn_impl(config.attn_impl))
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._key = jax.random.PRNGKey(config.seed)
+        self._num_steps = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    def _default_num_pages(self, model) -> int:
+        cfg, c = model.config, self.config
+        page_bytes = 2 * cfg.num_layers * c.block_size * cfg.num_kv_heads * cfg.head_dim * (
+            4 if c.dtype == "float32" else 2)
+        device = jax.devices()[0]
+        stats = device.memory_stats() if device.platform == "gpu" else None
+        if stats:
+            free = stats["bytes_limit"] - stats["bytes_in_use"]
+            budget = int(free * c.kv_cache_memory_fraction)
+        else:
+            budget = CPU_KV_CACHE_BYTES
+        needed = c.max_num_seqs * -(-self.max_model_len // c.block_size)
+        return max(1, min(budget // page_bytes, needed))
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        """Queues a request; ValueError (and no state kept) for one that can never run."""
+        params = params or SamplingParams()
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if params.use_beam_search:
+            raise ValueError("use_beam_search is not supported by this engine; use n/best_of sampling")
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
+        if max_tokens < 1:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens, which leaves no room to generate "
+                             f"within max_model_len={self.max_model_len}")
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=max_tokens)
+        seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, token_ids=list(prompt_ids),
+                       sampling_params=params, priority=priority)
+        self.scheduler.add(seq)
+        self.requests[request_id] = _Request(
+            request_id=request_id, prompt=prompt_text, prompt_token_ids=list(prompt_ids), params=params,
+            seqs=[seq], states={seq.seq_id: self._seq_state(0, prompt_ids, params)},
+            pending_forks=params.best_of - 1, arrival_time=arrival_time or time.monotonic())
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        if not all(isinstance(t, (int, np.integer)) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return None, [int(t) for t in ids]
+
+    def _seq_state(self, index: int, prompt_ids, params: SamplingParams) -> _SeqState:
+        return _SeqState(
+            index=index,
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens),
+            stops=StopStringChecker(params.stop),
+            logprobs=[] if params.logprobs is not None else None)
+
+    def abort(self, request_id: str) -> None:
+        """Frees every page of the request, whatever state it is in; no more outputs for it."""
+        if self.requests.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
+
+    def warmup(self) -> None:
+        """Compiles every step shape up front (serving calls it; steady state then never compiles)."""
+        self.runner.warmup()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        self.runner.swap_out(batch.swap_out)
+        self.runner.swap_in(batch.swap_in)
+        self.runner.copy_pages(batch.copy_pages)
+        if not batch.entries:
+            return []
+        rows, forks, offset = [], [], 0
+        for entry in batch.entries:
+            offset += entry.num_tokens
+            if not entry.sample:
+                continue
+            rows.append(SampleRow(offset - 1, entry.seq))
+            req = self.requests[entry.seq.request_id]
+            if req.pending_forks and entry.seq is req.seqs[0]:
+                # n > 1: the samples share the prompt's pages; each draws its first token from the same logits.
+                for i in range(req.pending_forks):
+                    child_params = req.params if req.params.seed is None else dataclasses.replace(
+                        req.params, seed=hash((req.params.seed, len(req.seqs) + i)) % (1 << 63))
+                    forks.append((req, len(rows)))
+                    rows.append(SampleRow(offset - 1, _SampleProxy(entry.seq, child_params)))
+        self._key, key = jax.random.split(self._key)
+        out = self.runner.execute(batch.entries, rows, key)
+        self._num_steps += 1
+
+        sampled = {row.seq.seq_id: int(out.tokens[r]) for r, row in enumerate(rows)
+                   if not isinstance(row.seq, _SampleProxy)}
+        self.scheduler.postprocess(batch, sampled)
+        self.prompt_tokens_total += sum(max(0, min(e.start + e.num_tokens, e.seq.num_prompt_tokens) - e.start)
+                                        for e in batch.entries)
+        touched: dict[str, _Request] = {}
+        for r, row in enumerate(rows):
+            if isinstance(row.seq, _SampleProxy):
+                continue
+            req = self.requests[row.seq.request_id]
+            self._on_token(req, row.seq, out, r)
+            touched[req.request_id] = req
+        for req, r in forks:
+            child = self.scheduler.fork(req.seqs[0], next(self._seq_ids))
+            child.token_ids[-1] = int(out.tokens[r])
+            child.sampling_params = rows[r].seq.sampling_params
+            req.seqs.append(child)
+            req.states[child.seq_id] = self._seq_state(len(req.seqs) - 1, req.prompt_token_ids, req.params)
+            req.pending_forks -= 1
+            self._on_token(req, child, out, r)
+        return [self._finish_or_report(req) for req in touched.values()]
+
+    def _on_token(self, req: _Request, seq: Sequence, out, row: int) -> None:
+        """Bookkeeping for one sampled token: logprobs, text, stop conditions."""
+        state = req.states[seq.seq_id]
+        token = int(out.tokens[row])
+        params = seq.sampling_params
+        self.generation_tokens_total += 1
+        req.first_token_time = req.first_token_time or time.monotonic()
+        state.cumulative_logprob += float(out.logprobs[row])
+        if state.logprobs is not None:
+            state.logprobs.append(self._logprob_entry(out, row, token, params.logprobs))
+        reason, stop_reason = None, None
+        num_out = seq.num_output_tokens
+        if token in params.stop_token_ids and num_out >= params.min_tokens:
+            reason, stop_reason = "stop", token
+        elif token in self.eos_token_ids and not params.ignore_eos and num_out >= params.min_tokens:
+            reason = "stop"
+        if reason is None:
+            emitted, matched = state.stops.feed(state.detok.add_tokens([token]))
+            state.text += emitted
+            if matched is not None:
+                reason, stop_reason = "stop", matched
+        if reason is None and (num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if stop_reason is None or isinstance(stop_reason, int):
+                state.text += state.stops.feed(state.detok.flush())[0] + state.stops.flush()
+            state.finish_reason, state.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq, reason)
+
+    def _logprob_entry(self, out, row: int, token: int, k: int) -> dict[int, Logprob]:
+        decode = self.tokenizer.decode
+        entry = {token: Logprob(float(out.logprobs[row]), int(out.ranks[row]), decode([token]))}
+        for rank, (tid, lp) in enumerate(zip(out.top_ids[row][:k], out.top_logprobs[row][:k]), start=1):
+            entry.setdefault(int(tid), Logprob(float(lp), rank, decode([int(tid)])))
+        return entry
+
+    def _finish_or_report(self, req: _Request) -> RequestOutput:
+        finished = req.finished
+        if finished:
+            del self.requests[req.request_id]
+        completions = [
+            CompletionOutput(index=st.index, text=st.text, token_ids=list(seq.output_token_ids),
+                             cumulative_logprob=st.cumulative_logprob, logprobs=st.logprobs,
+                             finish_reason=st.finish_reason, stop_reason=st.stop_reason)
+            for seq in req.seqs for st in [req.states[seq.seq_id]]]
+        if finished and req.params.best_of > req.params.n:
+            completions.sort(key=lambda c: c.cumulative_logprob, reverse=True)
+            completions = completions[:req.params.n]
+            for i, c in enumerate(completions):
+                c.index = i
+        return RequestOutput(request_id=req.request_id, prompt=req.prompt,
+                             prompt_token_ids=req.prompt_token_ids, outputs=completions, finished=finished,
+                             arrival_time=req.arrival_time, first_token_time=req.first_token_time)
+
+    # -- introspection ---------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return dict(num_running=s.num_running, num_waiting=s.num_waiting, num_free_pages=s.num_free_pages,
+                    num_used_pages=s.num_used_pages, num_total_pages=self.runner.num_pages,
+                    prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
+                    num_preemptions=s.num_preemptions, prompt_tokens=self.prompt_tokens_total,
+                    generation_tokens=self.generation_tokens_total, num_steps=self._num_steps,
+                    num_compilations=self.runner.num_compilations)
+
+
+@dataclasses.dataclass
+class _SampleProxy:
+    """A not-yet-forked sample of a request: the parent's history with the child's own params."""
+
+    parent: Sequence
+    sampling_params: SamplingParams
+
+    def __getattr__(self, name):
+        return getattr(self.parent, name)

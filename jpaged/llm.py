@@ -1,0 +1,69 @@
+"""LLM: the offline facade over Engine (vLLM's names): generate() and chat() over a batch of prompts."""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from jpaged.config import EngineConfig
+from jpaged.outputs import RequestOutput
+from jpaged.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "default", *, model_obj=None, tokenizer=None, **engine_args):
+        """engine_args are EngineConfig fields (dtype, block_size, max_num_seqs, ...)."""
+        from jpaged.engine.llm_engine import Engine
+        self.engine = Engine(EngineConfig(model=model, **engine_args), model=model_obj, tokenizer=tokenizer)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Runs every prompt to completion; outputs in the order of `prompts`."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        order = {}
+        added = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = f"llm-{next(self._ids)}"
+                self.engine.add_request(rid, prompt, p or SamplingParams())
+                order[rid] = len(order)
+                added.append(rid)
+        except ValueError:
+            for rid in added:
+                self.engine.abort(rid)
+            raise
+        return self._run(order, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, *, use_tqdm: bool = True
+             ) -> list[RequestOutput]:
+        """`messages`: one conversation (a list of {"role", "content"}) or a list of conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+        results: list[RequestOutput | None] = [None] * len(order)
+        bar = tqdm(total=len(order), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
+        prompt_tokens, gen_tokens = self.engine.prompt_tokens_total, self.engine.generation_tokens_total
+        with bar:
+            while any(r is None for r in results):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        bar.update(1)
+                rate = bar.format_dict.get("elapsed") or 1e-9
+                bar.set_postfix(prefill_tok_s=int((self.engine.prompt_tokens_total - prompt_tokens) / rate),
+                                decode_tok_s=int((self.engine.generation_tokens_total - gen_tokens) / rate),
+                                refresh=False)
+        return results
