@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import jpaged.generate
+import jpaged
 from jpaged.sampling_params import SamplingParams
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
