@@ -74,7 +74,8 @@ class SamplingParams:
             check(value is None or (isinstance(value, int) and 0 <= value <= self.MAX_LOGPROBS),
                   f"{name} must be an integer in [0, {self.MAX_LOGPROBS}] or None, got {value!r}")
         if self.use_beam_search:
-            check(self.beam_width >= self.n, f"beam_width must be >= n ({self.n}), got {self.beam_width}")
+            check(self.n <= self.beam_width <= self.MAX_LOGPROBS // 2,
+                  f"beam_width must be in [n ({self.n}), {self.MAX_LOGPROBS // 2}], got {self.beam_width}")
             check(self.temperature == 0.0, "beam search needs temperature 0")
 
     @property

@@ -15,6 +15,7 @@ import numpy as np
 
 import pallas_kernels
 from jpaged.config import EngineConfig
+from jpaged.engine import beam_search
 from jpaged.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
 from jpaged.engine.model_runner import ModelRunner, SampleRow
 from jpaged.engine.scheduler import Scheduler
@@ -50,9 +51,13 @@ class _Request:
     pending_forks: int
     arrival_time: float
     first_token_time: float | None = None
+    hypotheses: list[beam_search.Hypothesis] | None = None  # beam search: finished hypotheses
+    beam_done: bool = False
 
     @property
     def finished(self) -> bool:
+        if self.hypotheses is not None:
+            return self.beam_done
         return self.pending_forks == 0 and all(st.finish_reason for st in self.states.values())
 
 
@@ -112,8 +117,6 @@ class Engine:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        if params.use_beam_search:
-            raise ValueError("use_beam_search is not supported by this engine; use n/best_of sampling")
         prompt_text, prompt_ids = self._tokenize(prompt)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
         if max_tokens < 1:
@@ -127,7 +130,8 @@ class Engine:
         self.requests[request_id] = _Request(
             request_id=request_id, prompt=prompt_text, prompt_token_ids=list(prompt_ids), params=params,
             seqs=[seq], states={seq.seq_id: self._seq_state(0, prompt_ids, params)},
-            pending_forks=params.best_of - 1, arrival_time=arrival_time or time.monotonic())
+            pending_forks=0 if params.use_beam_search else params.best_of - 1,
+            hypotheses=[] if params.use_beam_search else None, arrival_time=arrival_time or time.monotonic())
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -190,12 +194,22 @@ class Engine:
 
         sampled = {row.seq.seq_id: int(out.tokens[r]) for r, row in enumerate(rows)
                    if not isinstance(row.seq, _SampleProxy)}
+        beam_rows: dict[str, list[int]] = {}
+        for r, row in enumerate(rows):
+            if self.requests[row.seq.request_id].hypotheses is not None:
+                beam_rows.setdefault(row.seq.request_id, []).append(r)
+        beam_actions = [self._select_beams(self.requests[rid], [rows[r].seq for r in rs], out, rs, sampled)
+                        for rid, rs in beam_rows.items()]
         self.scheduler.postprocess(batch, sampled)
         self.prompt_tokens_total += sum(max(0, min(e.start + e.num_tokens, e.seq.num_prompt_tokens) - e.start)
                                         for e in batch.entries)
         touched: dict[str, _Request] = {}
+        for req, forks_, drops in beam_actions:
+            self._apply_beams(req, forks_, drops)
+            if req.beam_done:
+                touched[req.request_id] = req
         for r, row in enumerate(rows):
-            if isinstance(row.seq, _SampleProxy):
+            if isinstance(row.seq, _SampleProxy) or row.seq.request_id in beam_rows:
                 continue
             req = self.requests[row.seq.request_id]
             self._on_token(req, row.seq, out, r)
@@ -239,6 +253,70 @@ class Engine:
             state.finish_reason, state.stop_reason = reason, stop_reason
             self.scheduler.finish(seq, reason)
 
+    def _select_beams(self, req: _Request, live: list[Sequence], out, rows: list[int], sampled: dict):
+        """Chooses this step's beams; sets each continuing beam's token in `sampled` (before postprocess).
+
+        Returns (req, forks: [(beam seq, token, cumulative)], drops: [seq]) to apply after postprocess.
+        """
+        p = req.params
+        eos = set() if p.ignore_eos else self.eos_token_ids | set(p.stop_token_ids)
+        offers = [(req.states[seq.seq_id].cumulative_logprob, out.top_ids[r], out.top_logprobs[r])
+                  for seq, r in zip(live, rows)]
+        continuing, finished = beam_search.select(offers, p.beam_width, eos)
+        for cand in finished:
+            seq = live[cand.beam]
+            req.hypotheses.append(beam_search.Hypothesis(
+                list(seq.output_token_ids) + [cand.token], cand.cumulative_logprob, "stop"))
+        forks, used = [], set()
+        for cand in continuing:
+            seq = live[cand.beam]
+            if cand.beam in used:
+                forks.append((seq, cand.token, cand.cumulative_logprob))
+            else:
+                used.add(cand.beam)
+                sampled[seq.seq_id] = cand.token
+                req.states[seq.seq_id].cumulative_logprob = cand.cumulative_logprob
+        drops = [seq for b, seq in enumerate(live) if b not in used]
+        self.generation_tokens_total += len(continuing)
+        req.first_token_time = req.first_token_time or time.monotonic()
+        return req, forks, drops
+
+    def _apply_beams(self, req: _Request, forks, drops) -> None:
+        for seq, token, cumulative in forks:
+            child = self.scheduler.fork(seq, next(self._seq_ids))
+            child.token_ids[-1] = token
+            req.seqs.append(child)
+            req.states[child.seq_id] = self._seq_state(len(req.seqs) - 1, req.prompt_token_ids, req.params)
+            req.states[child.seq_id].cumulative_logprob = cumulative
+        for seq in drops:
+            self.scheduler.finish(seq, "abort")
+            req.seqs.remove(seq)
+            del req.states[seq.seq_id]
+        p = req.params
+        live = req.seqs
+        if not live:
+            req.beam_done = True
+            return
+        length = live[0].num_output_tokens
+        best = max(req.states[s.seq_id].cumulative_logprob for s in live)
+        at_limit = length >= p.max_tokens or max(s.num_tokens for s in live) >= self.max_model_len
+        if at_limit or beam_search.is_done(req.hypotheses, best, length, p.beam_width, p.length_penalty):
+            for seq in list(live):
+                if at_limit:
+                    req.hypotheses.append(beam_search.Hypothesis(
+                        list(seq.output_token_ids), req.states[seq.seq_id].cumulative_logprob, "length"))
+                self.scheduler.finish(seq, "stop")
+            req.beam_done = True
+
+    def _beam_outputs(self, req: _Request) -> list[CompletionOutput]:
+        p = req.params
+        best = sorted(req.hypotheses, reverse=True,
+                      key=lambda h: beam_search.score(h.cumulative_logprob, len(h.token_ids), p.length_penalty))
+        return [CompletionOutput(index=i, text=self.tokenizer.decode(h.token_ids, skip_special_tokens=p.skip_special_tokens),
+                                 token_ids=h.token_ids, cumulative_logprob=h.cumulative_logprob,
+                                 finish_reason=h.finish_reason)
+                for i, h in enumerate(best[:p.n])]
+
     def _logprob_entry(self, out, row: int, token: int, k: int) -> dict[int, Logprob]:
         decode = self.tokenizer.decode
         entry = {token: Logprob(float(out.logprobs[row]), int(out.ranks[row]), decode([token]))}
@@ -250,6 +328,11 @@ class Engine:
         finished = req.finished
         if finished:
             del self.requests[req.request_id]
+        if req.hypotheses is not None:
+            return RequestOutput(request_id=req.request_id, prompt=req.prompt,
+                                 prompt_token_ids=req.prompt_token_ids, outputs=self._beam_outputs(req),
+                                 finished=finished, arrival_time=req.arrival_time,
+                                 first_token_time=req.first_token_time)
         completions = [
             CompletionOutput(index=st.index, text=st.text, token_ids=list(seq.output_token_ids),
                              cumulative_logprob=st.cumulative_logprob, logprobs=st.logprobs,

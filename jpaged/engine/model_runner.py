@@ -202,7 +202,7 @@ class ModelRunner:
             prompt_token_ids=[seq.token_ids[:seq.num_prompt_tokens] for seq in seqs] if penalties else None,
             output_token_ids=[seq.output_token_ids for seq in seqs] if penalties else None)
         # Two sizes only, so logprobs requests do not multiply compilations.
-        top = 0 if all(p.logprobs is None for p in params) else SamplingParams.MAX_LOGPROBS
+        top = 0 if all(p.logprobs is None and not p.use_beam_search for p in params) else SamplingParams.MAX_LOGPROBS
         out, self.kv_cache = self._jit_step(self.state, self.kv_cache, step, tensors, key,
                                             graphdef=self.graphdef, attn_impl=self.attn_impl,
                                             num_top_logprobs=top)
