@@ -1,0 +1,333 @@
+"""Scheduler: who runs this step, how many of their tokens, and what pages must move first.
+
+Where it sits: `Engine.step()` calls `schedule()` -> the runner performs the batch's page moves in the
+order swap_out, swap_in, copy_pages, then runs the step over `entries` -> `postprocess(batch, sampled)`
+records progress -> the engine checks stop conditions and calls `finish(seq, reason)`.
+
+One step under `max_num_batched_tokens` tokens and `max_num_seqs` sequences:
+1. running sequences, decodes (one token left) first, then prefill chunks of admitted prompts;
+   a chunk is cut to the remaining budget (chunked prefill), so decodes never wait for a long prompt;
+2. swapped sequences, swapped back in when their pages fit;
+3. waiting sequences (new, or preempted by recompute), admitted with their prefix-cache hits.
+Order within each queue: arrival (FCFS), or (priority, arrival) with scheduling_policy="priority".
+A sequence that cannot get its pages preempts the most recently admitted running sequence not yet
+in this batch (under "priority": the lowest priority one first), or itself when there is none.
+Preemption by recompute frees the pages and sends the sequence back to waiting (it keeps its tokens
+and is prefilled again); by swap, its pages are copied to host pages (when the host pool has room,
+else recompute) and it is swapped back in before it runs again. Swap-ins and admissions never preempt,
+and the head of a queue that does not fit blocks the ones behind it (no starvation of long prompts).
+Without chunked prefill a prompt waits for a step with room for all of it; a recompute longer than
+the whole budget is chunked anyway (it could never run otherwise).
+Counters: num_preemptions; prefix_cache_queries / prefix_cache_hits count tokens at each admission.
+
+API:
+  Scheduler(config, num_blocks, max_model_len, sliding_window=None)
+  add(seq); schedule() -> ScheduledBatch; postprocess(batch, sampled: {seq_id: token})
+  finish(seq, reason); abort(request_id) -> [Sequence]; fork(parent, child_seq_id) -> Sequence
+  has_unfinished(); running, waiting, swapped (lists); num_running, num_waiting, num_swapped
+  num_preemptions, prefix_cache_queries, prefix_cache_hits (tokens), num_free_pages, num_used_pages
+  check_invariants(batch=None)
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from jpaged.config import EngineConfig
+from jpaged.engine.block_manager import BlockManager
+from jpaged.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    """Compute seq.token_ids[start:start + num_tokens] at positions start..; sample a token if `sample`."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    sample: bool
+
+
+@dataclasses.dataclass
+class ScheduledBatch:
+    entries: list[ScheduledSeq] = dataclasses.field(default_factory=list)  # decodes first, then prefills
+    copy_pages: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # device src -> dst
+    swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # device -> host
+    swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # host -> device
+    preempted: list[Sequence] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.num_tokens for e in self.entries)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int, sliding_window: int | None = None):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+        self.config = config
+        self.page_size = config.block_size
+        self.max_model_len = max_model_len
+        self.sliding_window = sliding_window
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, num_host_pages=config.num_host_kv_blocks,
+            enable_prefix_caching=config.enable_prefix_caching, sliding_window=sliding_window)
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order
+        self.swapped: list[Sequence] = []
+        self._seq_ids: set[int] = set()
+        self._admitted_at: dict[int, int] = {}  # seq_id -> admission counter, for victim choice
+        self._admissions = itertools.count()
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    # -- counts ----------------------------------------------------------------------------------
+
+    num_running = property(lambda self: len(self.running))
+    num_waiting = property(lambda self: len(self.waiting))
+    num_swapped = property(lambda self: len(self.swapped))
+    num_free_pages = property(lambda self: self.block_manager.num_free_pages)
+    num_used_pages = property(lambda self: self.block_manager.num_used_pages)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queues a new sequence; ValueError (nothing kept) when it could never run."""
+        if seq.seq_id in self._seq_ids:
+            raise ValueError(f"seq_id {seq.seq_id} is already scheduled")
+        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
+            raise ValueError(f"seq must be a new WAITING sequence without pages, got status {seq.status.name}")
+        self._check_fits(seq)
+        self._seq_ids.add(seq.seq_id)
+        self.waiting.append(seq)
+
+    def _check_fits(self, seq: Sequence) -> None:
+        n_prompt, max_tokens = seq.num_tokens, seq.sampling_params.max_tokens
+        total = n_prompt + (max_tokens if max_tokens is not None else 1)
+        if total > self.max_model_len:
+            raise ValueError(
+                f"request {seq.request_id!r}: prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {total} "
+                f"exceeds max_model_len ({self.max_model_len}); shorten the prompt or lower max_tokens")
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and n_prompt > budget:
+            raise ValueError(
+                f"request {seq.request_id!r}: prompt ({n_prompt} tokens) exceeds max_num_batched_tokens ({budget}) "
+                f"with chunked prefill disabled; enable chunked prefill or raise max_num_batched_tokens")
+        needed = self._peak_pages(total)
+        if needed > self.block_manager.num_pages:
+            raise ValueError(
+                f"request {seq.request_id!r}: needs {needed} KV pages of {self.page_size} tokens, more than the "
+                f"whole pool ({self.block_manager.num_pages}); shorten the request or add KV pages")
+
+    def _peak_pages(self, total: int) -> int:
+        """The most pages one sequence of `total` tokens can hold at once (the last token is never written)."""
+        pages = -(-(total - 1) // self.page_size)
+        if self.sliding_window is None:
+            return pages
+        # With a window: the window's pages plus those of one step's tokens (at most a whole budget).
+        step_tokens = self.config.max_num_batched_tokens
+        return min(pages, -(-(self.sliding_window + step_tokens) // self.page_size) + 1)
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        self._budget = self.config.max_num_batched_tokens
+        self._in_batch: set[int] = set()
+        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decodes + prefills:
+            if seq.status is SequenceStatus.RUNNING and not self._batch_full(batch):
+                self._schedule_running(seq, batch)
+        self._resume_swapped(batch)
+        self._admit_waiting(batch)
+        batch.entries.sort(key=lambda e: e.seq.num_tokens - e.start != 1)  # stable: decodes first
+        return batch
+
+    def _batch_full(self, batch: ScheduledBatch) -> bool:
+        return self._budget == 0 or len(batch.entries) >= self.config.max_num_seqs
+
+    def _chunk(self, seq: Sequence, start: int) -> int:
+        """Tokens of seq to compute this step from `start` (0: wait for a step with more budget)."""
+        remaining = seq.num_tokens - start
+        if remaining <= self._budget:
+            return remaining
+        # Without chunked prefill a prompt waits for a whole budget; a recompute longer than any
+        # budget (prompt + outputs after preemption) is chunked anyway, or it could never run.
+        if self.config.enable_chunked_prefill or remaining > self.config.max_num_batched_tokens:
+            return self._budget
+        return 0
+
+    def _add_entry(self, seq: Sequence, n: int, batch: ScheduledBatch) -> None:
+        start = seq.num_computed_tokens
+        batch.copy_pages += self.block_manager.grow(seq, start + n)
+        batch.entries.append(ScheduledSeq(seq, start, n, sample=start + n == seq.num_tokens))
+        self._budget -= n
+        self._in_batch.add(seq.seq_id)
+
+    def _schedule_running(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        n = self._chunk(seq, seq.num_computed_tokens)
+        if n == 0:
+            return
+        end = seq.num_computed_tokens + n
+        while self.block_manager.pages_to_grow(seq, end) > self.block_manager.num_free_pages:
+            victim = self._pick_victim(exclude=seq)
+            self._preempt(victim or seq, batch)
+            if victim is None:
+                return
+        self._add_entry(seq, n, batch)
+
+    def _resume_swapped(self, batch: ScheduledBatch) -> None:
+        bm = self.block_manager
+        while self.swapped and not self._batch_full(batch) and len(self.running) < self.config.max_num_seqs:
+            seq = min(self.swapped, key=self._order)
+            n = self._chunk(seq, seq.num_computed_tokens)
+            num_pages = -(-(seq.num_computed_tokens + n) // self.page_size)
+            if n == 0 or bm.pages_to_swap_in(seq) + max(0, num_pages - len(seq.host_block_table)) > bm.num_free_pages:
+                return
+            self.swapped.remove(seq)
+            batch.swap_in += bm.swap_in(seq)
+            self._start_running(seq)
+            self._add_entry(seq, n, batch)
+
+    def _admit_waiting(self, batch: ScheduledBatch) -> None:
+        bm = self.block_manager
+        while (self.waiting and not self.swapped and not self._batch_full(batch)
+               and len(self.running) < self.config.max_num_seqs):
+            seq = min(self.waiting, key=self._order)
+            cached = bm.cached_prefix(seq)
+            n = self._chunk(seq, len(cached) * self.page_size)
+            if n == 0 or bm.pages_to_admit(seq, cached, len(cached) * self.page_size + n) > bm.num_free_pages:
+                return
+            self.waiting.remove(seq)
+            bm.admit(seq, cached)
+            if bm.prefix_cache is not None:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += seq.num_computed_tokens
+            self._start_running(seq)
+            self._add_entry(seq, n, batch)
+
+    def _order(self, seq: Sequence) -> tuple:
+        arrival = (seq.arrival_time, seq.seq_id)
+        return (seq.priority, *arrival) if self.config.scheduling_policy == "priority" else arrival
+
+    def _start_running(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self._admitted_at[seq.seq_id] = next(self._admissions)
+
+    # -- preemption ------------------------------------------------------------------------------
+
+    def _pick_victim(self, exclude: Sequence) -> Sequence | None:
+        candidates = [s for s in self.running if s is not exclude and s.seq_id not in self._in_batch]
+        if not candidates:
+            return None
+        by_priority = self.config.scheduling_policy == "priority"
+        return max(candidates, key=lambda s: (s.priority if by_priority else 0, self._admitted_at[s.seq_id]))
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        if self.config.preemption_mode == "swap" and self.block_manager.can_swap_out(seq):
+            batch.swap_out += self.block_manager.swap_out(seq)
+            seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(seq)
+        else:
+            self.block_manager.release(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+            self.waiting.append(seq)
+        self.num_preemptions += 1
+        batch.preempted.append(seq)
+
+    # -- after the step --------------------------------------------------------------------------
+
+    def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
+        """Records the step: progress, sampled tokens (by seq_id), prefix-cache pages, window release.
+
+        Ending a sequence (EOS, stop, max_tokens, max_model_len) is the engine's call: finish(seq, reason).
+        """
+        for entry in batch.entries:
+            seq = entry.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # finished or aborted since schedule()
+            if entry.sample and seq.seq_id not in sampled:
+                raise ValueError(f"sampled has no token for seq_id {seq.seq_id}, which was scheduled to sample")
+            assert seq.num_computed_tokens == entry.start, (seq.seq_id, seq.num_computed_tokens, entry.start)
+            seq.num_computed_tokens = entry.start + entry.num_tokens
+            if entry.sample:
+                seq.append_token(sampled[seq.seq_id])
+            self.block_manager.register_full_pages(seq)
+            self.block_manager.release_outside_window(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends seq (no-op if it already ended) and frees all its pages."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        queue = {SequenceStatus.WAITING: self.waiting, SequenceStatus.RUNNING: self.running,
+                 SequenceStatus.SWAPPED: self.swapped}[seq.status]
+        if seq not in queue:
+            raise ValueError(f"seq {seq.seq_id} was never added to this scheduler")
+        queue.remove(seq)
+        self.block_manager.release(seq)
+        self._seq_ids.discard(seq.seq_id)
+        self._admitted_at.pop(seq.seq_id, None)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finishes every sequence of the request with reason "abort", whatever its state."""
+        seqs = [s for s in self.waiting + self.running + self.swapped if s.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, "abort")
+        return seqs
+
+    def fork(self, parent: Sequence, child_seq_id: int) -> Sequence:
+        """A copy of parent (tokens, params) that shares all its device pages (copy-on-write).
+
+        A RUNNING parent's child runs at once; otherwise (waiting, swapped or finished parent) the
+        child waits and is prefilled like a new sequence, reusing cached prefix pages.
+        """
+        if child_seq_id in self._seq_ids:
+            raise ValueError(f"child_seq_id {child_seq_id} is already scheduled")
+        child = parent.clone(child_seq_id)
+        self._seq_ids.add(child_seq_id)
+        if parent.status is SequenceStatus.RUNNING:
+            self.block_manager.fork(parent, child)
+            self._start_running(child)
+        else:
+            self.waiting.append(child)
+        return child
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def check_invariants(self, batch: ScheduledBatch | None = None) -> None:
+        """Asserts the block manager's invariants and, given a batch, that no two entries write one slot."""
+        for queue, status in ((self.waiting, SequenceStatus.WAITING), (self.running, SequenceStatus.RUNNING),
+                              (self.swapped, SequenceStatus.SWAPPED)):
+            assert all(s.status is status for s in queue), status
+        assert all(not s.block_table and not s.host_block_table and s.num_computed_tokens == 0
+                   for s in self.waiting), "a waiting sequence holds pages"
+        assert all(not s.block_table for s in self.swapped), "a swapped sequence holds device pages"
+        self.block_manager.check_invariants(self.running + self.swapped)
+        if batch is not None:
+            self._check_batch(batch)
+
+    def _check_batch(self, batch: ScheduledBatch) -> None:
+        assert batch.num_tokens <= self.config.max_num_batched_tokens, batch.num_tokens
+        assert len(batch.entries) <= self.config.max_num_seqs
+        slots = set()
+        for e in batch.entries:
+            ps, table = self.page_size, e.seq.block_table
+            for pos in range(e.start, e.start + e.num_tokens):
+                page = table[pos // ps]
+                assert page >= 0 and self.block_manager.ref_count(page) == 1, (e.seq.seq_id, pos, page)
+                assert (page, pos % ps) not in slots, f"two entries write page {page} slot {pos % ps}"
+                slots.add((page, pos % ps))

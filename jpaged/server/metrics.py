@@ -1,0 +1,65 @@
+"""Prometheus metrics of one server: request counters and latency histograms observed by the handlers,
+and engine gauges read from the engine thread's latest `stats()` snapshot at scrape time.
+
+Each server has its own `CollectorRegistry`, so several can live in one process (tests).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+                    1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+class _EngineCollector:
+    """Turns an engine `stats()` dict into gauges and counters when Prometheus scrapes."""
+
+    def __init__(self, stats: Callable[[], dict], pending: Callable[[], int]):
+        self._stats, self._pending = stats, pending
+
+    def collect(self):
+        s = self._stats()
+        if not s:
+            return
+        gauges = [("num_requests_running", "Sequences running in the engine", s["num_running"]),
+                  ("num_requests_waiting", "Sequences waiting or preempted", s["num_waiting"]),
+                  ("num_requests_pending", "Requests accepted by the server and not finished", self._pending()),
+                  ("kv_pages_used", "KV cache pages in use", s["num_used_pages"]),
+                  ("kv_pages_free", "KV cache pages free", s["num_free_pages"]),
+                  ("kv_pages_total", "KV cache pages in the pool", s["num_total_pages"]),
+                  ("kv_cache_usage_ratio", "Fraction of KV pages in use",
+                   s["num_used_pages"] / max(s["num_total_pages"], 1)),
+                  ("prefix_cache_hit_rate", "Prefix-cache hits / queries since start",
+                   s["prefix_cache_hits"] / max(s["prefix_cache_queries"], 1))]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(f"jpaged_{name}", doc, value=value)
+        counters = [("prompt_tokens", "Prompt tokens prefilled", s["prompt_tokens"]),
+                    ("generation_tokens", "Tokens generated", s["generation_tokens"]),
+                    ("prefix_cache_queries", "Prefix-cache lookups", s["prefix_cache_queries"]),
+                    ("prefix_cache_hits", "Prefix-cache hits", s["prefix_cache_hits"]),
+                    ("num_preemptions", "Sequences preempted", s["num_preemptions"])]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(f"jpaged_{name}", doc, value=value)
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], dict], pending: Callable[[], int]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("jpaged_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=self.registry)
+        self.finished = Counter("jpaged_request_finish", "Finished completions by finish reason",
+                                ["reason"], registry=self.registry)
+        self.ttft = Histogram("jpaged_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("jpaged_inter_token_latency_seconds", "Time between successive outputs of a request",
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("jpaged_e2e_request_latency_seconds", "Arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineCollector(stats, pending))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,236 @@
+"""OpenAI wire format: pydantic request models, their SamplingParams, and response/chunk builders.
+
+Requests are validated strictly (a string is not an integer) and unknown fields are ignored, as vLLM
+does. Responses are plain dicts in OpenAI's schema; `logprobs` take each endpoint's own shape
+(legacy `tokens/token_logprobs/top_logprobs/text_offset` for completions, `content` for chat).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jpaged.outputs import CompletionOutput, Logprob
+from jpaged.sampling_params import SamplingParams
+
+
+class ApiError(Exception):
+    """A client-visible failure, rendered as OpenAI's error JSON with `status`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(err: ValidationError) -> ApiError:
+    """The first problem pydantic found, as a 400 naming the offending field."""
+    errors = err.errors()
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return ApiError(400, f"request body is not valid JSON: {first['msg']}", code="invalid_json")
+    if not first["loc"]:
+        return ApiError(400, f"request body: {first['msg']}", code="invalid_type")
+    param = str(first["loc"][0])
+    same_field = [e for e in errors if e["loc"] and e["loc"][0] == first["loc"][0]]
+    if len(same_field) > 1:  # a union field: no member matched; name the deepest common location
+        common = _common_prefix([e["loc"] for e in same_field])
+        where = ".".join(str(p) for p in common)
+        named = [p for p in common if isinstance(p, str)]
+        message = f"'{where}' has an invalid type or value: {_field_types(named[-1])}"
+    else:
+        where = ".".join(str(p) for p in first["loc"])
+        message = f"'{where}': {first['msg']}"
+    return ApiError(400, message, param=param, code="invalid_value")
+
+
+def _common_prefix(locs: list[tuple]) -> tuple:
+    prefix = locs[0]
+    for loc in locs[1:]:
+        n = 0
+        while n < min(len(prefix), len(loc)) and prefix[n] == loc[n]:
+            n += 1
+        prefix = prefix[:n]
+    return prefix
+
+
+def _field_types(param: str) -> str:
+    return {"prompt": "expected a string, a list of strings, a list of token ids or a list of token-id lists",
+            "stop": "expected a string or a list of strings",
+            "content": "expected a string or a list of text parts"}.get(param, "see the API reference")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields both endpoints share; `sampling_params` maps them onto the engine's SamplingParams."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extensions, which benchmarks use to fix output lengths
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    def _params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        def given(value, default):
+            return default if value is None else value
+
+        try:
+            return SamplingParams(
+                n=self.n, temperature=given(self.temperature, 1.0), top_p=given(self.top_p, 1.0),
+                top_k=given(self.top_k, -1), min_p=given(self.min_p, 0.0), stop=self.stop, seed=self.seed,
+                presence_penalty=given(self.presence_penalty, 0.0),
+                frequency_penalty=given(self.frequency_penalty, 0.0),
+                repetition_penalty=given(self.repetition_penalty, 1.0), max_tokens=max_tokens, logprobs=logprobs,
+                ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+        except ValueError as e:
+            raise ApiError(400, str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of engine prompts (text or token ids), one per request."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            p = [p]
+        if not p:
+            raise ApiError(400, "'prompt' must not be empty", param="prompt", code="invalid_value")
+        for item in p:
+            if len(item) == 0:
+                raise ApiError(400, "'prompt' must not contain an empty prompt", param="prompt",
+                               code="invalid_value")
+        return list(p)
+
+    def sampling_params(self) -> SamplingParams:
+        return self._params(self.max_tokens, self.logprobs)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def template_dict(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true", param="top_logprobs",
+                           code="invalid_value")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= SamplingParams.MAX_LOGPROBS:
+            raise ApiError(400, f"'top_logprobs' must be in [0, {SamplingParams.MAX_LOGPROBS}], got {self.top_logprobs}",
+                           param="top_logprobs", code="invalid_value")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def model_list(name: str) -> dict:
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                        "owned_by": "jpaged"}]}
+
+
+def _token_text(entry: dict[int, Logprob], token_id: int) -> str:
+    return entry[token_id].decoded_token or ""
+
+
+def completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], text_offset: int) -> dict:
+    """Legacy completions format; `top_logprobs` holds the sampled token and the top-k alternatives."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for token_id, entry in zip(token_ids, entries):
+        text = _token_text(entry, token_id)
+        tokens.append(text)
+        token_logprobs.append(entry[token_id].logprob)
+        tops.append({lp.decoded_token or "": lp.logprob for lp in entry.values()})
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], top: int) -> dict:
+    """Chat format: one item per sampled token with its `top` most likely alternatives by rank."""
+    def item(text: str, logprob: float) -> dict:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        ranked = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= top),
+                        key=lambda lp: lp.rank)
+        content.append({**item(_token_text(entry, token_id), entry[token_id].logprob),
+                        "top_logprobs": [item(lp.decoded_token or "", lp.logprob) for lp in ranked]})
+    return {"content": content}
+
+
+class ChoiceDelta:
+    """What one choice gained since the last chunk: cumulative engine outputs turned into deltas."""
+
+    def __init__(self):
+        self.num_tokens = 0
+        self.text_len = 0
+        self.finished = False
+
+    def advance(self, out: CompletionOutput) -> tuple[str, list[int], list[dict[int, Logprob]]]:
+        n = len(out.token_ids)
+        text = out.text[self.text_len:]
+        token_ids = out.token_ids[self.num_tokens:n]
+        entries = (out.logprobs or [])[self.num_tokens:n]
+        self.num_tokens, self.text_len = n, len(out.text)
+        self.finished = out.finish_reason is not None
+        return text, token_ids, entries
