@@ -46,41 +46,39 @@ def model_config(name: str):
 
 
 def random_model(cfg, dtype_name: str = "bfloat16", seed: int = 0):
-    """LlamaForCausalLM with N(0, 0.02) weights and unit norms, created by one jitted function on
-    the device: each parameter is drawn directly in `dtype_name`, nothing passes through the host."""
-    import jax
-    from flax import nnx
-
-    graphdef, flat, init = _model_init(cfg, dtype_name)
-    values = init(jax.random.key(seed, impl="rbg"))  # rbg: quicker to compile and to draw than threefry
-    return nnx.merge(graphdef, nnx.from_flat_state([(path, var.replace(v)) for (path, var), v in zip(flat, values)]))
-
-
-@functools.cache
-def _model_init(cfg, dtype_name: str):
-    """(graphdef, abstract flat state, jitted key -> parameter values), built once per shape."""
+    """LlamaForCausalLM with N(0, 0.02) weights and unit norms, drawn on the device directly in
+    `dtype_name`: nothing passes through the host. One small jitted draw per distinct parameter shape
+    (a handful), not one program over all of them: that one took 100 s to compile for Llama-3-8B."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from models import model_class
 
-    cls = model_class(cfg)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: cls(cfg, dtype=jnp.dtype(dtype_name))))
-    flat = list(nnx.to_flat_state(abstract))
+    dtype = jnp.dtype(dtype_name)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, dtype=dtype)))
+    key = jax.random.key(seed, impl="rbg")  # rbg: quicker to draw than threefry
+    values = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
+        if str(path[-2]).endswith("norm"):
+            value = jnp.ones(var.shape, var.dtype)
+        else:
+            value = _normal(jax.random.fold_in(key, i), var.shape, var.dtype)
+        values.append((path, var.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(values))
 
-    @jax.jit
-    def init(key):
-        values = []
-        for i, (path, var) in enumerate(flat):
-            if str(path[-2]).endswith("norm"):
-                values.append(jnp.ones(var.shape, var.dtype))
-            else:
-                values.append(jax.random.normal(jax.random.fold_in(key, i), var.shape, var.dtype)
-                              * jnp.asarray(0.02, var.dtype))
-        return values
 
-    return graphdef, flat, init
+def _normal(key, shape, dtype):
+    return _normal_jit()(key, shape, dtype)
+
+
+@functools.cache
+def _normal_jit():
+    import jax  # imported late: prepare_memory() sets XLA's memory flags before jax starts
+    import jax.numpy as jnp
+
+    return jax.jit(lambda key, shape, dtype: jax.random.normal(key, shape, dtype) * jnp.asarray(0.02, dtype),
+                   static_argnums=(1, 2))
 
 
 def model_shape(cfg, dtype_name: str) -> dict:

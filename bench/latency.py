@@ -72,15 +72,16 @@ class StepProfiler(common.StepRecorder):
     def _captured_jit(self, jit_step):
         import jax
 
-        def wrapper(state, kv_cache, step, tensors, key, **kwargs):
-            self.last_call = (step, tensors, key, kwargs)
+        def wrapper(*args, **kwargs):
+            # args: weights, kv_cache, int buffer, float buffer, base key (jpaged/engine/packing.py)
+            self.last_call = (args, kwargs)
             if not self.split:
-                return jit_step(state, kv_cache, step, tensors, key, **kwargs)
+                return jit_step(*args, **kwargs)
             start = time.perf_counter()
-            step, tensors = jax.block_until_ready(jax.device_put((step, tensors)))
+            buffers = jax.block_until_ready(jax.device_put(args[2:4]))
             self.phase("host_to_device", time.perf_counter() - start)
             start = time.perf_counter()
-            out, kv_cache = jit_step(state, kv_cache, step, tensors, key, **kwargs)
+            out, kv_cache = jit_step(*args[:2], *buffers, *args[4:], **kwargs)
             jax.block_until_ready(out)
             self.phase("device", time.perf_counter() - start)
             return out, kv_cache
@@ -103,15 +104,15 @@ def raw_step_seconds(runner, call, reps: int) -> float:
     """Mean seconds of the runner's jitted step called back to back on one decode batch (no host work)."""
     import jax
 
-    step, tensors, key, kwargs = call
-    step, tensors = jax.device_put((step, tensors))
+    args, kwargs = call
+    inputs = tuple(jax.device_put(args[2:4])) + tuple(args[4:])
     kv_cache = runner.kv_cache
     for _ in range(2):
-        out, kv_cache = runner._jit_step(runner.state, kv_cache, step, tensors, key, **kwargs)
+        out, kv_cache = runner._jit_step(runner.weights, kv_cache, *inputs, **kwargs)
     jax.block_until_ready((out, kv_cache))
     start = time.perf_counter()
     for _ in range(reps):
-        out, kv_cache = runner._jit_step(runner.state, kv_cache, step, tensors, key, **kwargs)
+        out, kv_cache = runner._jit_step(runner.weights, kv_cache, *inputs, **kwargs)
     jax.block_until_ready((out, kv_cache))
     seconds = (time.perf_counter() - start) / reps
     runner.kv_cache = kv_cache
@@ -136,10 +137,12 @@ def device_split(runner, call) -> dict:
 
     import pallas_kernels
     from jpaged import sampling
+    from jpaged.engine import packing
 
     cfg = runner.model_config
-    step, tensors, key, kwargs = call
-    step, tensors = jax.device_put((step, tensors))
+    args, kwargs = call
+    step, tensors, _ = packing.unpack(jnp.asarray(args[2]), jnp.asarray(args[3]), kwargs["layout"])
+    key = args[4]
     k_pages, v_pages = runner.kv_cache.k[0], runner.kv_cache.v[0]
     q = jax.random.normal(jax.random.key(0), (step.num_tokens, cfg.num_heads, cfg.head_dim), k_pages.dtype)
     attend = jax.jit(lambda q, k, v, s: pallas_kernels.ragged_paged_attention(

@@ -22,11 +22,11 @@ step() {  # step SECONDS NAME ARGS...: run one benchmark, log its output, rememb
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
-step 130 latency bench.latency --model llama3-8b --profile --hf --hf-modes eager,static --hf-new-tokens 64 \
+step 150 latency bench.latency --model llama3-8b --profile --hf --hf-modes eager,static --hf-new-tokens 64 \
   --out "$OUT/latency_llama3-8b.json"
-step 150 throughput_llama3-8b bench.throughput --model llama3-8b --workloads fixed --num-requests 512 \
+step 170 throughput_llama3-8b bench.throughput --model llama3-8b --workloads fixed --num-requests 512 \
   --hf --hf-batch-sizes 64,128 --out "$OUT/throughput_llama3-8b.json"
-step 80 throughput_qwen3-0.6b bench.throughput --model qwen3-0.6b --workloads nano \
+step 100 throughput_qwen3-0.6b bench.throughput --model qwen3-0.6b --workloads nano \
   --out "$OUT/throughput_qwen3-0.6b.json"
-step 110 prefix bench.prefix --model llama3-8b --num-requests 100 --out "$OUT/prefix_llama3-8b.json"
+step 120 prefix bench.prefix --model llama3-8b --num-requests 100 --out "$OUT/prefix_llama3-8b.json"
 exit $status

@@ -15,6 +15,7 @@ tokens, so compilation is outside the timing; `compilations` in the JSON says if
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Sequence
 
@@ -66,8 +67,12 @@ def run_workload(llm, name: str, args, vocab: int) -> dict:
     inputs, outputs = workload_lengths(name, args)
     rng = np.random.default_rng(1)
     warm = min(args.warmup_requests, len(inputs))
+    start = time.perf_counter()
+    llm.engine.warmup()
     common.timed_generate(llm, common.random_prompts(rng, inputs[:warm], vocab), outputs[:warm])
+    print(f"{name}: compiled and warmed up in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     run = common.timed_generate(llm, common.random_prompts(rng, inputs, vocab), outputs)
+    print(f"{name}: {len(inputs)} requests in {run['seconds']:.1f} s", file=sys.stderr, flush=True)
     ttft = run.pop("ttft_s")
     return dict(
         workload=dict(name=name, num_requests=len(inputs), input_len_mean=float(np.mean(inputs)),

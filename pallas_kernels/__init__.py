@@ -1,13 +1,17 @@
 """Pallas GPU kernels for paged attention, each with a plain-jnp reference beside it.
 
-`impl` picks the implementation behind one API: "reference" (plain jnp, any backend).
+`impl` picks the implementation behind one API: "reference" (plain jnp, any backend), "pallas" (the
+Pallas kernel, Triton lowering on GPU) and "interpret" (the same kernel in Pallas' interpreter, CPU).
+The KV write is an XLA scatter for every impl: in place when the cache is donated (bench/kernels.py
+measures it flat in the pool size).
 """
 from __future__ import annotations
 
 from pallas_kernels.kv_write import write_kv_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
 
-IMPLS = ("reference",)
+IMPLS = ("reference", "pallas", "interpret")
 
 
 def _check_impl(impl: str) -> None:
@@ -17,16 +21,22 @@ def _check_impl(impl: str) -> None:
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
                            sm_scale, sliding_window=None, soft_cap=None, impl="reference"):
+    """o[T, Hq, D]; semantics in `ragged_paged_attention.py`, shapes in its reference's signature."""
     _check_impl(impl)
-    return ragged_paged_attention_reference(
-        q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if impl == "reference":
+        return ragged_paged_attention_reference(
+            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    return ragged_paged_attention_pallas(
+        q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap, interpret=impl == "interpret")
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, impl="reference"):
+    """(k_pages, v_pages) with k[t], v[t] written at slot_mapping[t] (-1 = skip); donate the pages."""
     _check_impl(impl)
     return write_kv_reference(k_pages, v_pages, k, v, slot_mapping)
 
 
-__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference", "write_kv",
-           "write_kv_reference", "IMPLS"]
+__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference", "ragged_paged_attention_pallas",
+           "write_kv", "write_kv_reference", "IMPLS"]

@@ -85,10 +85,10 @@ class Engine:
         self.runner = ModelRunner(
             model, num_pages=num_pages, page_size=config.block_size, max_model_len=self.max_model_len,
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-            num_host_pages=config.num_host_kv_blocks, attn_impl=resolve_attn_impl(config.attn_impl))
+            num_host_pages=config.num_host_kv_blocks, attn_impl=resolve_attn_impl(config.attn_impl),
+            seed=config.seed)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
-        self._key = jax.random.PRNGKey(config.seed)
         self._num_steps = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -188,8 +188,7 @@ class Engine:
                         req.params, seed=hash((req.params.seed, len(req.seqs) + i)) % (1 << 63))
                     forks.append((req, len(rows)))
                     rows.append(SampleRow(offset - 1, _SampleProxy(entry.seq, child_params)))
-        self._key, key = jax.random.split(self._key)
-        out = self.runner.execute(batch.entries, rows, key)
+        out = self.runner.execute(batch.entries, rows, self._num_steps)
         self._num_steps += 1
 
         sampled = {row.seq.seq_id: int(out.tokens[r]) for r, row in enumerate(rows)

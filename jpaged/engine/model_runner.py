@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jpaged import sampling
+from jpaged.engine import packing
 from jpaged.kv_cache import KVCache, StepInput
 from jpaged.sampling_params import SamplingParams
 
@@ -38,11 +39,20 @@ class SampleRow:
     seq: object  # jpaged.engine.sequence.Sequence whose params, seed and history drive sampling
 
 
-def _step(state, kv_cache: KVCache, step: StepInput, tensors, key, *, graphdef, attn_impl: str,
-          num_top_logprobs: int):
-    model = nnx.merge(graphdef, state)
-    logits, kv_cache = model(kv_cache, step, attn_impl=attn_impl)
-    return sampling.sample(logits, tensors, key, num_top_logprobs=num_top_logprobs), kv_cache
+def make_step_fn(graphdef, state_treedef):
+    """The pure step over the model's flat weight list. graphdef and treedef are closed over, not jit
+    arguments: hashing a static NNX graphdef on every call cost ~10 ms of host time per step."""
+
+    def step_fn(weights, kv_cache: KVCache, int_buf, float_buf, base_key, *, layout, attn_impl: str,
+                num_top_logprobs: int):
+        model = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
+        step, tensors, step_counter = packing.unpack(int_buf, float_buf, layout)
+        key = jax.random.fold_in(base_key, step_counter)  # a fresh key per step, no host-side split
+        logits, kv_cache = model(kv_cache, step, attn_impl=attn_impl)
+        out = sampling.sample(logits, tensors, key, num_top_logprobs=num_top_logprobs)
+        return packing.pack_outputs(out.tokens, out.logprobs, out.ranks, out.top_ids, out.top_logprobs), kv_cache
+
+    return step_fn
 
 
 def _copy_pages(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
@@ -62,7 +72,7 @@ def _write_pages(kv_cache: KVCache, pages: jax.Array, k_data, v_data) -> KVCache
 class ModelRunner:
     def __init__(self, model, *, num_pages: int, page_size: int, max_model_len: int,
                  max_num_batched_tokens: int, max_num_seqs: int, num_host_pages: int = 0,
-                 attn_impl: str = "reference", kv_dtype=None):
+                 attn_impl: str = "reference", kv_dtype=None, seed: int = 0):
         cfg = model.config
         self.model_config = cfg
         self.page_size = page_size
@@ -71,13 +81,16 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.attn_impl = attn_impl
-        self.graphdef, self.state = nnx.split(model)
+        self.base_key = jax.random.PRNGKey(seed)
+        graphdef, state = nnx.split(model)
+        self.weights, treedef = jax.tree.flatten(state)
         self.kv_cache = model.new_kv_cache(num_pages, page_size, kv_dtype)
         page_shape = (num_host_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         kv_np_dtype = self.kv_cache.k[0].dtype
         self.host_k = [np.zeros(page_shape, kv_np_dtype) for _ in range(cfg.num_layers)]
         self.host_v = [np.zeros(page_shape, kv_np_dtype) for _ in range(cfg.num_layers)]
-        self._jit_step = jax.jit(_step, static_argnames=("graphdef", "attn_impl", "num_top_logprobs"),
+        self._jit_step = jax.jit(make_step_fn(graphdef, treedef),
+                                 static_argnames=("layout", "attn_impl", "num_top_logprobs"),
                                  donate_argnames=("kv_cache",))
         self._jit_copy = jax.jit(_copy_pages, donate_argnames=("kv_cache",))
         self._jit_read = jax.jit(_read_pages)
@@ -117,10 +130,12 @@ class ModelRunner:
     # -- the step --------------------------------------------------------------------------------
 
     def token_buckets(self) -> list[int]:
-        buckets, t = [], 8
+        # Powers of four: each bucket costs a compile (~9 s for Llama-3-8B on the H100), and padding a
+        # decode batch up to 4x costs little while the step is bound by reading the weights.
+        buckets, t = [], 16
         while t < self.max_num_batched_tokens:
             buckets.append(t)
-            t *= 2
+            t *= 4
         return buckets + [self.max_num_batched_tokens]
 
     def page_buckets(self) -> list[int]:
@@ -152,7 +167,7 @@ class ModelRunner:
                     cu_q_lens=np.zeros(s + 1, np.int32), kv_lens=np.zeros(s, np.int32),
                     page_table=np.zeros((s, p), np.int32), slot_mapping=np.full(t, -1, np.int32),
                     logits_index=np.zeros(s, np.int32), num_seqs=np.int32(0))
-                self._run(step, [], jax.random.PRNGKey(0), [])
+                self._run(step, [], 0, [])
 
     def build_step_input(self, entries, sample_rows: list[SampleRow]) -> StepInput:
         """Packs scheduled entries (seq, start, num_tokens) into padded numpy arrays."""
@@ -186,14 +201,16 @@ class ModelRunner:
                          page_table=page_table, slot_mapping=slot_mapping, logits_index=logits_index,
                          num_seqs=np.int32(len(entries)))
 
-    def execute(self, entries, sample_rows: list[SampleRow], key: jax.Array):
-        """Runs one step; returns the sampler's outputs for the real rows, as numpy arrays."""
+    def execute(self, entries, sample_rows: list[SampleRow], step_counter: int):
+        """Runs one step; returns the sampler's outputs for the real rows, as numpy arrays.
+
+        Rows without a seed draw from fold_in(the runner's key, step_counter)."""
         step = self.build_step_input(entries, sample_rows)
-        out = self._run(step, [row.seq for row in sample_rows], key,
+        out = self._run(step, [row.seq for row in sample_rows], step_counter,
                         [row.seq.sampling_params for row in sample_rows])
         return jax.tree.map(lambda x: x[:len(sample_rows)], out)
 
-    def _run(self, step: StepInput, seqs, key, params: list[SamplingParams]):
+    def _run(self, step: StepInput, seqs, step_counter: int, params: list[SamplingParams]):
         penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                         for p in params)
         tensors = sampling.SamplingTensors.from_params(
@@ -203,7 +220,7 @@ class ModelRunner:
             output_token_ids=[seq.output_token_ids for seq in seqs] if penalties else None)
         # Two sizes only, so logprobs requests do not multiply compilations.
         top = 0 if all(p.logprobs is None and not p.use_beam_search for p in params) else SamplingParams.MAX_LOGPROBS
-        out, self.kv_cache = self._jit_step(self.state, self.kv_cache, step, tensors, key,
-                                            graphdef=self.graphdef, attn_impl=self.attn_impl,
-                                            num_top_logprobs=top)
-        return jax.device_get(out)
+        int_buf, float_buf, layout = packing.pack((step, tensors, np.int32(step_counter)))
+        out, self.kv_cache = self._jit_step(self.weights, self.kv_cache, int_buf, float_buf, self.base_key,
+                                            layout=layout, attn_impl=self.attn_impl, num_top_logprobs=top)
+        return sampling.SamplerOutput(**packing.unpack_outputs(np.asarray(out)))

@@ -1,0 +1,332 @@
+"""Ragged paged attention as one Pallas kernel (Triton lowering on GPU, `interpret=True` on CPU).
+
+One program computes one work item (a block of `block_q` new tokens of one sequence) for one kv head
+and one split of its kv range. Rows are packed tokens x q-heads-per-kv-head (GQA), so a decode token of
+a 32/8 model gives 4 real rows, padded to the 16 a matmul needs. The kv loop walks
+`pages_per_block` pages at a time through the page table and starts at the first page the window
+reaches, so pages wholly outside a sliding window are never read. With `num_kv_splits > 1`
+(flash-decoding) each split writes its normalised partial output and log-sum-exp, merged in `jnp`.
+
+Semantics, layout and the oracle: `ragged_paged_attention.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.ragged_paged_attention import DEFAULT_MASK_VALUE
+
+NUM_SMS = 132                 # H100 SXM; the split heuristic aims for a few waves over them
+MIN_DOT_ROWS = 16             # Triton's smallest matmul M
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningConfig:
+    """Static launch shape. `block_q` tokens x padded group rows per program; `pages_per_block` pages per kv step."""
+
+    block_q: int
+    pages_per_block: int
+    num_kv_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "pages_per_block", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.num_kv_splits < 1:
+            raise ValueError(f"num_kv_splits must be >= 1, got {self.num_kv_splits}")
+        if self.num_kv_splits > 1 and self.block_q != 1:
+            raise ValueError(f"num_kv_splits > 1 needs block_q == 1 (decode), got block_q={self.block_q}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def padded_group(num_q_heads: int, num_kv_heads: int, block_q: int) -> int:
+    """q heads per kv head, padded to a power of two so that block_q x group >= MIN_DOT_ROWS."""
+    group = _next_pow2(num_q_heads // num_kv_heads)
+    return max(group, MIN_DOT_ROWS // block_q)
+
+
+def choose_config(num_tokens: int, num_seqs: int, pages_per_seq: int, num_q_heads: int,
+                  num_kv_heads: int, page_size: int) -> TuningConfig:
+    """Pick the launch from the static shapes: decode-shaped batches (T <= S) split kv over programs."""
+    pages_per_block = max(1, 64 // page_size)
+    if num_tokens <= num_seqs:
+        programs = num_tokens * num_kv_heads
+        max_splits = max(1, pl.cdiv(pages_per_seq, pages_per_block))
+        splits = min(max_splits, max(1, pl.cdiv(2 * NUM_SMS, programs)))
+        return TuningConfig(block_q=1, pages_per_block=min(pages_per_block, _next_pow2(pages_per_seq)),
+                            num_kv_splits=splits, num_warps=4, num_stages=2)
+    # Prefill: 128 rows x 128 kv tokens, 8 warps, 3 stages (best of the variants in bench/kernels.py).
+    group = _next_pow2(num_q_heads // num_kv_heads)
+    return TuningConfig(block_q=max(1, 128 // group), pages_per_block=max(1, 128 // page_size),
+                        num_warps=8, num_stages=3)
+
+
+def _dot(a, b, contracting, exact: bool):
+    """f32-accumulating matmul (`pl.dot` is gone in jax 0.11); fp32 operands stay fp32, not tf32."""
+    precision = lax.Precision.HIGHEST if exact else None
+    return lax.dot_general(a, b, (contracting, ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def _kernel(
+    # inputs
+    work_seq_ref,    # [W] int32, sequence of each work item; -1 = no work
+    work_start_ref,  # [W] int32, first token (row of q) of each work item
+    kv_lens_ref,     # [S] int32
+    cu_q_lens_ref,   # [S + 1] int32
+    page_table_ref,  # [S, P + pages_per_block] int32 (padded so a block never reads past the row)
+    q_ref,           # [T + block_q, Hkv, Gp, D]
+    k_pages_ref,     # [N, page_size, Hkv, D]
+    v_pages_ref,     # [N, page_size, Hkv, D]
+    _o_init_ref,     # aliased with o_ref (single split) or unused
+    # outputs
+    *out_refs,       # single split: o [T + block_q, Hkv, Gp, D]; else o_part [W, Hkv, K, M, D], lse [W, Hkv, K, M]
+    sm_scale: float, sliding_window: int | None, soft_cap: float | None, block_q: int,
+    pages_per_block: int, num_kv_splits: int, num_q_heads_per_kv: int, exact: bool,
+):
+    w, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    _, page_size, _, head_dim = k_pages_ref.shape
+    group_p = q_ref.shape[2]
+    rows = block_q * group_p
+    block_kv = pages_per_block * page_size
+
+    seq = work_seq_ref[w]
+    has_work = seq >= 0
+    s = jnp.maximum(seq, 0)
+    t0 = work_start_ref[w]
+    q_start, q_end = cu_q_lens_ref[s], cu_q_lens_ref[s + 1]
+    q_len, kv_len = q_end - q_start, kv_lens_ref[s]
+    first_pos = kv_len - q_len + (t0 - q_start)               # position of this item's first token
+    last_pos = kv_len - q_len + jnp.minimum(t0 + block_q, q_end) - 1 - q_start
+    hi_tok = jnp.where(has_work, last_pos + 1, 0)
+    lo_tok = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
+    lo_page, hi_page = lo_tok // page_size, pl.cdiv(hi_tok, page_size)
+    per_split = pl.cdiv(jnp.maximum(hi_page - lo_page, 0), num_kv_splits)
+    split_lo = lo_page + split * per_split
+    split_hi = jnp.minimum(hi_page, split_lo + per_split)
+
+    row = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+    row_tok = row // group_p
+    row_pos = first_pos + row_tok                                          # [M, 1]
+    row_valid = has_work & (t0 + row_tok < q_end) & (row % group_p < num_q_heads_per_kv)
+
+    q = q_ref[pl.ds(t0, block_q), h, :, :].reshape(rows, head_dim)       # [M, D]
+
+    def body(j, carry, masked: bool):
+        acc, m_prev, l_prev = carry                                        # [M, D], [M, 1], [M, 1]
+        page0 = split_lo + j * pages_per_block
+        pages = page_table_ref[s, pl.ds(page0, pages_per_block)]          # [npg]
+        if masked:
+            pages = jnp.where(page0 + lax.iota(jnp.int32, pages_per_block) < split_hi, pages, 0)
+        k = k_pages_ref[pages, :, h, :].reshape(block_kv, head_dim)        # [BK, D]
+        v = v_pages_ref[pages, :, h, :].reshape(block_kv, head_dim)        # [BK, D]
+
+        scores = _dot(q, k, ((1,), (1,)), exact) * sm_scale                # [M, BK]
+        if soft_cap is not None:
+            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        if masked:
+            kv_pos = page0 * page_size + lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)  # [1, BK]
+            kv_valid = (kv_pos >= lo_tok) & (kv_pos < jnp.minimum(hi_tok, split_hi * page_size))
+            mask = kv_valid & (kv_pos <= row_pos) & row_valid
+            if sliding_window is not None:
+                mask &= row_pos - kv_pos < sliding_window
+            scores = jnp.where(mask, scores, DEFAULT_MASK_VALUE)
+        m_next = jnp.maximum(m_prev, scores.max(axis=1, keepdims=True))
+        correction = jnp.exp2((m_prev - m_next) * _LOG2E)
+        p = jnp.exp2((scores - m_next) * _LOG2E)
+        if masked:
+            p = jnp.where(mask, p, 0.0)
+            # Stale slots may hold NaN and 0 * NaN = NaN: select the V rows, never multiply them away.
+            v = jnp.where(kv_valid.reshape(block_kv, 1), v, jnp.zeros_like(v))
+        l_next = correction * l_prev + p.sum(axis=1, keepdims=True)
+        pv = _dot(p.astype(v.dtype), v, ((1,), (0,)), exact)                # [M, D]
+        return acc * correction + pv, m_next, l_next
+
+    init = (jnp.zeros((rows, head_dim), jnp.float32),
+            jnp.full((rows, 1), DEFAULT_MASK_VALUE, jnp.float32),
+            jnp.zeros((rows, 1), jnp.float32))
+    num_blocks = pl.cdiv(jnp.maximum(split_hi - split_lo, 0), pages_per_block)
+    # Blocks wholly at or before every row's position (and inside the kv range) need no mask; the
+    # rest (the causal diagonal, the last partial page, a window's edges) take the masked body.
+    # Decode keeps one masked loop: measured faster on H100 (README, v2 -> v3).
+    if sliding_window is None and block_q > 1:
+        full_end = jnp.minimum(jnp.minimum(first_pos + 1, hi_tok), split_hi * page_size)
+        full_end = jnp.where(has_work & (t0 < q_end), full_end, 0)  # row 0 is real
+        num_full = jnp.clip((full_end - split_lo * page_size) // block_kv, 0, num_blocks)
+    else:
+        num_full = 0
+    carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), init)
+    acc, m, l = lax.fori_loop(num_full, num_blocks, functools.partial(body, masked=True), carry)
+    out = acc / jnp.maximum(l, 1e-30)
+
+    if num_kv_splits == 1:
+        (o_ref,) = out_refs
+        mask = jnp.broadcast_to(row_valid, (rows, head_dim)).reshape(block_q, group_p, head_dim)
+        pltriton.store(o_ref.at[pl.ds(t0, block_q), h, :, :],
+                       out.reshape(block_q, group_p, head_dim).astype(o_ref.dtype), mask=mask)
+    else:
+        o_part_ref, lse_ref = out_refs
+        o_part_ref[w, h, split, :, :] = out
+        lse_ref[w, h, split, :] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)),
+                                            DEFAULT_MASK_VALUE).reshape(rows)
+
+
+def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int, block_q: int
+               ) -> tuple[jax.Array, jax.Array]:
+    """(work_seq[W], work_start[W]): one item per block_q new tokens of each real sequence; -1 pads."""
+    num_slots = cu_q_lens.shape[0] - 1
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    q_lens = jnp.where(jnp.arange(num_slots) < num_seqs, q_lens, 0)
+    blocks = (q_lens + block_q - 1) // block_q                             # [S]
+    ends = jnp.cumsum(blocks)
+    # Each sequence adds at most one partial block, and there are never more items than tokens.
+    num_items = min(num_tokens, pl.cdiv(num_tokens, block_q) + min(num_slots, num_tokens))
+    item = jnp.arange(num_items, dtype=jnp.int32)
+    # compare_all: one fused op; the default binary search is a device loop with a host round trip each step.
+    seq = jnp.searchsorted(ends, item, side="right", method="compare_all").astype(jnp.int32)
+    valid = item < ends[-1]
+    seq_c = jnp.minimum(seq, num_slots - 1)
+    start = cu_q_lens[seq_c] + (item - (ends[seq_c] - blocks[seq_c])) * block_q
+    return jnp.where(valid, seq_c, -1), jnp.where(valid, start, 0).astype(jnp.int32)
+
+
+def _merge_splits(o_part: jax.Array, lse: jax.Array) -> jax.Array:
+    """Combine per-split softmaxes: o_part [W, Hkv, K, M, D], lse [W, Hkv, K, M] -> [W, Hkv, M, D]."""
+    weights = jnp.exp(lse - lse.max(axis=2, keepdims=True))
+    weights = weights / weights.sum(axis=2, keepdims=True)
+    return jnp.einsum("whkm,whkmd->whmd", weights, o_part)
+
+
+def static_validate_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs) -> None:
+    """Trace-time checks of every operand; ValueError names the operand, NotImplementedError the limit."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [T, Hq, D], got shape {q.shape}")
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages and v_pages must both be [N, page_size, Hkv, D], got {k_pages.shape} "
+                         f"and {v_pages.shape}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, kv_head_dim = k_pages.shape
+    if kv_head_dim != head_dim:
+        raise ValueError(f"k_pages head dim {kv_head_dim} must equal q head dim {head_dim}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    if k_pages.dtype != v_pages.dtype:
+        raise ValueError(f"k_pages and v_pages must share a dtype, got {k_pages.dtype}, {v_pages.dtype}")
+    if page_table.ndim != 2:
+        raise ValueError(f"page_table must be [S, P], got shape {page_table.shape}")
+    num_slots = page_table.shape[0]
+    if kv_lens.shape != (num_slots,):
+        raise ValueError(f"kv_lens must be [S]=[{num_slots}], got shape {kv_lens.shape}")
+    if cu_q_lens.shape != (num_slots + 1,):
+        raise ValueError(f"cu_q_lens must be [S + 1]=[{num_slots + 1}], got shape {cu_q_lens.shape}")
+    if jnp.shape(num_seqs) not in ((), (1,)):
+        raise ValueError(f"num_seqs must be a scalar, got shape {jnp.shape(num_seqs)}")
+    for name, x in (("kv_lens", kv_lens), ("page_table", page_table), ("cu_q_lens", cu_q_lens)):
+        if x.dtype != jnp.int32:
+            raise ValueError(f"{name} must be int32, got {x.dtype}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise NotImplementedError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if page_size & (page_size - 1):
+        raise NotImplementedError(f"page_size must be a power of two, got {page_size}")
+    del num_tokens
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "config",
+                                              "interpret"))
+def ragged_paged_attention_pallas(
+    q: jax.Array,           # [T, Hq, D]
+    k_pages: jax.Array,     # [N, page_size, Hkv, D]
+    v_pages: jax.Array,     # [N, page_size, Hkv, D]
+    kv_lens: jax.Array,     # [S] int32
+    page_table: jax.Array,  # [S, P] int32
+    cu_q_lens: jax.Array,   # [S + 1] int32
+    num_seqs: jax.Array,    # [] int32
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    config: TuningConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Ragged paged attention (semantics in `ragged_paged_attention.py`) as a Pallas kernel.
+
+    Args:
+      q: [T, Hq, D] new tokens of all sequences, flattened; rows past cu_q_lens[num_seqs] are padding.
+      k_pages, v_pages: [N, page_size, Hkv, D] page pools.
+      kv_lens: [S] context length of each sequence after this step (new tokens included).
+      page_table: [S, P] physical page of each logical page.
+      cu_q_lens: [S + 1] boundaries of each sequence's tokens in q.
+      num_seqs: [] number of real sequences.
+      sm_scale, sliding_window, soft_cap: as the reference.
+      config: launch shape; None picks one from the static shapes (`choose_config`).
+      interpret: run the same kernel in Pallas' interpreter (CPU).
+
+    Returns:
+      o: [T, Hq, D] in q's dtype; padding rows are zeros.
+    """
+    static_validate_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    num_slots, pages_per_seq = page_table.shape
+    if config is None:
+        config = choose_config(num_tokens, num_slots, pages_per_seq, num_q_heads, num_kv_heads, page_size)
+    block_q, splits = config.block_q, config.num_kv_splits
+    group = num_q_heads // num_kv_heads
+    group_p = padded_group(num_q_heads, num_kv_heads, block_q)
+    rows = block_q * group_p
+
+    work_seq, work_start = work_items(cu_q_lens, jnp.reshape(num_seqs, ()), num_tokens, block_q)
+    num_items = work_seq.shape[0]
+    q4 = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    q4 = jnp.pad(q4, ((0, block_q), (0, 0), (0, group_p - group), (0, 0)))  # [T + bq, Hkv, Gp, D]
+    table = jnp.pad(page_table, ((0, 0), (0, config.pages_per_block)))
+
+    kernel = functools.partial(
+        _kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, block_q=block_q,
+        pages_per_block=config.pages_per_block, num_kv_splits=splits, num_q_heads_per_kv=group,
+        exact=q.dtype == jnp.float32)
+    if splits == 1:
+        o_init = jnp.zeros(q4.shape, q.dtype)
+        out_shape = jax.ShapeDtypeStruct(q4.shape, q.dtype)
+        aliases = {8: 0}
+    else:
+        o_init = jnp.zeros((), q.dtype)
+        out_shape = (jax.ShapeDtypeStruct((num_items, num_kv_heads, splits, rows, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((num_items, num_kv_heads, splits, rows), jnp.float32))
+        aliases = {}
+    out = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(num_items, num_kv_heads, splits),
+        input_output_aliases=aliases,
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="jpaged_ragged_paged_attention",
+    )(work_seq, work_start, kv_lens, cu_q_lens, table, q4, k_pages, v_pages, o_init)
+
+    if splits == 1:
+        o4 = out[:num_tokens]
+    else:
+        merged = _merge_splits(*out)                                        # [W, Hkv, Gp, D] (block_q == 1)
+        dest = jnp.where(work_seq >= 0, work_start, num_tokens)
+        o4 = jnp.zeros((num_tokens, num_kv_heads, group_p, head_dim), q.dtype)
+        o4 = o4.at[dest].set(merged.astype(q.dtype), mode="drop")
+    return o4[:, :, :group, :].reshape(num_tokens, num_q_heads, head_dim)

@@ -1,0 +1,40 @@
+"""The public dispatch in pallas_kernels and the KV write."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+
+
+def test_unknown_impl_is_rejected_by_name():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        pallas_kernels.write_kv(None, None, None, None, None, impl="cuda")
+
+
+def test_interpret_impl_matches_reference_through_the_public_api():
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((6, 4, 64)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((8, 16, 2, 64)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((8, 16, 2, 64)), jnp.float32)
+    args = (q, k, v, jnp.array([20, 9], jnp.int32), jnp.array([[3, 5], [1, 0]], jnp.int32),
+            jnp.array([0, 5, 6], jnp.int32), jnp.array(2, jnp.int32))
+    out = pallas_kernels.ragged_paged_attention(*args, sm_scale=0.125, impl="interpret")
+    ref = pallas_kernels.ragged_paged_attention(*args, sm_scale=0.125, impl="reference")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
+def test_write_kv_puts_rows_in_their_slots_and_skips_padding_in_place():
+    k_pages = jnp.zeros((4, 2, 1, 3), jnp.float32)
+    new = jnp.arange(9, dtype=jnp.float32).reshape(3, 1, 3) + 1
+    slots = jnp.array([5, -1, 0], jnp.int32)
+    write = jax.jit(lambda kp, vp: pallas_kernels.write_kv(kp, vp, new, -new, slots, impl="pallas"),
+                    donate_argnums=(0, 1))
+    k_out, v_out = write(k_pages, jnp.zeros_like(k_pages))
+    flat_k, flat_v = np.asarray(k_out).reshape(8, 3), np.asarray(v_out).reshape(8, 3)
+    np.testing.assert_array_equal(flat_k[5], [1, 2, 3])
+    np.testing.assert_array_equal(flat_k[0], [7, 8, 9])
+    np.testing.assert_array_equal(flat_v[0], [-7, -8, -9])
+    assert (np.delete(flat_k, [0, 5], axis=0) == 0).all()
