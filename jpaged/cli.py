@@ -23,15 +23,48 @@ def _log(message: str) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from jpaged.llm import LLM
     from jpaged.loader import load_model
-    from jpaged.simple_generate import generate_texts
+    from jpaged.sampling_params import SamplingParams
 
     if not all(p.strip() for p in args.prompt):
         raise ValueError("PROMPT must be non-empty text")
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    for text in generate_texts(model, tokenizer, args.prompt, chat=args.chat, max_tokens=args.max_tokens,
-                               temperature=args.temperature, seed=args.seed, log=_log):
-        print(text, flush=True)
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer (an HF dir needs tokenizer.json)")
+    llm = LLM(args.model, model_obj=model, tokenizer=tokenizer, dtype=args.dtype,
+              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size)
+    prompts = [llm.chat_prompt_ids([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]
+    for out in llm.generate(prompts, params, use_tqdm=sys.stderr.isatty()):
+        print(out.outputs[0].text, flush=True)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from jpaged.server import serve
+
+    serve(args, args.host, args.port, args.api_key, served_model_name=args.served_model_name,
+          max_pending_requests=args.max_pending_requests, max_n=args.max_n,
+          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """EngineConfig fields as flags (names match, so the server's engine_config picks them up)."""
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter dtype (default bfloat16)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pages in the pool (default: sized "
+                   "from free device memory)")
+    p.add_argument("--num-host-kv-blocks", type=int, default=0, help="host pages for swap preemption")
+    p.add_argument("--preemption-mode", choices=("recompute", "swap"), default="recompute")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--data-parallel-size", type=int, default=1)
+    p.add_argument("--attn-impl", default="auto", help="'auto', 'reference', 'pallas' or 'interpret'")
+    p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -55,7 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype (default float32)")
+    gen.add_argument("--max-model-len", type=int, default=4096, help="longest prompt + completion (default 4096)")
+    gen.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to shard the model over")
     gen.set_defaults(run=_generate)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, models, health, metrics)")
+    srv.add_argument("--model", default="default", help="as for generate")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    srv.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
+    srv.add_argument("--max-pending-requests", type=int, default=1024, help="queue limit; beyond it, 429")
+    srv.add_argument("--max-n", type=int, default=16, help="largest n a request may ask for")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    srv.add_argument("--log-level", default="info")
+    _add_engine_flags(srv)
+    srv.set_defaults(run=_serve)
 
     conv = sub.add_parser("convert", help="convert a model (HF dir, .gguf, default) to a fast-loading checkpoint")
     conv.add_argument("src", metavar="SRC", help="model to convert: 'default', an HF dir or a .gguf file")
@@ -66,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from jpaged.bench_cli import main as bench_main
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

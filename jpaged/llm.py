@@ -49,8 +49,12 @@ class LLM:
              ) -> list[RequestOutput]:
         """`messages`: one conversation (a list of {"role", "content"}) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate([self.chat_prompt_ids(c) for c in conversations], sampling_params, use_tqdm=use_tqdm)
+
+    def chat_prompt_ids(self, conversation: list[dict]) -> list[int]:
+        """Token ids of the chat template around a conversation (the template holds the special tokens)."""
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
         results: list[RequestOutput | None] = [None] * len(order)

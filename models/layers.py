@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from jpaged import sharding
 from models.config import RopeScaling
 
 
@@ -66,9 +67,15 @@ def paged_attention(
     sliding_window: int | None,
     impl: str,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The one attention call of every model: write the new K/V into pages, then attend over them."""
-    k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k, v, step.slot_mapping, impl=impl)
-    o = pallas_kernels.ragged_paged_attention(
-        q, k_pages, v_pages, step.kv_lens, step.page_table, step.cu_q_lens, step.num_seqs,
-        sm_scale=sm_scale, sliding_window=sliding_window, impl=impl)
-    return o, k_pages, v_pages
+    """The one attention call of every model: write the new K/V into pages, then attend over them.
+
+    Under a mesh (`jax.set_mesh`) it runs per device on that device's heads (jpaged.sharding.per_shard).
+    """
+    def attend(q, k, v, k_pages, v_pages, step):
+        k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k, v, step.slot_mapping, impl=impl)
+        o = pallas_kernels.ragged_paged_attention(
+            q, k_pages, v_pages, step.kv_lens, step.page_table, step.cu_q_lens, step.num_seqs,
+            sm_scale=sm_scale, sliding_window=sliding_window, impl=impl)
+        return o, k_pages, v_pages
+
+    return sharding.per_shard(attend)(q, k, v, k_pages, v_pages, step)

@@ -69,6 +69,9 @@ def resolve_attn_impl(attn_impl: str) -> str:
 
 class Engine:
     def __init__(self, config: EngineConfig, *, model=None, tokenizer=None):
+        if config.tensor_parallel_size * config.data_parallel_size > 1:
+            raise ValueError("the serving engine runs on one device; tensor_parallel_size and data_parallel_size "
+                             "> 1 are available through jpaged.sharding and jpaged.generate")
         if model is None:
             from jpaged.loader import load_model
             model, tokenizer = load_model(config.model, dtype=config.dtype)

@@ -8,7 +8,8 @@ from hypothesis import given, strategies as st
 
 from jpaged.loader import load_model
 from jpaged.loader.gguf import _unpermute_rows
-from jpaged.simple_generate import SimpleGenerator
+from jpaged.llm import LLM
+from jpaged.sampling_params import SamplingParams
 from tests.hf_reference import hf_greedy, hf_logits, tiny_hf_model
 from tests.loader.helpers import llama_cpp_permute, write_gguf
 from tests.loader.test_hf_dir import all_logits
@@ -103,5 +104,6 @@ def test_smollm2_logits_and_greedy_match_transformers(smollm2_hf, smollm2_jpaged
     assert np.abs(ours - hf64).max() <= 1e-4
     assert np.abs(ours - hf64).max() <= 1.1 * np.abs(hf32 - hf64).max()
     np.testing.assert_allclose(ours, hf32, atol=2e-4, rtol=0)
-    generator = SimpleGenerator(model, max_len=len(ids) + 32)
-    assert generator.generate(ids, max_tokens=32) == hf_greedy(hf, ids, 32)
+    llm = LLM(model_obj=model, tokenizer=tok, dtype="float32", max_model_len=len(ids) + 48, num_kv_blocks=16)
+    out = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    assert out[0].outputs[0].token_ids == hf_greedy(hf, ids, 32)

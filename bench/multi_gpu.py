@@ -1,0 +1,279 @@
+"""Decode tokens/s and MBU under tensor parallelism (and a data-parallel comparison), as JSON.
+
+  python bench/multi_gpu.py                          # Llama-3-8B at TP 1 and 2, 70B at TP 2, batch 1 and 64
+  python bench/multi_gpu.py --tp 1,2,4,8             # any number of GPUs (70B only at TP >= 2)
+  python bench/multi_gpu.py --preset tiny --devices 8 --dp 2   # on CPU with 8 virtual devices
+
+Weights are random, built on the devices already sharded (each device draws only its own slices) and
+never whole on one device. Each decode step reads every weight once plus the KV of every sequence:
+MBU = (weight + KV bytes one device reads per step) / that device's measured copy bandwidth / step
+time, the copy bandwidth being (read + written bytes) / time of a large on-device copy. Before
+timing, every TP size's first-step logits are compared with the smallest TP size's of the same model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+PRESETS = {
+    # model label -> (configs/ preset, TP sizes, batch sizes); context 1024, bf16.
+    "h200": dict(models={"llama3-8b": ("llama3-8b", (1, 2)), "llama3-70b": ("llama3-70b", (2,))},
+                 batches=(1, 64), context=1024, steps=32),
+    "tiny": dict(models={"tiny-kv8": ("tiny-kv8", (1, 2)), "tiny-kv2": ("tiny-llama", (2,))},
+                 batches=(1, 8), context=64, steps=8),
+}
+TINY_KV8 = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 128,
+            "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8,
+            "num_key_value_heads": 8, "head_dim": 16}
+PAGE = 16
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="h200")
+    p.add_argument("--devices", type=int, help="run on CPU with this many virtual devices")
+    p.add_argument("--tp", help="comma-separated TP sizes, replacing the preset's (the 70B shape keeps TP >= 2)")
+    p.add_argument("--dp", type=int, default=0, help="also compare data parallel: one engine per replica "
+                   "against one SPMD program over all replicas, with this many replicas")
+    p.add_argument("--attn-impl", default="reference")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--out", default="bench/results/multi_gpu.json")
+    return p.parse_args()
+
+
+args = parse_args()
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (KINDS.md)
+if args.devices:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.devices}")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import functools  # noqa: E402
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jpaged import sharding  # noqa: E402
+from jpaged.kv_cache import StepInput  # noqa: E402
+from models import LlamaForCausalLM, ModelConfig  # noqa: E402
+
+
+def load_config(name: str) -> ModelConfig:
+    if name == "tiny-kv8":
+        return ModelConfig.from_hf(TINY_KV8)
+    with open(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.json")) as f:
+        return ModelConfig.from_hf(json.load(f))
+
+
+@functools.lru_cache(maxsize=None)
+def _random_param(shape, dtype, sharding_, is_norm):
+    def draw(key):
+        if is_norm:
+            return jnp.ones(shape, dtype)
+        return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+    return jax.jit(draw, out_shardings=sharding_)
+
+
+def random_model(cfg: ModelConfig, mesh, dtype) -> LlamaForCausalLM:
+    """Random weights drawn on the devices under their shardings; the same values for every mesh."""
+    tp_cfg = sharding.tp_model_config(cfg, mesh.shape[sharding.MODEL])
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(tp_cfg, dtype=dtype)))
+    shardings = sharding.state_shardings(abstract, mesh)
+    flat = []
+    for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
+        name = ".".join(map(str, path))
+        make = _random_param(tuple(var.shape), jnp.dtype(var.dtype), shardings[name], name.endswith("norm.weight"))
+        flat.append((path, var.replace(make(jax.random.key(i)))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def decode_step_input(batch: int, context: int) -> StepInput:
+    """Host arrays: every sequence decodes its token at position context - 1, pages [b * P, (b + 1) * P)."""
+    pages = -(-context // PAGE)
+    table = (np.arange(batch)[:, None] * pages + np.arange(pages)).astype(np.int32)
+    pos = np.full((batch,), context - 1, np.int32)
+    step = StepInput(
+        token_ids=np.arange(batch, dtype=np.int32) % 100, positions=pos,
+        cu_q_lens=np.arange(batch + 1, dtype=np.int32), kv_lens=pos + 1, page_table=table,
+        slot_mapping=(table[:, -1] * PAGE + (context - 1) % PAGE).astype(np.int32),
+        logits_index=np.arange(batch, dtype=np.int32), num_seqs=np.asarray(batch, np.int32))
+    return step
+
+
+def make_decode(graphdef, attn_impl: str):
+    def decode(state, kv_cache, step):
+        logits, kv_cache = nnx.merge(graphdef, state)(kv_cache, step, attn_impl=attn_impl)
+        return step.replace(token_ids=jnp.argmax(logits, axis=-1).astype(jnp.int32)), kv_cache, logits
+    return decode
+
+
+def copy_bandwidth(device, nbytes: int) -> float:
+    """(read + written bytes) / time of an on-device copy, the ceiling MBU is measured against."""
+    x = jax.device_put(jnp.zeros((nbytes // 4,), jnp.float32), device)
+    copy = jax.jit(lambda a: a + 1)
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * x.nbytes / float(np.median(times))
+
+
+def local_bytes(tree) -> int:
+    """Bytes of `tree` held by the first device (what that device reads when it reads all of it)."""
+    dev = jax.devices()[0]
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == dev)
+
+
+def time_steps(run, steps: int) -> float:
+    run()
+    run()
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = run()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / steps
+
+
+def bench_tp(cfg: ModelConfig, tp: int, batches, context: int, steps: int, dtype, attn_impl: str, bandwidth):
+    mesh = sharding.make_mesh(tp)
+    model = random_model(cfg, mesh, dtype)
+    graphdef, state = nnx.split(model)
+    decode = jax.jit(make_decode(graphdef, attn_impl), donate_argnums=(1,))
+    rows, first_logits = [], {}
+    for batch in batches:
+        cache = sharding.new_kv_cache(model, mesh, batch * -(-context // PAGE), PAGE)
+        step = sharding.replicate(decode_step_input(batch, context), mesh)
+        holder = {"step": step, "cache": cache}
+
+        def run():
+            with jax.set_mesh(mesh):
+                holder["step"], holder["cache"], logits = decode(state, holder["cache"], holder["step"])
+            return logits
+
+        first_logits[batch] = sharding.to_host(run())[:, :1000].astype(np.float32)
+        holder["step"] = step
+        seconds = time_steps(run, steps)
+        kv_read = batch * context * cfg.num_layers * 2 * cfg.head_dim * jnp.dtype(dtype).itemsize * \
+            model.config.num_kv_heads // tp
+        weights = local_bytes(state)
+        rows.append(dict(tp=tp, batch=batch, context=context, ms_per_step=seconds * 1e3,
+                         tokens_per_s=batch / seconds, weight_bytes_per_device=weights, kv_bytes_per_device=kv_read,
+                         mbu=(weights + kv_read) / bandwidth / seconds))
+        del holder, cache
+    return rows, first_logits
+
+
+def bench_dp(cfg: ModelConfig, replicas: int, batch: int, context: int, steps: int, dtype, attn_impl: str):
+    """Tokens/s of `replicas` data-parallel replicas: one engine (jitted step) per replica on its own row
+    of the mesh, dispatched from one Python loop, against one SPMD program vmapped over replicas."""
+    tp = jax.device_count() // replicas
+    mesh = sharding.make_mesh(tp, replicas)
+    out = {"replicas": replicas, "tp": tp, "batch_per_replica": batch}
+
+    engines = []
+    for sub in sharding.replica_meshes(mesh):
+        model = random_model(cfg, sub, dtype)
+        graphdef, state = nnx.split(model)
+        engines.append(dict(mesh=sub, state=state,
+                            decode=jax.jit(make_decode(graphdef, attn_impl), donate_argnums=(1,)),
+                            cache=sharding.new_kv_cache(model, sub, batch * -(-context // PAGE), PAGE),
+                            step=sharding.replicate(decode_step_input(batch, context), sub)))
+
+    def run_per_replica():
+        for e in engines:  # dispatch is asynchronous: replicas run at the same time
+            with jax.set_mesh(e["mesh"]):
+                e["step"], e["cache"], logits = e["decode"](e["state"], e["cache"], e["step"])
+        return logits
+
+    out["per_replica_tokens_per_s"] = replicas * batch / time_steps(run_per_replica, steps)
+    del engines
+
+    model = random_model(cfg, mesh, dtype)
+    graphdef, state = nnx.split(model)
+    cache = sharding.new_replica_kv_cache(model, mesh, batch * -(-context // PAGE), PAGE)
+    step = sharding.stack_replicas([decode_step_input(batch, context)] * replicas, mesh)
+    spmd = jax.jit(sharding.over_replicas(make_decode(graphdef, attn_impl)), donate_argnums=(1,))
+    holder = {"step": step, "cache": cache}
+
+    def run_spmd():
+        with jax.set_mesh(mesh):
+            holder["step"], holder["cache"], logits = spmd(state, holder["cache"], holder["step"])
+        return logits
+
+    out["spmd_tokens_per_s"] = replicas * batch / time_steps(run_spmd, steps)
+    return out
+
+
+def targets(runs) -> dict[str, float]:
+    """Issue 8's targets: batch-1 latency at TP n over TP 1 (<= 0.6 at TP 2), batch-1 MBU of the big shape."""
+    out = {}
+    by_key = {(r["model"], r["tp"], r["batch"]): r for r in runs}
+    for (model, tp, batch), r in by_key.items():
+        base = by_key.get((model, 1, batch))
+        if batch == 1 and tp > 1 and base is not None:
+            out[f"{model} batch-1 latency tp{tp}/tp1"] = r["ms_per_step"] / base["ms_per_step"]
+        if batch == 1 and model == list(PRESETS[args.preset]["models"])[-1]:
+            out[f"{model} batch-1 MBU tp{tp}"] = r["mbu"]
+    return out
+
+
+def main():
+    preset = PRESETS[args.preset]
+    dtype = jnp.bfloat16
+    steps = args.steps or preset["steps"]
+    device = jax.devices()[0]
+    bandwidth = copy_bandwidth(device, (1 << 30) if device.platform == "gpu" else (64 << 20))
+    tp_override = tuple(int(t) for t in args.tp.split(",")) if args.tp else None
+    result = dict(bench="multi_gpu", preset=args.preset, device=device.device_kind, platform=device.platform,
+                  num_devices=jax.device_count(), jax=jax.__version__, flax=flax.__version__,
+                  python=platform.python_version(), attn_impl=args.attn_impl, dtype="bfloat16",
+                  copy_bandwidth_bytes_per_s=bandwidth, runs=[])
+    print(f"{'model':<12} {'tp':>3} {'batch':>5} {'ms/step':>9} {'tok/s':>10} {'MBU':>6}  "
+          f"(copy bandwidth {bandwidth / 1e9:.0f} GB/s, ctx {preset['context']})")
+    for label, (config_name, tps) in preset["models"].items():
+        cfg = load_config(config_name)
+        tps = tuple(t for t in (tp_override or tps) if t <= jax.device_count() and ("70b" not in label or t >= 2))
+        reference = None
+        for tp in tps:
+            rows, logits = bench_tp(cfg, tp, preset["batches"], preset["context"], steps, dtype, args.attn_impl,
+                                    bandwidth)
+            if reference is None:
+                reference = (tp, logits)
+            for row in rows:
+                diff = float(np.abs(logits[row["batch"]] - reference[1][row["batch"]]).max())
+                scale = float(np.abs(reference[1][row["batch"]]).max())
+                if diff > 0.05 * scale + 1e-3:
+                    raise SystemExit(f"{label} tp={tp}: logits differ from tp={reference[0]} by {diff} (scale {scale})")
+                row.update(model=label, max_logit_diff_vs_tp=[reference[0], diff])
+                result["runs"].append(row)
+                print(f"{label:<12} {tp:>3} {row['batch']:>5} {row['ms_per_step']:>9.2f} "
+                      f"{row['tokens_per_s']:>10.1f} {row['mbu']:>6.2f}")
+    result["targets"] = targets(result["runs"])
+    for name, value in result["targets"].items():
+        print(f"{name}: {value:.2f}")
+    if args.dp:
+        cfg = load_config(next(iter(preset["models"].values()))[0])
+        result["data_parallel"] = bench_dp(cfg, args.dp, preset["batches"][-1], preset["context"], steps, dtype,
+                                           args.attn_impl)
+        dp = result["data_parallel"]
+        print(f"data parallel x{dp['replicas']} (tp {dp['tp']}, batch {dp['batch_per_replica']} each): "
+              f"one engine per replica {dp['per_replica_tokens_per_s']:.1f} tok/s, "
+              f"one SPMD program {dp['spmd_tokens_per_s']:.1f} tok/s")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
