@@ -69,9 +69,9 @@ def resolve_attn_impl(attn_impl: str) -> str:
 
 class Engine:
     def __init__(self, config: EngineConfig, *, model=None, tokenizer=None):
-        if config.tensor_parallel_size * config.data_parallel_size > 1:
-            raise ValueError("the serving engine runs on one device; tensor_parallel_size and data_parallel_size "
-                             "> 1 are available through jpaged.sharding and jpaged.generate")
+        if config.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1 is not in the serving engine yet; run one engine per "
+                             "replica, or jpaged.sharding.over_replicas for a research loop")
         if model is None:
             from jpaged.loader import load_model
             model, tokenizer = load_model(config.model, dtype=config.dtype)
@@ -89,7 +89,7 @@ class Engine:
             model, num_pages=num_pages, page_size=config.block_size, max_model_len=self.max_model_len,
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
             num_host_pages=config.num_host_kv_blocks, attn_impl=resolve_attn_impl(config.attn_impl),
-            seed=config.seed)
+            seed=config.seed, tensor_parallel_size=config.tensor_parallel_size)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._num_steps = 0

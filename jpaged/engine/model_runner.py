@@ -11,6 +11,7 @@ compile the common ones up front.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jpaged import sampling
+from jpaged import sampling, sharding
 from jpaged.engine import packing
 from jpaged.kv_cache import KVCache, StepInput
 from jpaged.sampling_params import SamplingParams
@@ -72,7 +73,12 @@ def _write_pages(kv_cache: KVCache, pages: jax.Array, k_data, v_data) -> KVCache
 class ModelRunner:
     def __init__(self, model, *, num_pages: int, page_size: int, max_model_len: int,
                  max_num_batched_tokens: int, max_num_seqs: int, num_host_pages: int = 0,
-                 attn_impl: str = "reference", kv_dtype=None, seed: int = 0):
+                 attn_impl: str = "reference", kv_dtype=None, seed: int = 0, tensor_parallel_size: int = 1):
+        # Tensor parallel: weights and pages split over a "model" mesh axis, attention per shard
+        # (jpaged/sharding.py); the step is traced under the mesh.
+        self.mesh = sharding.make_mesh(tensor_parallel_size) if tensor_parallel_size > 1 else None
+        if self.mesh is not None:
+            model = sharding.shard_model(model, self.mesh)
         cfg = model.config
         self.model_config = cfg
         self.page_size = page_size
@@ -84,7 +90,8 @@ class ModelRunner:
         self.base_key = jax.random.PRNGKey(seed)
         graphdef, state = nnx.split(model)
         self.weights, treedef = jax.tree.flatten(state)
-        self.kv_cache = model.new_kv_cache(num_pages, page_size, kv_dtype)
+        self.kv_cache = (model.new_kv_cache(num_pages, page_size, kv_dtype) if self.mesh is None
+                         else sharding.new_kv_cache(model, self.mesh, num_pages, page_size, kv_dtype))
         page_shape = (num_host_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         kv_np_dtype = self.kv_cache.k[0].dtype
         self.host_k = [np.zeros(page_shape, kv_np_dtype) for _ in range(cfg.num_layers)]
@@ -95,6 +102,9 @@ class ModelRunner:
         self._jit_copy = jax.jit(_copy_pages, donate_argnames=("kv_cache",))
         self._jit_read = jax.jit(_read_pages)
         self._jit_write = jax.jit(_write_pages, donate_argnames=("kv_cache",))
+
+    def _mesh_context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     @property
     def num_compilations(self) -> int:
@@ -221,6 +231,7 @@ class ModelRunner:
         # Two sizes only, so logprobs requests do not multiply compilations.
         top = 0 if all(p.logprobs is None and not p.use_beam_search for p in params) else SamplingParams.MAX_LOGPROBS
         int_buf, float_buf, layout = packing.pack((step, tensors, np.int32(step_counter)))
-        out, self.kv_cache = self._jit_step(self.weights, self.kv_cache, int_buf, float_buf, self.base_key,
-                                            layout=layout, attn_impl=self.attn_impl, num_top_logprobs=top)
+        with self._mesh_context():
+            out, self.kv_cache = self._jit_step(self.weights, self.kv_cache, int_buf, float_buf, self.base_key,
+                                                layout=layout, attn_impl=self.attn_impl, num_top_logprobs=top)
         return sampling.SamplerOutput(**packing.unpack_outputs(np.asarray(out)))
