@@ -72,7 +72,7 @@ def _load_preset(name: str, dtype: str):
     from models import ModelConfig
 
     cfg = ModelConfig.from_hf(read_json(CONFIGS_DIR / f"{name}.json"))
-    tokenizer = byte_tokenizer(cfg.eos_token_ids) if cfg.vocab_size >= 256 else None
+    tokenizer = byte_tokenizer(cfg.eos_token_ids, cfg.vocab_size) if cfg.vocab_size >= 256 else None
     return random_model(cfg, dtype), tokenizer
 
 

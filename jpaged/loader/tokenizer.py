@@ -33,10 +33,14 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def byte_tokenizer(eos_token_ids: Sequence[int] = ()) -> "Tokenizer":
-    """One token per UTF-8 byte (ids 0..255), for presets with random weights that ship no vocabulary."""
+def byte_tokenizer(eos_token_ids: Sequence[int] = (), vocab_size: int = 256) -> "Tokenizer":
+    """One token per UTF-8 byte (ids 0..255), for presets with random weights that ship no vocabulary.
+
+    Ids 256..vocab_size-1 decode as "<id>", so whatever a random model generates streams as text.
+    """
     spelling = bytes_to_unicode()
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE({spelling[b]: b for b in range(256)}, []))
+    vocab = {spelling[b]: b for b in range(256)} | {f"<{i}>": i for i in range(256, vocab_size)}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, []))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     return Tokenizer(tok, eos_token_ids=eos_token_ids)
