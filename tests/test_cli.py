@@ -57,6 +57,10 @@ def test_missing_model_path(tmp_path):
     assert_one_line_error(run_cli("generate", "--model", str(tmp_path / "nope"), "hi"), "not found")
 
 
+def test_serve_with_missing_model_is_one_error_line(tmp_path):
+    assert_one_line_error(run_cli("serve", "--model", str(tmp_path / "nope"), "--port", "0"), "not found")
+
+
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     assert_one_line_error(run_cli("generate", "--model", str(tmp_path), "hi"), "unsupported architecture")

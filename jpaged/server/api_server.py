@@ -395,11 +395,13 @@ def serve(args_or_config, host: str = "127.0.0.1", port: int = 8000, api_key: st
       engine_factory: overrides building `Engine(config)` (tests, benchmarks with a fake engine).
     """
     if engine_factory is None:
-        config = engine_config(args_or_config)
+        from jpaged.engine.llm_engine import Engine
+
+        # Built before the port opens, so a bad --model is one error line (ValueError), not a server traceback.
+        engine = Engine(engine_config(args_or_config))
 
         def engine_factory():
-            from jpaged.engine.llm_engine import Engine
-            return Engine(config)
+            return engine
 
     app = build_app(engine_factory, api_key=api_key, served_model_name=served_model_name,
                     max_pending_requests=max_pending_requests, max_n=max_n)
