@@ -65,7 +65,8 @@ class StepProfiler(common.StepRecorder):
         runner = engine.runner
         self._patch(runner, "_jit_step", self._captured_jit)
         if split:
-            self._patch(runner, "execute", lambda fn: self.timed("execute", fn))
+            self._patch(runner, "launch", lambda fn: self.timed("execute", fn))
+            self._patch(runner, "fetch", lambda fn: self.timed("execute", fn))
             self._patch(runner, "build_step_input", lambda fn: self.timed("build_step_input", fn))
             self._patch(sampling.SamplingTensors, "from_params", lambda fn: self.timed("sampling_prep", fn))
 
@@ -73,7 +74,8 @@ class StepProfiler(common.StepRecorder):
         import jax
 
         def wrapper(*args, **kwargs):
-            # args: weights, kv_cache, int buffer, float buffer, base key (jpaged/engine/packing.py)
+            # args: weights, kv_cache, int buffer, float buffer, base key, previous step's tokens
+            # (jpaged/engine/model_runner.py make_step_fn); returns packed samples, tokens, kv_cache
             self.last_call = (args, kwargs)
             if not self.split:
                 return jit_step(*args, **kwargs)
@@ -81,10 +83,10 @@ class StepProfiler(common.StepRecorder):
             buffers = jax.block_until_ready(jax.device_put(args[2:4]))
             self.phase("host_to_device", time.perf_counter() - start)
             start = time.perf_counter()
-            out, kv_cache = jit_step(*args[:2], *buffers, *args[4:], **kwargs)
-            jax.block_until_ready(out)
+            outputs = jit_step(*args[:2], *buffers, *args[4:], **kwargs)
+            jax.block_until_ready(outputs[0])
             self.phase("device", time.perf_counter() - start)
-            return out, kv_cache
+            return outputs
         return wrapper
 
 
@@ -108,11 +110,11 @@ def raw_step_seconds(runner, call, reps: int) -> float:
     inputs = tuple(jax.device_put(args[2:4])) + tuple(args[4:])
     kv_cache = runner.kv_cache
     for _ in range(2):
-        out, kv_cache = runner._jit_step(runner.weights, kv_cache, *inputs, **kwargs)
+        out, _, kv_cache = runner._jit_step(runner.weights, kv_cache, *inputs, **kwargs)
     jax.block_until_ready((out, kv_cache))
     start = time.perf_counter()
     for _ in range(reps):
-        out, kv_cache = runner._jit_step(runner.weights, kv_cache, *inputs, **kwargs)
+        out, _, kv_cache = runner._jit_step(runner.weights, kv_cache, *inputs, **kwargs)
     jax.block_until_ready((out, kv_cache))
     seconds = (time.perf_counter() - start) / reps
     runner.kv_cache = kv_cache
@@ -141,7 +143,7 @@ def device_split(runner, call) -> dict:
 
     cfg = runner.model_config
     args, kwargs = call
-    step, tensors, _ = packing.unpack(jnp.asarray(args[2]), jnp.asarray(args[3]), kwargs["layout"])
+    step, tensors, *_ = packing.unpack(jnp.asarray(args[2]), jnp.asarray(args[3]), kwargs["layout"])
     key = args[4]
     k_pages, v_pages = runner.kv_cache.k[0], runner.kv_cache.v[0]
     q = jax.random.normal(jax.random.key(0), (step.num_tokens, cfg.num_heads, cfg.head_dim), k_pages.dtype)

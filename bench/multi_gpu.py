@@ -1,14 +1,20 @@
-"""Decode tokens/s and MBU under tensor parallelism (and a data-parallel comparison), as JSON.
+"""Decode tokens/s and MBU under tensor parallelism, and data parallel through the serving engine, as JSON.
 
   python bench/multi_gpu.py                          # Llama-3-8B at TP 1 and 2, 70B at TP 2, batch 1 and 64
   python bench/multi_gpu.py --tp 1,2,4,8             # any number of GPUs (70B only at TP >= 2)
+  python bench/multi_gpu.py --engine-dp 2 --no-tp-sweep   # serving engine: 2 replicas x TP 1 vs 1 GPU
   python bench/multi_gpu.py --preset tiny --devices 8 --dp 2   # on CPU with 8 virtual devices
 
 Weights are random, built on the devices already sharded (each device draws only its own slices) and
 never whole on one device. Each decode step reads every weight once plus the KV of every sequence:
-MBU = (weight + KV bytes one device reads per step) / that device's measured copy bandwidth / step
-time, the copy bandwidth being (read + written bytes) / time of a large on-device copy. Before
-timing, every TP size's first-step logits are compared with the smallest TP size's of the same model.
+MBU = (weight + KV bytes one device reads per step) / copy bandwidth / step time, the copy bandwidth
+being bench.common.copy_bandwidth on each device (read + written bytes / median time of a 2 GiB copy,
+after a warm-up), the median over the devices. Before timing, every TP size's first-step logits are
+compared with the smallest TP size's of the same model.
+
+--engine-dp R runs the first model through the serving engine (`make_engine`, greedy, chunked
+prefill, async steps): R replicas x TP 1 with the largest batch of the preset on each, against one
+replica on one device at that batch; decode tokens/s counted over steps where every sequence decodes.
 """
 from __future__ import annotations
 
@@ -39,6 +45,9 @@ def parse_args():
     p.add_argument("--tp", help="comma-separated TP sizes, replacing the preset's (the 70B shape keeps TP >= 2)")
     p.add_argument("--dp", type=int, default=0, help="also compare data parallel: one engine per replica "
                    "against one SPMD program over all replicas, with this many replicas")
+    p.add_argument("--engine-dp", type=int, default=0, help="also measure the serving engine with this many "
+                   "data-parallel replicas (TP 1 each) against one replica on one device")
+    p.add_argument("--no-tp-sweep", dest="tp_sweep", action="store_false", help="skip the TP table")
     p.add_argument("--attn-impl", default="reference")
     p.add_argument("--steps", type=int)
     p.add_argument("--out", default="bench/results/multi_gpu.json")
@@ -61,6 +70,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench import common  # noqa: E402
 from jpaged import sharding  # noqa: E402
 from jpaged.kv_cache import StepInput  # noqa: E402
 from models import LlamaForCausalLM, ModelConfig  # noqa: E402
@@ -113,19 +123,6 @@ def make_decode(graphdef, attn_impl: str):
         logits, kv_cache = nnx.merge(graphdef, state)(kv_cache, step, attn_impl=attn_impl)
         return step.replace(token_ids=jnp.argmax(logits, axis=-1).astype(jnp.int32)), kv_cache, logits
     return decode
-
-
-def copy_bandwidth(device, nbytes: int) -> float:
-    """(read + written bytes) / time of an on-device copy, the ceiling MBU is measured against."""
-    x = jax.device_put(jnp.zeros((nbytes // 4,), jnp.float32), device)
-    copy = jax.jit(lambda a: a + 1)
-    copy(x).block_until_ready()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        copy(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * x.nbytes / float(np.median(times))
 
 
 def local_bytes(tree) -> int:
@@ -227,17 +224,73 @@ def targets(runs) -> dict[str, float]:
     return out
 
 
-def main():
-    preset = PRESETS[args.preset]
-    dtype = jnp.bfloat16
-    steps = args.steps or preset["steps"]
-    device = jax.devices()[0]
-    bandwidth = copy_bandwidth(device, (1 << 30) if device.platform == "gpu" else (64 << 20))
+def engine_decode_rate(engine, num_seqs: int, context: int, steps: int, max_tokens: int, vocab: int) -> dict:
+    """Decode tokens/s of `engine` over `steps` steps in which all num_seqs greedy sequences decode:
+    prompts of `context` random tokens are prefilled first, then a few untimed steps compile the
+    decode shape."""
+    from jpaged.sampling_params import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    rng = np.random.default_rng(0)
+    ids = [f"dp-{i}" for i in range(num_seqs)]
+    for rid in ids:
+        engine.add_request(rid, rng.integers(0, vocab, size=context).tolist(), params)
+    started: set[str] = set()
+    while len(started) < num_seqs:
+        started |= {o.request_id for o in engine.step() if o.outputs[0].token_ids}
+    for _ in range(4):
+        engine.step()
+    before = engine.stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    seconds = time.perf_counter() - start
+    after = engine.stats()
+    if after["num_running"] != num_seqs:
+        raise RuntimeError(f"{after['num_running']} of {num_seqs} sequences still running after the timed steps "
+                           "(finished or preempted): raise max_tokens or num_kv_blocks")
+    for rid in ids:
+        engine.abort(rid)
+    return dict(tokens_per_s=(after["generation_tokens"] - before["generation_tokens"]) / seconds,
+                ms_per_step=1e3 * seconds / steps,
+                **{k: after[k] - before[k] for k in ("num_compilations", "num_preemptions")})
+
+
+def bench_engine_dp(cfg: ModelConfig, replicas: int, batch: int, context: int, steps: int, attn_impl: str) -> dict:
+    """The serving engine with `replicas` data-parallel replicas x TP 1, `batch` sequences each, against
+    one replica on one device with `batch` sequences: decode tokens/s of each (ideal speedup: replicas)."""
+    import dataclasses
+
+    from jpaged.config import EngineConfig
+    from jpaged.engine.data_parallel import make_engine
+    budget = min(2048, max(16, batch * context))
+    max_tokens = -(-batch * context // budget) + steps + 16  # decode steps during prefill + warm-up + timed
+    max_len = context + max_tokens
+    config = EngineConfig(model="random", dtype="bfloat16", block_size=PAGE, max_num_seqs=batch,
+                          max_num_batched_tokens=budget, max_model_len=max_len, enable_prefix_caching=False,
+                          num_kv_blocks=batch * -(-max_len // PAGE) + 16, attn_impl=attn_impl)
+    model = common.random_model(cfg, "bfloat16")  # on the first device; other replicas copy it to theirs
+    out = dict(replicas=replicas, tp=1, batch_per_replica=batch, context=context, steps=steps,
+               engine=dict(max_num_batched_tokens=budget, max_model_len=max_len, num_kv_blocks=config.num_kv_blocks))
+    for name, dp in (("one_replica", 1), ("data_parallel", replicas)):
+        engine = make_engine(dataclasses.replace(config, data_parallel_size=dp), model=model,
+                             tokenizer=common.IdTokenizer())
+        out[name] = engine_decode_rate(engine, dp * batch, context, steps, max_tokens, cfg.vocab_size)
+        del engine
+    out["speedup"] = out["data_parallel"]["tokens_per_s"] / out["one_replica"]["tokens_per_s"]
+    return out
+
+
+def measure_bandwidth() -> tuple[float, list[float]]:
+    """bench.common.copy_bandwidth on every local device; (median, per device)."""
+    per_device = [common.copy_bandwidth(device=d, warmup_s=0.3 if d.platform == "gpu" else 0.0)
+                  for d in jax.local_devices()]
+    return float(np.median(per_device)), per_device
+
+
+def tp_sweep(preset: dict, steps: int, dtype, bandwidth: float) -> list[dict]:
+    """bench_tp over every model and TP size of the preset; each TP size's logits checked against the first."""
     tp_override = tuple(int(t) for t in args.tp.split(",")) if args.tp else None
-    result = dict(bench="multi_gpu", preset=args.preset, device=device.device_kind, platform=device.platform,
-                  num_devices=jax.device_count(), jax=jax.__version__, flax=flax.__version__,
-                  python=platform.python_version(), attn_impl=args.attn_impl, dtype="bfloat16",
-                  copy_bandwidth_bytes_per_s=bandwidth, runs=[])
+    runs = []
     print(f"{'model':<12} {'tp':>3} {'batch':>5} {'ms/step':>9} {'tok/s':>10} {'MBU':>6}  "
           f"(copy bandwidth {bandwidth / 1e9:.0f} GB/s, ctx {preset['context']})")
     for label, (config_name, tps) in preset["models"].items():
@@ -255,20 +308,44 @@ def main():
                 if diff > 0.05 * scale + 1e-3:
                     raise SystemExit(f"{label} tp={tp}: logits differ from tp={reference[0]} by {diff} (scale {scale})")
                 row.update(model=label, max_logit_diff_vs_tp=[reference[0], diff])
-                result["runs"].append(row)
+                runs.append(row)
                 print(f"{label:<12} {tp:>3} {row['batch']:>5} {row['ms_per_step']:>9.2f} "
                       f"{row['tokens_per_s']:>10.1f} {row['mbu']:>6.2f}")
-    result["targets"] = targets(result["runs"])
-    for name, value in result["targets"].items():
-        print(f"{name}: {value:.2f}")
+    return runs
+
+
+def main():
+    preset = PRESETS[args.preset]
+    dtype = jnp.bfloat16
+    steps = args.steps or preset["steps"]
+    device = jax.devices()[0]
+    bandwidth, per_device = measure_bandwidth()
+    result = dict(bench="multi_gpu", preset=args.preset, device=device.device_kind, platform=device.platform,
+                  num_devices=jax.device_count(), jax=jax.__version__, flax=flax.__version__,
+                  python=platform.python_version(), attn_impl=args.attn_impl, dtype="bfloat16",
+                  copy_bandwidth_bytes_per_s=bandwidth, copy_bandwidth_per_device=per_device, runs=[])
+    print("copy bandwidth GB/s per device: " + ", ".join(f"{b / 1e9:.0f}" for b in per_device))
+    if args.tp_sweep:
+        result["runs"] = tp_sweep(preset, steps, dtype, bandwidth)
+        result["targets"] = targets(result["runs"])
+        for name, value in result["targets"].items():
+            print(f"{name}: {value:.2f}")
+    first_model = load_config(next(iter(preset["models"].values()))[0])
     if args.dp:
-        cfg = load_config(next(iter(preset["models"].values()))[0])
-        result["data_parallel"] = bench_dp(cfg, args.dp, preset["batches"][-1], preset["context"], steps, dtype,
-                                           args.attn_impl)
+        result["data_parallel"] = bench_dp(first_model, args.dp, preset["batches"][-1], preset["context"], steps,
+                                           dtype, args.attn_impl)
         dp = result["data_parallel"]
         print(f"data parallel x{dp['replicas']} (tp {dp['tp']}, batch {dp['batch_per_replica']} each): "
               f"one engine per replica {dp['per_replica_tokens_per_s']:.1f} tok/s, "
               f"one SPMD program {dp['spmd_tokens_per_s']:.1f} tok/s")
+    if args.engine_dp:
+        if args.engine_dp > jax.device_count():
+            raise SystemExit(f"--engine-dp {args.engine_dp} needs that many devices, {jax.device_count()} present")
+        result["data_parallel_engine"] = e = bench_engine_dp(
+            first_model, args.engine_dp, preset["batches"][-1], preset["context"], steps, args.attn_impl)
+        print(f"serving engine, batch {e['batch_per_replica']} per replica, ctx {e['context']}: "
+              f"1 replica {e['one_replica']['tokens_per_s']:.1f} tok/s, {e['replicas']} replicas "
+              f"{e['data_parallel']['tokens_per_s']:.1f} tok/s ({e['speedup']:.2f}x)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -49,7 +49,7 @@ class Workload:
 
 PRESETS = {
     "llama3-8b": Workload("llama3-8b", "bfloat16", 64, 8, 512, 1024, 16),
-    "tiny": Workload("tiny-llama", "float32", 4, 3, 16, 24, 4),
+    "tiny": Workload("tiny-llama", "float32", 4, 3, 16, 24, 8),
 }
 
 
@@ -190,6 +190,33 @@ def run_dense(model, prompts, stop_at, w, eos, prompts_per_chunk):
     return np.concatenate([np.asarray(o) for o in out]), seconds, compile_s
 
 
+def run_engine(base, prompts, stop_at, w):
+    """The serving engine on the same work: one request per (prompt, sample) with max_tokens = its stop
+    point (EOS ignored), so every row generates exactly as many tokens as in the other two runs. Requests
+    go in sample-major order, so each prompt's later samples find its pages in the prefix cache (as
+    generate's samples share them). Runs last: the engine fuses the model's projections in place."""
+    from bench import common
+    from jpaged.sampling_params import SamplingParams
+
+    rows = len(stop_at)
+    llm = common.make_llm(base, w.dtype, max_model_len=w.prompt_len + w.max_new_tokens, max_num_seqs=rows,
+                          max_num_batched_tokens=2048, block_size=w.page_size)
+    start = time.perf_counter()
+    llm.engine.warmup()
+    compile_s = time.perf_counter() - start
+    order = [(p, s) for s in range(w.num_samples) for p in range(w.num_prompts)]
+    params = [SamplingParams(temperature=0.0, max_tokens=int(stop_at[p * w.num_samples + s]), ignore_eos=True)
+              for p, s in order]
+    start = time.perf_counter()
+    outs = llm.generate([prompts[p].tolist() for p, _ in order], params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    if [len(o.outputs[0].token_ids) for o in outs] != [sp.max_tokens for sp in params]:
+        raise SystemExit("rollouts: the engine's lengths differ from the stop schedule")
+    stats = llm.engine.stats()
+    return seconds, compile_s, dict(prefix_cache_hits=stats["prefix_cache_hits"], num_pages=stats["num_total_pages"],
+                                    num_preemptions=stats["num_preemptions"])
+
+
 def dense_prompts_per_chunk(cfg, w, dtype, weight_bytes) -> int:
     """As many prompts as the device's memory holds dense caches for (all of them without a limit)."""
     stats = jax.devices()[0].memory_stats() or {}
@@ -228,6 +255,7 @@ def main(argv=None) -> int:
     paged_tokens, paged_s, paged_compile_s, pool = run_paged(model, prompts, lens, stop_at, w, eos, args.attn_impl)
     per_chunk = dense_prompts_per_chunk(cfg, w, dtype, weight_bytes)
     dense_tokens, dense_s, dense_compile_s = run_dense(model, prompts, stop_at, w, eos, per_chunk)
+    engine_s, engine_compile_s, engine_stats = run_engine(model.base, prompts, stop_at, w)
     same = float((paged_tokens == dense_tokens).all(axis=1).mean())
     if w.dtype == "float32" and same < 1.0:
         raise SystemExit(f"rollouts: generate and the dense baseline disagree on {1 - same:.0%} of the rows")
@@ -238,11 +266,13 @@ def main(argv=None) -> int:
     steps = int(stop_at.max())
     results = {}
     for name, seconds, compile_s in (("jpaged_generate", paged_s, paged_compile_s),
+                                     ("engine", engine_s, engine_compile_s),
                                      ("dense_baseline", dense_s, dense_compile_s)):
         results[name] = dict(seconds=seconds, compile_seconds=compile_s, tokens_per_s=generated / seconds,
                              weight_tb_per_s=steps * weight_bytes / seconds / 1e12)
     token_bytes = KVCache.bytes_per_page(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, dtype)
     results["jpaged_generate"].update(pool, kv_bytes=pool["num_pages"] * w.page_size * token_bytes)
+    results["engine"].update(engine_stats)
     results["dense_baseline"].update(prompts_per_chunk=per_chunk,
                                      kv_bytes=per_chunk * w.num_samples * (w.prompt_len + w.max_new_tokens) * token_bytes)
     report = dict(
@@ -250,14 +280,16 @@ def main(argv=None) -> int:
         flax=flax.__version__, attn_impl=args.attn_impl, hbm_ceiling_tb_per_s=ceiling,
         workload=dataclasses.asdict(w) | dict(seed=args.seed, generated_tokens=generated, decode_steps=steps,
                                               weight_bytes=weight_bytes),
-        results=results, speedup_vs_dense=dense_s / paged_s, rows_identical_to_dense=same)
+        results=results, speedup_vs_dense=dense_s / paged_s, generate_vs_engine=engine_s / paged_s,
+        rows_identical_to_dense=same, command="python bench/rollouts.py " + " ".join(sys.argv[1:]))
 
     print(f"{w.num_prompts} prompts x {w.num_samples} samples, prompt {w.prompt_len}, "
           f"up to {w.max_new_tokens} new ({generated} generated), {device.device_kind}")
     print(f"{'':18}{'tok/s':>12}{'seconds':>10}{'weights TB/s':>14}  (ceiling {ceiling or '?'} TB/s)")
     for name, r in results.items():
         print(f"{name:18}{r['tokens_per_s']:12.1f}{r['seconds']:10.2f}{r['weight_tb_per_s']:14.3f}")
-    print(f"speedup vs dense: {report['speedup_vs_dense']:.2f}x; rows identical to dense: {same:.0%}; KV memory "
+    print(f"speedup vs dense: {report['speedup_vs_dense']:.2f}x; generate / engine speed: "
+          f"{report['generate_vs_engine']:.2f}; rows identical to dense: {same:.0%}; KV memory "
           f"paged {results['jpaged_generate']['kv_bytes'] / 2**30:.2f} GiB vs dense "
           f"{results['dense_baseline']['kv_bytes'] / 2**30:.2f} GiB per chunk of {per_chunk} prompts")
     out = args.out or ROOT / "bench" / "results" / f"rollouts_{args.preset}.json"

@@ -22,7 +22,15 @@ def _log(message: str) -> None:
     print(f"jpaged: {message}", file=sys.stderr, flush=True)
 
 
+def _join_distributed(args: argparse.Namespace) -> None:
+    """A multi-host run (flags or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID): join it."""
+    from jpaged.sharding import initialize_distributed
+
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+
+
 def _generate(args: argparse.Namespace) -> None:
+    from jpaged.engine import multihost
     from jpaged.llm import LLM
     from jpaged.loader import load_model
     from jpaged.sampling_params import SamplingParams
@@ -30,22 +38,30 @@ def _generate(args: argparse.Namespace) -> None:
     if not all(p.strip() for p in args.prompt):
         raise ValueError("PROMPT must be non-empty text")
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    _join_distributed(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer (an HF dir needs tokenizer.json)")
     llm = LLM(args.model, model_obj=model, tokenizer=tokenizer, dtype=args.dtype,
-              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size)
+              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
+              data_parallel_size=args.data_parallel_size)
     prompts = [llm.chat_prompt_ids([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]
-    for out in llm.generate(prompts, params, use_tqdm=sys.stderr.isatty()):
-        print(out.outputs[0].text, flush=True)
+
+    def print_completions():
+        for out in llm.generate(prompts, params, use_tqdm=sys.stderr.isatty()):
+            print(out.outputs[0].text, flush=True)
+
+    multihost.lead_or_follow(llm.engine, print_completions)  # other processes of a multi-host run follow
 
 
 def _serve(args: argparse.Namespace) -> None:
     from jpaged.server import serve
 
+    _join_distributed(args)
     serve(args, args.host, args.port, args.api_key, served_model_name=args.served_model_name,
           max_pending_requests=args.max_pending_requests, max_n=args.max_n,
-          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+          max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,
+          log_level=args.log_level)
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -65,6 +81,15 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-parallel-size", type=int, default=1)
     p.add_argument("--attn-impl", default="auto", help="'auto', 'reference', 'pallas' or 'interpret'")
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+
+
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator-address", default=None, help="multi-host: HOST:PORT of process 0 "
+                   "(default $JAX_COORDINATOR_ADDRESS; none: one process)")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: processes in the job "
+                   "(default $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process, 0 serves "
+                   "(default $JAX_PROCESS_ID)")
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -90,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype (default float32)")
     gen.add_argument("--max-model-len", type=int, default=4096, help="longest prompt + completion (default 4096)")
     gen.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to shard the model over")
+    gen.add_argument("--data-parallel-size", type=int, default=1,
+                     help="model replicas, each on --tensor-parallel-size devices of its own; prompts spread over them")
+    _add_distributed_flags(gen)
     gen.set_defaults(run=_generate)
 
     srv = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, models, health, metrics)")
@@ -100,9 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
     srv.add_argument("--max-pending-requests", type=int, default=1024, help="queue limit; beyond it, 429")
     srv.add_argument("--max-n", type=int, default=16, help="largest n a request may ask for")
+    srv.add_argument("--max-request-bytes", type=int, default=8 << 20,
+                     help="largest request body; beyond it, 413 (default 8 MiB)")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
     srv.add_argument("--log-level", default="info")
     _add_engine_flags(srv)
+    _add_distributed_flags(srv)
     srv.set_defaults(run=_serve)
 
     conv = sub.add_parser("convert", help="convert a model (HF dir, .gguf, default) to a fast-loading checkpoint")

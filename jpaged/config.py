@@ -22,6 +22,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     attn_impl: str = "auto"                 # "auto" | a pallas_kernels.IMPLS name
+    async_scheduling: bool = True           # schedule step N+1 while step N runs (Engine.step)
+    fuse_projections: bool = True           # one device: q/k/v and gate/up as one GEMM each (in place)
     seed: int = 0
 
     def __post_init__(self):

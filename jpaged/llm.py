@@ -1,6 +1,7 @@
 """LLM: the offline facade over Engine (vLLM's names): generate() and chat() over a batch of prompts."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Sequence
 
@@ -14,8 +15,8 @@ from jpaged.sampling_params import SamplingParams
 class LLM:
     def __init__(self, model: str = "default", *, model_obj=None, tokenizer=None, **engine_args):
         """engine_args are EngineConfig fields (dtype, block_size, max_num_seqs, ...)."""
-        from jpaged.engine.llm_engine import Engine
-        self.engine = Engine(EngineConfig(model=model, **engine_args), model=model_obj, tokenizer=tokenizer)
+        from jpaged.engine.data_parallel import make_engine
+        self.engine = make_engine(EngineConfig(model=model, **engine_args), model=model_obj, tokenizer=tokenizer)
         self._ids = itertools.count()
 
     @property
@@ -33,10 +34,15 @@ class LLM:
             raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         order = {}
         added = []
+        final_only: dict[int, SamplingParams] = {}
         try:
             for prompt, p in zip(prompts, params):
                 rid = f"llm-{next(self._ids)}"
-                self.engine.add_request(rid, prompt, p or SamplingParams())
+                # Only finished outputs are returned: the engine then skips per-token reports and text.
+                # One final_only copy per distinct params object (the sampler groups rows by object).
+                if id(p) not in final_only:
+                    final_only[id(p)] = dataclasses.replace(p or SamplingParams(), output_kind="final_only")
+                self.engine.add_request(rid, prompt, final_only[id(p)])
                 order[rid] = len(order)
                 added.append(rid)
         except ValueError:
@@ -60,11 +66,13 @@ class LLM:
         results: list[RequestOutput | None] = [None] * len(order)
         bar = tqdm(total=len(order), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
         prompt_tokens, gen_tokens = self.engine.prompt_tokens_total, self.engine.generation_tokens_total
+        remaining = len(order)
         with bar:
-            while any(r is None for r in results):
+            while remaining:
                 for out in self.engine.step():
                     if out.finished and out.request_id in order:
                         results[order[out.request_id]] = out
+                        remaining -= 1
                         bar.update(1)
                 rate = bar.format_dict.get("elapsed") or 1e-9
                 bar.set_postfix(prefill_tok_s=int((self.engine.prompt_tokens_total - prompt_tokens) / rate),

@@ -27,8 +27,13 @@ class SamplingParams:
     beam_width: int | None = None
     length_penalty: float = 1.0
     skip_special_tokens: bool = True
+    # "cumulative": Engine.step reports the request after every token (streaming); "final_only": only
+    # once it has finished (what LLM.generate asks for), which also lets the engine detokenize once at
+    # the end instead of token by token when there are no stop strings.
+    output_kind: str = "cumulative"
 
     MAX_LOGPROBS = 20
+    OUTPUT_KINDS = ("cumulative", "final_only")
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -73,6 +78,8 @@ class SamplingParams:
             value = getattr(self, name)
             check(value is None or (isinstance(value, int) and 0 <= value <= self.MAX_LOGPROBS),
                   f"{name} must be an integer in [0, {self.MAX_LOGPROBS}] or None, got {value!r}")
+        check(self.output_kind in self.OUTPUT_KINDS,
+              f"output_kind must be one of {self.OUTPUT_KINDS}, got {self.output_kind!r}")
         if self.use_beam_search:
             check(self.n <= self.beam_width <= self.MAX_LOGPROBS // 2,
                   f"beam_width must be in [n ({self.n}), {self.MAX_LOGPROBS // 2}], got {self.beam_width}")

@@ -14,12 +14,13 @@ on the "model" axis, each kv head is repeated so every device owns one whole hea
 of its group (`tp_model_config`).
 
 Data parallel ("data" axis): one replica per row of the mesh, each with its own page pool and its own
-batch, all stepped by one host loop through one SPMD program: `over_replicas` vmaps the step over a
-leading replica axis mapped onto "data" (`new_replica_kv_cache`, `stack_replicas`). The alternative,
-one engine per replica on `replica_meshes`, measured slower (docs/multi_device.md).
+batch. The serving engine runs one engine per row (jpaged/engine/data_parallel.py); research loops
+can step all rows through one SPMD program: `over_replicas` vmaps the step over a leading replica
+axis mapped onto "data" (`new_replica_kv_cache`, `stack_replicas`). docs/multi_device.md compares them.
 
 Multi-host: `initialize_distributed` joins the JAX job; every process runs the same program on a
-global mesh, the scheduler's decisions travel with `broadcast_from_scheduler`.
+global mesh. Research code shares host values with `broadcast_from_scheduler`; the serving engine
+replays process 0's jitted calls on the others (jpaged/engine/multihost.py).
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ PARAM_SPECS = (
 _SPECS = [(re.compile(pattern + "$"), spec) for pattern, spec in PARAM_SPECS]
 _VOCAB_PARAMS = re.compile(r"(embed_tokens\.embedding|lm_head\.kernel)$")
 _KV_PARAMS = re.compile(r"layers\.\d+\.self_attn\.[kv]_proj\.(kernel|bias)$")
-KV_CACHE_SPEC = P(None, None, MODEL, None)  # [N, page_size, Hkv, D] over kv heads
+KV_CACHE_SPEC = P(None, None, MODEL)  # [N, page_size, Hkv, D] over kv heads (no trailing None: the
+# step's output cache comes back spelled so, and a different spelling is another jit cache key)
 REPLICA_KV_CACHE_SPEC = P(DATA, None, None, MODEL, None)  # [R, N, page_size, Hkv, D]
 HEADS_SPEC = P(None, MODEL, None)           # q, k, v, o: [T, H, D] over heads
 
@@ -346,7 +348,7 @@ def _slice_reader(file: str, name: str, transpose: bool, shape, dtype, head_dim:
     """A make_array_from_callback callback: the device's index of the jpaged parameter -> its slice,
     read from the checkpoint with get_slice (never the whole tensor unless the slice is whole)."""
     from safetensors import safe_open
-    host = jax.devices("cpu")[0]
+    host = jax.local_devices(backend="cpu")[0]
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         index = tuple(index)

@@ -21,6 +21,24 @@ def _linear(rngs, din, dout, dtype, bias=False):
                       bias_init=init, rngs=rngs)
 
 
+class _FusedLinear(nnx.Module):
+    """x @ kernel (+ bias): several projections of one input, concatenated along the output."""
+
+    def __init__(self, kernel, bias):
+        self.kernel = nnx.Param(kernel)
+        self.bias = None if bias is None else nnx.Param(bias)
+
+    def __call__(self, x):
+        y = jnp.dot(x, self.kernel[...])
+        return y if self.bias is None else y + self.bias[...]
+
+
+def _fused_linear(linears) -> _FusedLinear:
+    kernel = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)
+    bias = None if linears[0].bias is None else jnp.concatenate([lin.bias[...] for lin in linears])
+    return _FusedLinear(kernel, bias)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         e, d = cfg.hidden_size, cfg.head_dim
@@ -36,11 +54,24 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.sliding_window = cfg.sliding_window
 
+    def fuse(self) -> None:
+        """One [E, (Hq + 2 Hkv) D] projection instead of three (see LlamaForCausalLM.fuse_projections)."""
+        if self.q_proj is None:
+            return
+        self.qkv_proj = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
+        self.q_proj = self.k_proj = self.v_proj = None
+
     def __call__(self, x, inv_freq, k_pages, v_pages, step: StepInput, attn_impl: str):
         t = x.shape[0]
-        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)      # [T, Hq, D]
-        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
-        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
+        if getattr(self, "qkv_proj", None) is not None:
+            qkv = self.qkv_proj(x)
+            nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(t, self.num_heads, self.head_dim)      # [T, Hq, D]
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, step.positions, inv_freq)
@@ -57,8 +88,19 @@ class MLP(nnx.Module):
         self.up_proj = _linear(rngs, cfg.hidden_size, cfg.intermediate_size, dtype)
         self.down_proj = _linear(rngs, cfg.intermediate_size, cfg.hidden_size, dtype)
 
+    def fuse(self) -> None:
+        """One [E, 2 F] projection for gate and up (see LlamaForCausalLM.fuse_projections)."""
+        if self.gate_proj is None:
+            return
+        self.gate_up_proj = _fused_linear([self.gate_proj, self.up_proj])
+        self.gate_proj = self.up_proj = None
+
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if getattr(self, "gate_up_proj", None) is not None:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -89,6 +131,14 @@ class LlamaForCausalLM(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else _linear(
             rngs, cfg.hidden_size, cfg.vocab_size, dtype)
+
+    def fuse_projections(self) -> None:
+        """In place: q/k/v become one projection and gate/up another, so a decode step runs 2 GEMVs
+        where it ran 5 (fewer launches, and XLA reads one wide weight faster than three narrow ones).
+        For one device: tensor-parallel shardings are specified for the separate weights."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def new_kv_cache(self, num_pages: int, page_size: int, dtype=None) -> KVCache:
         cfg = self.config

@@ -86,3 +86,12 @@ def test_bench_cli_dispatches_and_reports_bad_input(tmp_path, capsys):
     assert "--model must be a preset" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--batch"):
         latency.parse_args(["--batch", "65"])
+
+
+def test_multi_gpu_help_runs_without_starting_jax():
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "bench/multi_gpu.py", "--help"], cwd=common.REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--engine-dp" in proc.stdout and "--no-tp-sweep" in proc.stdout

@@ -83,7 +83,7 @@ def test_parameter_and_cache_shardings_follow_the_specs():
     assert spec_and_shard(attn.q_proj.bias[...]) == (P("model"), (16,))
     assert spec_and_shard(m.embed_tokens.embedding[...]) == (P("model", None), (32, 64))
     cache = sharding.new_kv_cache(m, mesh, num_pages=3, page_size=4)
-    assert spec_and_shard(cache.k[0]) == (P(None, None, "model", None), (3, 4, 1, 16))
+    assert spec_and_shard(cache.k[0]) == (P(None, None, "model"), (3, 4, 1, 16))  # kv heads; no trailing None
     assert {s.device for s in cache.v[1].addressable_shards} == set(jax.devices())
 
 
@@ -105,7 +105,7 @@ def test_attention_runs_per_shard_under_shard_map():
         jaxpr = jax.make_jaxpr(lambda s, c, x: nnx.merge(graphdef, s)(c, x))(state, cache, step)
     maps = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
     assert len(maps) == model.config.num_layers
-    assert maps[0].params["in_specs"][3] == P(None, None, "model", None)
+    assert maps[0].params["in_specs"][3] == P(None, None, "model")
 
 
 @pytest.mark.slow

@@ -130,11 +130,13 @@ class BlockManager:
             pages.append(page)
         return pages
 
-    def register_full_pages(self, seq: Sequence) -> None:
-        """Offers every full, computed, not yet offered page of seq to the prefix cache."""
+    def register_full_pages(self, seq: Sequence, num_known_tokens: int | None = None) -> None:
+        """Offers every full, computed, not yet offered page of seq to the prefix cache (only pages
+        within the first `num_known_tokens` tokens when given: the rest are not sampled yet)."""
         if self.prefix_cache is None:
             return
-        ps, full = self.page_size, seq.num_computed_tokens // self.page_size
+        known = seq.num_computed_tokens if num_known_tokens is None else min(seq.num_computed_tokens, num_known_tokens)
+        ps, full = self.page_size, known // self.page_size
         keys = self._keys_upto(seq, full)
         for i in range(seq.num_registered_pages, full):
             if seq.block_table[i] >= 0:

@@ -7,6 +7,7 @@ sampled tokens -> here: n > 1 forks, incremental detokenization, stop checks, Re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 
@@ -14,12 +15,14 @@ import jax
 import numpy as np
 
 import pallas_kernels
+from jpaged import sharding
 from jpaged.config import EngineConfig
 from jpaged.engine import beam_search
 from jpaged.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
-from jpaged.engine.model_runner import ModelRunner, SampleRow
+from jpaged.engine.model_runner import InFlight, ModelRunner, SampleRow
+from jpaged.engine.prompt_logprobs import PromptScorer
 from jpaged.engine.scheduler import Scheduler
-from jpaged.engine.sequence import Sequence
+from jpaged.engine.sequence import PLACEHOLDER, Sequence
 from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jpaged.sampling_params import SamplingParams
 
@@ -38,6 +41,7 @@ class _SeqState:
     logprobs: list | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    deferred: list[int] | None = None  # token ids not detokenized yet (final_only without stop strings)
 
 
 @dataclasses.dataclass
@@ -53,6 +57,7 @@ class _Request:
     first_token_time: float | None = None
     hypotheses: list[beam_search.Hypothesis] | None = None  # beam search: finished hypotheses
     beam_done: bool = False
+    prompt_logprobs: list | None = None  # SamplingParams.prompt_logprobs: scored once, at admission
 
     @property
     def finished(self) -> bool:
@@ -68,10 +73,12 @@ def resolve_attn_impl(attn_impl: str) -> str:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, *, model=None, tokenizer=None):
+    def __init__(self, config: EngineConfig, *, model=None, tokenizer=None, devices=None):
+        """One replica of the model. `devices`: its tensor-parallel group when tensor_parallel_size > 1
+        (default the first tensor_parallel_size devices). data_parallel_size > 1: `data_parallel.make_engine`."""
         if config.data_parallel_size > 1:
-            raise ValueError("data_parallel_size > 1 is not in the serving engine yet; run one engine per "
-                             "replica, or jpaged.sharding.over_replicas for a research loop")
+            raise ValueError("Engine is one replica; build data_parallel_size > 1 with "
+                             "jpaged.engine.data_parallel.make_engine (LLM and jpaged serve do)")
         if model is None:
             from jpaged.loader import load_model
             model, tokenizer = load_model(config.model, dtype=config.dtype)
@@ -89,10 +96,13 @@ class Engine:
             model, num_pages=num_pages, page_size=config.block_size, max_model_len=self.max_model_len,
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
             num_host_pages=config.num_host_kv_blocks, attn_impl=resolve_attn_impl(config.attn_impl),
-            seed=config.seed, tensor_parallel_size=config.tensor_parallel_size)
+            seed=config.seed, tensor_parallel_size=config.tensor_parallel_size,
+            fuse_projections=config.fuse_projections, devices=devices)
+        self.runner.eos_token_ids = tuple(self.eos_token_ids)  # the sampler bars them before min_tokens
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self._num_steps = 0
+        self._inflight: _Launched | None = None  # the launched step not read back yet
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -100,7 +110,7 @@ class Engine:
         cfg, c = model.config, self.config
         page_bytes = 2 * cfg.num_layers * c.block_size * cfg.num_kv_heads * cfg.head_dim * (
             4 if c.dtype == "float32" else 2)
-        device = jax.devices()[0]
+        device = jax.local_devices()[0]
         stats = device.memory_stats() if device.platform == "gpu" else None
         if stats:
             free = stats["bytes_limit"] - stats["bytes_in_use"]
@@ -108,7 +118,8 @@ class Engine:
         else:
             budget = CPU_KV_CACHE_BYTES
         needed = c.max_num_seqs * -(-self.max_model_len // c.block_size)
-        return max(1, min(budget // page_bytes, needed))
+        # Every process of a multi-host job takes process 0's figure: the pools must be one shape.
+        return int(sharding.broadcast_from_scheduler(np.int32(max(1, min(budget // page_bytes, needed)))))
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -127,6 +138,10 @@ class Engine:
                              f"within max_model_len={self.max_model_len}")
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=max_tokens)
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            prompt_logprobs = self.prompt_scorer.prompt_logprobs(prompt_ids, params.prompt_logprobs,
+                                                                 self.tokenizer.decode)
         seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, token_ids=list(prompt_ids),
                        sampling_params=params, priority=priority)
         self.scheduler.add(seq)
@@ -134,7 +149,13 @@ class Engine:
             request_id=request_id, prompt=prompt_text, prompt_token_ids=list(prompt_ids), params=params,
             seqs=[seq], states={seq.seq_id: self._seq_state(0, prompt_ids, params)},
             pending_forks=0 if params.use_beam_search else params.best_of - 1,
-            hypotheses=[] if params.use_beam_search else None, arrival_time=arrival_time or time.monotonic())
+            hypotheses=[] if params.use_beam_search else None, arrival_time=arrival_time or time.monotonic(),
+            prompt_logprobs=prompt_logprobs)
+
+    @functools.cached_property
+    def prompt_scorer(self) -> PromptScorer:
+        """Built (and compiled) on the first request that asks for prompt logprobs."""
+        return PromptScorer(self.model, page_size=self.config.block_size, attn_impl=self.runner.attn_impl)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -154,6 +175,7 @@ class Engine:
             index=index,
             detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens),
             stops=StopStringChecker(params.stop),
+            deferred=[] if params.output_kind == "final_only" and not params.stop else None,
             logprobs=[] if params.logprobs is not None else None)
 
     def abort(self, request_id: str) -> None:
@@ -171,18 +193,39 @@ class Engine:
     # -- the step --------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedules and launches the next step, then reads back the one before it (async scheduling).
+
+        While the device runs step N+1, the host reads step N's tokens and does their bookkeeping
+        (stop checks, detokenization, outputs); N+1 takes N's tokens on the device. A step whose
+        next step needs its tokens on the host (penalties, n > 1 forks, beam search) is read back
+        at once. With `async_scheduling=False` every step is.
+        """
+        prev, self._inflight = self._inflight, None
         batch = self.scheduler.schedule()
         self.runner.swap_out(batch.swap_out)
         self.runner.swap_in(batch.swap_in)
         self.runner.copy_pages(batch.copy_pages)
-        if not batch.entries:
-            return []
-        rows, forks, offset = [], [], 0
+        launched = self._launch(batch, prev) if batch.entries else None
+        outputs = self._resolve(prev) if prev is not None else []
+        if launched is not None:
+            if launched.overlappable:
+                self._inflight = launched
+            else:
+                outputs += self._resolve(launched)
+        unique = {}  # one output per request: the latest
+        for out in outputs:
+            unique.pop(out.request_id, None)
+            unique[out.request_id] = out
+        return list(unique.values())
+
+    def _launch(self, batch, prev: _Launched | None) -> _Launched:
+        rows, positions, forks, offset = [], [], [], 0
         for entry in batch.entries:
             offset += entry.num_tokens
             if not entry.sample:
                 continue
             rows.append(SampleRow(offset - 1, entry.seq))
+            positions.append(entry.start + entry.num_tokens)
             req = self.requests[entry.seq.request_id]
             if req.pending_forks and entry.seq is req.seqs[0]:
                 # n > 1: the samples share the prompt's pages; each draws its first token from the same logits.
@@ -191,18 +234,31 @@ class Engine:
                         req.params, seed=hash((req.params.seed, len(req.seqs) + i)) % (1 << 63))
                     forks.append((req, len(rows)))
                     rows.append(SampleRow(offset - 1, _SampleProxy(entry.seq, child_params)))
-        out = self.runner.execute(batch.entries, rows, self._num_steps)
+                    positions.append(entry.start + entry.num_tokens)
+        overlappable = (self.config.async_scheduling and not forks and len(rows) <= self.runner.max_pending_rows
+                        and all(_needs_no_history(row.seq.sampling_params) for row in rows))
+        handle = self.runner.launch(batch.entries, rows, self._num_steps,
+                                    pending=prev.pending if prev is not None else None,
+                                    prev=prev.handle if prev is not None else None)
         self._num_steps += 1
+        self.scheduler.advance(batch)
+        pending = {row.seq.seq_id: (pos, r) for r, (row, pos) in enumerate(zip(rows, positions))}
+        return _Launched(batch, rows, positions, forks, handle, overlappable, pending)
 
+    def _resolve(self, launched: _Launched) -> list[RequestOutput]:
+        """Reads a launched step's samples back (waiting for it) and does their bookkeeping."""
+        batch, rows = launched.batch, launched.rows
+        out = self.runner.fetch(launched.handle)
         sampled = {row.seq.seq_id: int(out.tokens[r]) for r, row in enumerate(rows)
                    if not isinstance(row.seq, _SampleProxy)}
         beam_rows: dict[str, list[int]] = {}
         for r, row in enumerate(rows):
-            if self.requests[row.seq.request_id].hypotheses is not None:
+            req = self.requests.get(row.seq.request_id)
+            if req is not None and req.hypotheses is not None:
                 beam_rows.setdefault(row.seq.request_id, []).append(r)
         beam_actions = [self._select_beams(self.requests[rid], [rows[r].seq for r in rs], out, rs, sampled)
                         for rid, rs in beam_rows.items()]
-        self.scheduler.postprocess(batch, sampled)
+        self.scheduler.fill(batch, sampled)
         self.prompt_tokens_total += sum(max(0, min(e.start + e.num_tokens, e.seq.num_prompt_tokens) - e.start)
                                         for e in batch.entries)
         touched: dict[str, _Request] = {}
@@ -213,21 +269,26 @@ class Engine:
         for r, row in enumerate(rows):
             if isinstance(row.seq, _SampleProxy) or row.seq.request_id in beam_rows:
                 continue
-            req = self.requests[row.seq.request_id]
-            self._on_token(req, row.seq, out, r)
+            req = self.requests.get(row.seq.request_id)
+            if req is None or row.seq.is_finished:
+                continue  # aborted, or ended by the step before (its extra token is dropped)
+            self._on_token(req, row.seq, out, r, launched.positions[r])
             touched[req.request_id] = req
-        for req, r in forks:
+        for req, r in launched.forks:
+            if req.request_id not in self.requests:
+                continue
             child = self.scheduler.fork(req.seqs[0], next(self._seq_ids))
             child.token_ids[-1] = int(out.tokens[r])
             child.sampling_params = rows[r].seq.sampling_params
             req.seqs.append(child)
             req.states[child.seq_id] = self._seq_state(len(req.seqs) - 1, req.prompt_token_ids, req.params)
             req.pending_forks -= 1
-            self._on_token(req, child, out, r)
-        return [self._finish_or_report(req) for req in touched.values()]
+            self._on_token(req, child, out, r, launched.positions[r])
+        return [self._finish_or_report(req) for req in touched.values()
+                if req.params.output_kind == "cumulative" or req.finished]
 
-    def _on_token(self, req: _Request, seq: Sequence, out, row: int) -> None:
-        """Bookkeeping for one sampled token: logprobs, text, stop conditions."""
+    def _on_token(self, req: _Request, seq: Sequence, out, row: int, position: int) -> None:
+        """Bookkeeping for one sampled token (at `position` of seq): logprobs, text, stop conditions."""
         state = req.states[seq.seq_id]
         token = int(out.tokens[row])
         params = seq.sampling_params
@@ -237,22 +298,29 @@ class Engine:
         if state.logprobs is not None:
             state.logprobs.append(self._logprob_entry(out, row, token, params.logprobs))
         reason, stop_reason = None, None
-        num_out = seq.num_output_tokens
+        num_out = position + 1 - seq.num_prompt_tokens
         if token in params.stop_token_ids and num_out >= params.min_tokens:
             reason, stop_reason = "stop", token
         elif token in self.eos_token_ids and not params.ignore_eos and num_out >= params.min_tokens:
             reason = "stop"
         if reason is None:
-            emitted, matched = state.stops.feed(state.detok.add_tokens([token]))
-            state.text += emitted
-            if matched is not None:
-                reason, stop_reason = "stop", matched
-        if reason is None and (num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            if state.deferred is not None:
+                state.deferred.append(token)
+            else:
+                emitted, matched = state.stops.feed(state.detok.add_tokens([token]))
+                state.text += emitted
+                if matched is not None:
+                    reason, stop_reason = "stop", matched
+        if reason is None and (num_out >= params.max_tokens or position + 1 >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            if state.deferred:
+                state.text += state.detok.add_tokens(state.deferred)
+                state.deferred = None
             if stop_reason is None or isinstance(stop_reason, int):
                 state.text += state.stops.feed(state.detok.flush())[0] + state.stops.flush()
             state.finish_reason, state.stop_reason = reason, stop_reason
+            del seq.token_ids[position + 1:]  # a token the next step already took on is dropped
             self.scheduler.finish(seq, reason)
 
     def _select_beams(self, req: _Request, live: list[Sequence], out, rows: list[int], sampled: dict):
@@ -333,10 +401,10 @@ class Engine:
         if req.hypotheses is not None:
             return RequestOutput(request_id=req.request_id, prompt=req.prompt,
                                  prompt_token_ids=req.prompt_token_ids, outputs=self._beam_outputs(req),
-                                 finished=finished, arrival_time=req.arrival_time,
-                                 first_token_time=req.first_token_time)
+                                 finished=finished, prompt_logprobs=req.prompt_logprobs,
+                                 arrival_time=req.arrival_time, first_token_time=req.first_token_time)
         completions = [
-            CompletionOutput(index=st.index, text=st.text, token_ids=list(seq.output_token_ids),
+            CompletionOutput(index=st.index, text=st.text, token_ids=_known_output(seq),
                              cumulative_logprob=st.cumulative_logprob, logprobs=st.logprobs,
                              finish_reason=st.finish_reason, stop_reason=st.stop_reason)
             for seq in req.seqs for st in [req.states[seq.seq_id]]]
@@ -347,7 +415,8 @@ class Engine:
                 c.index = i
         return RequestOutput(request_id=req.request_id, prompt=req.prompt,
                              prompt_token_ids=req.prompt_token_ids, outputs=completions, finished=finished,
-                             arrival_time=req.arrival_time, first_token_time=req.first_token_time)
+                             prompt_logprobs=req.prompt_logprobs, arrival_time=req.arrival_time,
+                             first_token_time=req.first_token_time)
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -359,6 +428,32 @@ class Engine:
                     num_preemptions=s.num_preemptions, prompt_tokens=self.prompt_tokens_total,
                     generation_tokens=self.generation_tokens_total, num_steps=self._num_steps,
                     num_compilations=self.runner.num_compilations)
+
+
+@dataclasses.dataclass
+class _Launched:
+    """A step on the device: what it computes, who it samples for, and where those tokens go."""
+
+    batch: object  # ScheduledBatch
+    rows: list[SampleRow]
+    positions: list[int]  # per row: the position its token takes in its sequence
+    forks: list  # (request, row) of n > 1 samples to fork once read back
+    handle: InFlight
+    overlappable: bool  # the next step may be scheduled before this one is read back
+    pending: dict[int, tuple[int, int]]  # seq_id -> (position, row): tokens the next step takes on device
+
+
+def _needs_no_history(params: SamplingParams) -> bool:
+    """Sampling that does not read the token history on the host (penalties do, beam search does)."""
+    return not (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
+                or params.use_beam_search)
+
+
+def _known_output(seq: Sequence) -> list[int]:
+    ids = seq.output_token_ids
+    while ids and ids[-1] == PLACEHOLDER:
+        ids.pop()
+    return ids
 
 
 @dataclasses.dataclass

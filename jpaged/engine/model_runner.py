@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -40,18 +41,36 @@ class SampleRow:
     seq: object  # jpaged.engine.sequence.Sequence whose params, seed and history drive sampling
 
 
-def make_step_fn(graphdef, state_treedef):
-    """The pure step over the model's flat weight list. graphdef and treedef are closed over, not jit
-    arguments: hashing a static NNX graphdef on every call cost ~10 ms of host time per step."""
+@dataclasses.dataclass
+class InFlight:
+    """A launched step: its outputs still on the device (reading them waits for the step)."""
 
-    def step_fn(weights, kv_cache: KVCache, int_buf, float_buf, base_key, *, layout, attn_impl: str,
+    packed: jax.Array  # [S, 3 + 2K] int32, packing.pack_outputs
+    tokens: jax.Array  # [max_pending_rows] int32, the sampled tokens: where the next step finds its pending ones
+    num_rows: int
+
+
+def make_step_fn(graphdef, state_treedef, max_pending_rows: int):
+    """The pure step over the model's flat weight list. graphdef and treedef are closed over, not jit
+    arguments: hashing a static NNX graphdef on every call cost ~10 ms of host time per step.
+
+    `token_src[t] >= 0` takes token t from the previous step's sampled tokens (`prev_tokens`, still on
+    the device) instead of `step.token_ids[t]`: how a step is launched before the one it follows has
+    been read back (async scheduling)."""
+
+    def step_fn(weights, kv_cache: KVCache, int_buf, float_buf, base_key, prev_tokens, *, layout, attn_impl: str,
                 num_top_logprobs: int):
         model = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
-        step, tensors, step_counter = packing.unpack(int_buf, float_buf, layout)
+        step, tensors, step_counter, token_src = packing.unpack(int_buf, float_buf, layout)
+        token_ids = jnp.where(token_src >= 0, prev_tokens[jnp.maximum(token_src, 0)], step.token_ids)
+        step = dataclasses.replace(step, token_ids=token_ids)
         key = jax.random.fold_in(base_key, step_counter)  # a fresh key per step, no host-side split
         logits, kv_cache = model(kv_cache, step, attn_impl=attn_impl)
         out = sampling.sample(logits, tensors, key, num_top_logprobs=num_top_logprobs)
-        return packing.pack_outputs(out.tokens, out.logprobs, out.ranks, out.top_ids, out.top_logprobs), kv_cache
+        n = min(max_pending_rows, out.tokens.shape[0])
+        tokens = jnp.zeros(max_pending_rows, jnp.int32).at[:n].set(out.tokens[:n].astype(jnp.int32))
+        packed = packing.pack_outputs(out.tokens, out.logprobs, out.ranks, out.top_ids, out.top_logprobs)
+        return packed, tokens, kv_cache
 
     return step_fn
 
@@ -73,12 +92,16 @@ def _write_pages(kv_cache: KVCache, pages: jax.Array, k_data, v_data) -> KVCache
 class ModelRunner:
     def __init__(self, model, *, num_pages: int, page_size: int, max_model_len: int,
                  max_num_batched_tokens: int, max_num_seqs: int, num_host_pages: int = 0,
-                 attn_impl: str = "reference", kv_dtype=None, seed: int = 0, tensor_parallel_size: int = 1):
+                 attn_impl: str = "reference", kv_dtype=None, seed: int = 0, tensor_parallel_size: int = 1,
+                 fuse_projections: bool = True, devices=None):
         # Tensor parallel: weights and pages split over a "model" mesh axis, attention per shard
-        # (jpaged/sharding.py); the step is traced under the mesh.
-        self.mesh = sharding.make_mesh(tensor_parallel_size) if tensor_parallel_size > 1 else None
+        # (jpaged/sharding.py); the step is traced under the mesh. `devices`: the tensor-parallel group
+        # (default the first tensor_parallel_size of jax.devices()), e.g. one data-parallel replica's.
+        self.mesh = sharding.make_mesh(tensor_parallel_size, devices=devices) if tensor_parallel_size > 1 else None
         if self.mesh is not None:
             model = sharding.shard_model(model, self.mesh)
+        elif fuse_projections and hasattr(model, "fuse_projections"):
+            model.fuse_projections()  # in place: 2 GEMVs per layer where there were 5
         cfg = model.config
         self.model_config = cfg
         self.page_size = page_size
@@ -96,7 +119,16 @@ class ModelRunner:
         kv_np_dtype = self.kv_cache.k[0].dtype
         self.host_k = [np.zeros(page_shape, kv_np_dtype) for _ in range(cfg.num_layers)]
         self.host_v = [np.zeros(page_shape, kv_np_dtype) for _ in range(cfg.num_layers)]
-        self._jit_step = jax.jit(make_step_fn(graphdef, treedef),
+        # Rows of one step whose tokens the next step may take on the device (async scheduling):
+        # one per sequence, so as many as a step has sequences.
+        self.max_pending_rows = max(4, min(self.token_buckets()[-1], max_num_seqs))
+        # Placed as the step places its sampled tokens (replicated over the mesh), or the first step
+        # after an idle spell would compile again for another input sharding.
+        self._no_prev_tokens = jnp.zeros(self.max_pending_rows, jnp.int32)
+        if self.mesh is not None:
+            self._no_prev_tokens = jax.device_put(
+                self._no_prev_tokens, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        self._jit_step = jax.jit(make_step_fn(graphdef, treedef, self.max_pending_rows),
                                  static_argnames=("layout", "attn_impl", "num_top_logprobs"),
                                  donate_argnames=("kv_cache",))
         self._jit_copy = jax.jit(_copy_pages, donate_argnames=("kv_cache",))
@@ -150,13 +182,14 @@ class ModelRunner:
 
     def page_buckets(self) -> list[int]:
         # The kernels read only up to kv_lens, so P costs them nothing: one bucket. The jnp reference
-        # gathers all P pages per token, so on it P follows the batch's longest sequence.
+        # gathers all P pages per token, so on it P follows the batch's longest sequence, in powers of
+        # four (each bucket is a compile; CPU test runs spent most of their time compiling).
         if self.attn_impl != "reference":
             return [self.max_pages_per_seq]
         buckets, p = [], 4
         while p < self.max_pages_per_seq:
             buckets.append(p)
-            p *= 2
+            p *= 4
         return buckets + [self.max_pages_per_seq]
 
     def shape_for(self, num_tokens: int, num_rows: int, max_pages: int) -> tuple[int, int, int]:
@@ -177,13 +210,23 @@ class ModelRunner:
                     cu_q_lens=np.zeros(s + 1, np.int32), kv_lens=np.zeros(s, np.int32),
                     page_table=np.zeros((s, p), np.int32), slot_mapping=np.full(t, -1, np.int32),
                     logits_index=np.zeros(s, np.int32), num_seqs=np.int32(0))
-                self._run(step, [], 0, [])
+                self.fetch(self._dispatch(step, [], 0, []))
 
-    def build_step_input(self, entries, sample_rows: list[SampleRow]) -> StepInput:
-        """Packs scheduled entries (seq, start, num_tokens) into padded numpy arrays."""
-        num_tokens = sum(e.num_tokens for e in entries)
-        max_pages = max((-(-(e.start + e.num_tokens) // self.page_size) for e in entries), default=1)
-        t, s, p = self.shape_for(num_tokens, max(len(entries), len(sample_rows)), max_pages)
+    def build_step_input(self, entries, sample_rows: list[SampleRow], pending=None) -> tuple[StepInput, np.ndarray]:
+        """Packs scheduled entries (seq, start, num_tokens) into padded numpy arrays.
+
+        `pending` maps seq_id -> (position, row): that token is row `row` of the previous step's
+        samples, not read back yet. Returns the StepInput and token_src ([T], the row or -1)."""
+        # Vectorised over the entries: at batch 256 a per-entry loop of numpy calls cost ~3 ms of host time.
+        ps, n_e = self.page_size, len(entries)
+        starts = np.fromiter((e.start for e in entries), np.int64, n_e)
+        counts = np.fromiter((e.num_tokens for e in entries), np.int64, n_e)
+        ends = starts + counts
+        offsets = np.zeros(n_e + 1, np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        num_tokens = int(offsets[-1])
+        max_pages = int((-(-ends // ps)).max()) if n_e else 1
+        t, s, p = self.shape_for(num_tokens, max(n_e, len(sample_rows)), max_pages)
 
         token_ids = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
@@ -192,46 +235,72 @@ class ModelRunner:
         kv_lens = np.zeros(s, np.int32)
         page_table = np.zeros((s, p), np.int32)
         logits_index = np.zeros(s, np.int32)
-        offset = 0
-        for i, e in enumerate(entries):
-            seq, n = e.seq, e.num_tokens
-            cu_q_lens[i] = offset
-            pos = np.arange(e.start, e.start + n, dtype=np.int32)
-            table = np.asarray(seq.block_table, np.int32)
-            token_ids[offset:offset + n] = seq.token_ids[e.start:e.start + n]
-            positions[offset:offset + n] = pos
-            slot_mapping[offset:offset + n] = table[pos // self.page_size] * self.page_size + pos % self.page_size
-            kv_lens[i] = e.start + n
-            used = min(len(table), p)
-            page_table[i, :used] = np.maximum(table[:used], 0)  # -1: released by the window, never read
-            offset += n
-        for r, row in enumerate(sample_rows):
-            logits_index[r] = row.token_index
-        return StepInput(token_ids=token_ids, positions=positions, cu_q_lens=cu_q_lens, kv_lens=kv_lens,
+        token_src = np.full(t, -1, np.int32)
+        if n_e:
+            token_row = np.repeat(np.arange(n_e), counts)
+            pos = np.arange(num_tokens) - offsets[token_row] + starts[token_row]
+            token_ids[:num_tokens] = np.fromiter(itertools.chain.from_iterable(
+                e.seq.token_ids[e.start:e.start + e.num_tokens] for e in entries), np.int32, num_tokens)
+            positions[:num_tokens] = pos
+            tables = [e.seq.block_table if len(e.seq.block_table) <= p else e.seq.block_table[:p] for e in entries]
+            used = np.fromiter(map(len, tables), np.int64, n_e)
+            table_start = np.zeros(n_e, np.int64)
+            np.cumsum(used[:-1], out=table_start[1:])
+            table_row = np.repeat(np.arange(n_e), used)
+            flat = np.fromiter(itertools.chain.from_iterable(tables), np.int32, int(used.sum()))
+            page_table[table_row, np.arange(flat.size) - table_start[table_row]] = flat
+            slot_mapping[:num_tokens] = page_table[token_row, pos // ps] * ps + pos % ps
+            np.maximum(page_table, 0, out=page_table)  # -1: released by the window, never read
+            cu_q_lens[:n_e] = offsets[:-1]
+            kv_lens[:n_e] = ends
+        if pending:
+            for i, e in enumerate(entries):
+                hit = pending.get(e.seq.seq_id)
+                if hit is not None and e.start <= hit[0] < e.start + e.num_tokens:
+                    token_src[offsets[i] + hit[0] - e.start] = hit[1]
+        logits_index[:len(sample_rows)] = [row.token_index for row in sample_rows]
+        step = StepInput(token_ids=token_ids, positions=positions, cu_q_lens=cu_q_lens, kv_lens=kv_lens,
                          page_table=page_table, slot_mapping=slot_mapping, logits_index=logits_index,
                          num_seqs=np.int32(len(entries)))
+        return step, token_src
 
     def execute(self, entries, sample_rows: list[SampleRow], step_counter: int):
-        """Runs one step; returns the sampler's outputs for the real rows, as numpy arrays.
+        """Runs one step and waits for it; returns the sampler's outputs for the real rows (numpy)."""
+        return self.fetch(self.launch(entries, sample_rows, step_counter))
 
-        Rows without a seed draw from fold_in(the runner's key, step_counter)."""
-        step = self.build_step_input(entries, sample_rows)
-        out = self._run(step, [row.seq for row in sample_rows], step_counter,
-                        [row.seq.sampling_params for row in sample_rows])
-        return jax.tree.map(lambda x: x[:len(sample_rows)], out)
+    def launch(self, entries, sample_rows: list[SampleRow], step_counter: int, *, pending=None,
+               prev: InFlight | None = None) -> InFlight:
+        """Starts one step on the device and returns at once (JAX dispatch is asynchronous).
 
-    def _run(self, step: StepInput, seqs, step_counter: int, params: list[SamplingParams]):
+        Tokens listed in `pending` (seq_id -> (position, row of `prev`)) come from `prev`'s samples on
+        the device. Rows without a seed draw from fold_in(the runner's key, step_counter)."""
+        step, token_src = self.build_step_input(entries, sample_rows, pending)
+        return self._dispatch(step, [row.seq for row in sample_rows], step_counter,
+                              [row.seq.sampling_params for row in sample_rows], token_src, prev)
+
+    def fetch(self, inflight: InFlight):
+        """Waits for a launched step; the sampler's outputs for its real rows, as numpy arrays."""
+        out = sampling.SamplerOutput(**packing.unpack_outputs(np.asarray(inflight.packed)))
+        return jax.tree.map(lambda x: x[:inflight.num_rows], out)
+
+    def _dispatch(self, step: StepInput, seqs, step_counter: int, params: list[SamplingParams],
+                  token_src: np.ndarray | None = None, prev: InFlight | None = None) -> InFlight:
         penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                         for p in params)
         tensors = sampling.SamplingTensors.from_params(
             params, num_rows=step.logits_index.shape[0], vocab_size=self.model_config.vocab_size,
             output_positions=[seq.num_output_tokens for seq in seqs],
             prompt_token_ids=[seq.token_ids[:seq.num_prompt_tokens] for seq in seqs] if penalties else None,
-            output_token_ids=[seq.output_token_ids for seq in seqs] if penalties else None)
+            output_token_ids=[seq.output_token_ids for seq in seqs] if penalties else None,
+            eos_token_ids=getattr(self, "eos_token_ids", ()))  # set by Engine: barred before min_tokens
         # Two sizes only, so logprobs requests do not multiply compilations.
         top = 0 if all(p.logprobs is None and not p.use_beam_search for p in params) else SamplingParams.MAX_LOGPROBS
-        int_buf, float_buf, layout = packing.pack((step, tensors, np.int32(step_counter)))
+        if token_src is None:
+            token_src = np.full(step.token_ids.shape, -1, np.int32)
+        int_buf, float_buf, layout = packing.pack((step, tensors, np.int32(step_counter), token_src))
+        prev_tokens = prev.tokens if prev is not None else self._no_prev_tokens
         with self._mesh_context():
-            out, self.kv_cache = self._jit_step(self.weights, self.kv_cache, int_buf, float_buf, self.base_key,
-                                                layout=layout, attn_impl=self.attn_impl, num_top_logprobs=top)
-        return sampling.SamplerOutput(**packing.unpack_outputs(np.asarray(out)))
+            packed, tokens, self.kv_cache = self._jit_step(
+                self.weights, self.kv_cache, int_buf, float_buf, self.base_key, prev_tokens,
+                layout=layout, attn_impl=self.attn_impl, num_top_logprobs=top)
+        return InFlight(packed=packed, tokens=tokens, num_rows=len(seqs))

@@ -23,6 +23,8 @@ Counters: num_preemptions; prefix_cache_queries / prefix_cache_hits count tokens
 API:
   Scheduler(config, num_blocks, max_model_len, sliding_window=None)
   add(seq); schedule() -> ScheduledBatch; postprocess(batch, sampled: {seq_id: token})
+    (= advance(batch) when the step is launched + fill(batch, sampled) when its output is read: with
+    async scheduling the next schedule() runs in between, each sampled token a PLACEHOLDER)
   finish(seq, reason); abort(request_id) -> [Sequence]; fork(parent, child_seq_id) -> Sequence
   has_unfinished(); running, waiting, swapped (lists); num_running, num_waiting, num_swapped
   num_preemptions, prefix_cache_queries, prefix_cache_hits (tokens), num_free_pages, num_used_pages
@@ -35,7 +37,7 @@ import itertools
 
 from jpaged.config import EngineConfig
 from jpaged.engine.block_manager import BlockManager
-from jpaged.engine.sequence import Sequence, SequenceStatus
+from jpaged.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 @dataclasses.dataclass
@@ -142,8 +144,9 @@ class Scheduler:
         batch = ScheduledBatch()
         self._budget = self.config.max_num_batched_tokens
         self._in_batch: set[int] = set()
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        running = [s for s in self.running if not self._ends_with_pending(s)]
+        decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in running if s.num_tokens - s.num_computed_tokens > 1]
         for seq in decodes + prefills:
             if seq.status is SequenceStatus.RUNNING and not self._batch_full(batch):
                 self._schedule_running(seq, batch)
@@ -151,6 +154,13 @@ class Scheduler:
         self._admit_waiting(batch)
         batch.entries.sort(key=lambda e: e.seq.num_tokens - e.start != 1)  # stable: decodes first
         return batch
+
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        """Its not-yet-read token is its last (max_tokens or max_model_len): nothing more to compute."""
+        if not seq.has_pending_token:
+            return False
+        max_tokens = seq.sampling_params.max_tokens
+        return seq.num_tokens >= self.max_model_len or (max_tokens is not None and seq.num_output_tokens >= max_tokens)
 
     def _batch_full(self, batch: ScheduledBatch) -> bool:
         return self._budget == 0 or len(batch.entries) >= self.config.max_num_seqs
@@ -202,7 +212,10 @@ class Scheduler:
         bm = self.block_manager
         while (self.waiting and not self.swapped and not self._batch_full(batch)
                and len(self.running) < self.config.max_num_seqs):
-            seq = min(self.waiting, key=self._order)
+            candidates = [s for s in self.waiting if not self._ends_with_pending(s)]
+            if not candidates:
+                return
+            seq = min(candidates, key=self._order)
             cached = bm.cached_prefix(seq)
             n = self._chunk(seq, len(cached) * self.page_size)
             if n == 0 or bm.pages_to_admit(seq, cached, len(cached) * self.page_size + n) > bm.num_free_pages:
@@ -254,18 +267,39 @@ class Scheduler:
 
         Ending a sequence (EOS, stop, max_tokens, max_model_len) is the engine's call: finish(seq, reason).
         """
+        self.advance(batch)
+        self.fill(batch, sampled)
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """The step is launched: its tokens count as computed, each sampling entry gets a PLACEHOLDER
+        token, full pages of known tokens go to the prefix cache, and pages wholly outside the window
+        are released."""
         for entry in batch.entries:
             seq = entry.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # finished or aborted since schedule()
-            if entry.sample and seq.seq_id not in sampled:
-                raise ValueError(f"sampled has no token for seq_id {seq.seq_id}, which was scheduled to sample")
             assert seq.num_computed_tokens == entry.start, (seq.seq_id, seq.num_computed_tokens, entry.start)
             seq.num_computed_tokens = entry.start + entry.num_tokens
             if entry.sample:
-                seq.append_token(sampled[seq.seq_id])
-            self.block_manager.register_full_pages(seq)
+                seq.append_token(PLACEHOLDER)
+            self.block_manager.register_full_pages(seq, _num_known_tokens(seq))
             self.block_manager.release_outside_window(seq)
+
+    def fill(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
+        """The step's output is read: each PLACEHOLDER it left becomes its sampled token, and full
+        computed pages that held one go to the prefix cache."""
+        for entry in batch.entries:
+            seq = entry.seq
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            if entry.sample:
+                if seq.seq_id not in sampled:
+                    raise ValueError(f"sampled has no token for seq_id {seq.seq_id}, which was scheduled to sample")
+                position = entry.start + entry.num_tokens
+                assert seq.token_ids[position] == PLACEHOLDER, (seq.seq_id, position)
+                seq.token_ids[position] = sampled[seq.seq_id]
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.register_full_pages(seq, _num_known_tokens(seq))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends seq (no-op if it already ended) and frees all its pages."""
@@ -331,3 +365,11 @@ class Scheduler:
                 assert page >= 0 and self.block_manager.ref_count(page) == 1, (e.seq.seq_id, pos, page)
                 assert (page, pos % ps) not in slots, f"two entries write page {page} slot {pos % ps}"
                 slots.add((page, pos % ps))
+
+
+def _num_known_tokens(seq: Sequence) -> int:
+    """Tokens before the first PLACEHOLDER (placeholders only ever trail)."""
+    known = seq.num_tokens
+    while known and seq.token_ids[known - 1] == PLACEHOLDER:
+        known -= 1
+    return known

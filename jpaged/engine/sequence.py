@@ -23,6 +23,11 @@ import time
 from jpaged.sampling_params import SamplingParams
 
 
+# The token a launched but not yet finished step will sample (async scheduling): it stands in
+# token_ids until the step's output is read, and the next step takes its value on the device.
+PLACEHOLDER = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -71,6 +76,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def has_pending_token(self) -> bool:
+        """The last token is a PLACEHOLDER: sampled by a step whose output has not been read yet."""
+        return self.token_ids[-1] == PLACEHOLDER
 
     @property
     def is_finished(self) -> bool:

@@ -70,7 +70,7 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:
     """(name, host array) for every tensor of every file, one tensor in memory at a time."""
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]  # local: in a multi-host job devices("cpu")[0] is process 0's
     for file in files:
         try:
             # framework="flax" reads bf16 (numpy cannot); pinned to the CPU so np.asarray does not copy back.

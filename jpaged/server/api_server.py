@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jpaged.outputs import RequestOutput
 from jpaged.server import protocol as p
 from jpaged.server.async_engine import AsyncEngine, EngineDeadError, PreparedPrompt, QueueFullError
+from jpaged.server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit, check_limit
 from jpaged.server.metrics import CONTENT_TYPE, ServerMetrics
 
 log = logging.getLogger("jpaged.server")
@@ -173,10 +174,12 @@ class _Server:
         finals = await self.final_outputs(request, base_id, len(prompts), t0)
         choices = []
         for i, out in enumerate(finals):
-            echo = prepared[i].text if req.echo else ""
+            echo, echo_logprobs = (prepared[i].text, self.prompt_logprobs(req, out)) if req.echo else ("", None)
             for c in sorted(out.outputs, key=lambda c: c.index):
-                logprobs = (p.completion_logprobs(c.token_ids, c.logprobs or [], len(echo))
-                            if req.logprobs is not None else None)
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = p.echoed_logprobs(echo_logprobs,
+                                                 p.completion_logprobs(c.token_ids, c.logprobs or [], len(echo)))
                 choices.append({"index": i * params.n + c.index, "text": echo + c.text, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason})
         return JSONResponse({**head, "choices": choices, "usage": _usage(finals)})
@@ -192,10 +195,11 @@ class _Server:
                 yield out
                 return
             for c in out.outputs:
-                key, echo = (i, c.index), ""
+                key, echo, echo_logprobs = (i, c.index), "", None
                 if key not in deltas:  # the first delta of a choice carries the echoed prompt
                     deltas[key] = p.ChoiceDelta()
-                    echo = prepared[i].text if req.echo else ""
+                    if req.echo:
+                        echo, echo_logprobs = prepared[i].text, self.prompt_logprobs(req, out)
                     offsets[key] = len(echo)
                 delta = deltas[key]
                 if delta.finished:
@@ -203,7 +207,8 @@ class _Server:
                 text, ids, entries = delta.advance(c)
                 if not (echo or text or ids or delta.finished):
                     continue
-                logprobs = p.completion_logprobs(ids, entries, offsets[key]) if req.logprobs is not None else None
+                logprobs = (p.echoed_logprobs(echo_logprobs, p.completion_logprobs(ids, entries, offsets[key]))
+                            if req.logprobs is not None else None)
                 offsets[key] += len(text)
                 yield _sse({**head, "choices": [{"index": i * req.n + c.index, "text": echo + text,
                                                  "logprobs": logprobs,
@@ -214,6 +219,13 @@ class _Server:
         if req.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(list(finals.values()))})
         yield _sse("[DONE]")
+
+    def prompt_logprobs(self, req: p.CompletionRequest, out: RequestOutput) -> dict | None:
+        """The echoed prompt's part of a choice's logprobs (None without `logprobs`)."""
+        if req.logprobs is None:
+            return None
+        entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+        return p.completion_logprobs(out.prompt_token_ids, entries, 0, self.engine.engine.tokenizer.decode)
 
     # -- chat ----------------------------------------------------------------------------------------
 
@@ -302,7 +314,8 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 def build_app(engine_factory: Callable[[], object], *, api_key: str | None = None,
-              served_model_name: str | None = None, max_pending_requests: int = 1024, max_n: int = 16) -> FastAPI:
+              served_model_name: str | None = None, max_pending_requests: int = 1024, max_n: int = 16,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI app. The engine is built by `engine_factory()` on the engine thread at startup.
 
     Args:
@@ -311,7 +324,10 @@ def build_app(engine_factory: Callable[[], object], *, api_key: str | None = Non
       served_model_name: the name clients send as `model`; defaults to the engine's model name.
       max_pending_requests: requests accepted at once; beyond it the server answers 429.
       max_n: the largest `n` accepted.
+      max_request_bytes: larger request bodies are answered 413 (before they are read, when
+        Content-Length says so).
     """
+    check_limit(max_request_bytes)  # now, not when the middleware is built at the first request
     engine = AsyncEngine(engine_factory, max_pending_requests=max_pending_requests)
     server = _Server(engine, api_key=api_key, served_model_name=served_model_name, max_n=max_n)
 
@@ -325,6 +341,7 @@ def build_app(engine_factory: Callable[[], object], *, api_key: str | None = Non
             await engine.shutdown()
 
     app = FastAPI(title="jpaged", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     app.state.server = server
 
     def route(endpoint: str, handler, *, auth: bool = True):
@@ -385,27 +402,36 @@ def engine_config(args_or_config):
 
 def serve(args_or_config, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
           served_model_name: str | None = None, max_pending_requests: int = 1024, max_n: int = 16,
-          shutdown_timeout: float = 30.0, log_level: str = "info",
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, shutdown_timeout: float = 30.0, log_level: str = "info",
           engine_factory: Callable[[], object] | None = None) -> None:
     """Runs the server until SIGINT/SIGTERM; then in-flight requests get `shutdown_timeout` seconds to
     finish before they are aborted.
 
     Args:
       args_or_config: an EngineConfig, or an argparse namespace with EngineConfig's field names.
-      engine_factory: overrides building `Engine(config)` (tests, benchmarks with a fake engine).
+      engine_factory: overrides building `make_engine(config)` (tests, benchmarks with a fake engine).
     """
+    engine = None
     if engine_factory is None:
-        from jpaged.engine.llm_engine import Engine
+        from jpaged.engine.data_parallel import make_engine
 
         # Built before the port opens, so a bad --model is one error line (ValueError), not a server traceback.
-        engine = Engine(engine_config(args_or_config))
+        engine = make_engine(engine_config(args_or_config))
 
         def engine_factory():
             return engine
 
     app = build_app(engine_factory, api_key=api_key, served_model_name=served_model_name,
-                    max_pending_requests=max_pending_requests, max_n=max_n)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+                    max_pending_requests=max_pending_requests, max_n=max_n, max_request_bytes=max_request_bytes)
+
+    def serve_http():
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+
+    if engine is None:
+        serve_http()
+    else:  # a multi-host run: process 0 serves, the other processes follow its engine's calls
+        from jpaged.engine import multihost
+        multihost.lead_or_follow(engine, serve_http)
 
 
 class BackgroundServer:

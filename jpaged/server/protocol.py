@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -94,7 +94,8 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     min_tokens: int = 0
 
-    def _params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+                ) -> SamplingParams:
         def given(value, default):
             return default if value is None else value
 
@@ -105,7 +106,7 @@ class _SamplingFields(_Strict):
                 presence_penalty=given(self.presence_penalty, 0.0),
                 frequency_penalty=given(self.frequency_penalty, 0.0),
                 repetition_penalty=given(self.repetition_penalty, 1.0), max_tokens=max_tokens, logprobs=logprobs,
-                ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+                prompt_logprobs=prompt_logprobs, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
         except ValueError as e:
             raise ApiError(400, str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from None
 
@@ -134,7 +135,8 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
     def sampling_params(self) -> SamplingParams:
-        return self._params(self.max_tokens, self.logprobs)
+        # echo with logprobs scores the prompt too (OpenAI's legacy completions; vLLM's prompt_logprobs)
+        return self._params(self.max_tokens, self.logprobs, self.logprobs if self.echo else None)
 
 
 class TextPart(_Strict):
@@ -191,17 +193,31 @@ def _token_text(entry: dict[int, Logprob], token_id: int) -> str:
     return entry[token_id].decoded_token or ""
 
 
-def completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], text_offset: int) -> dict:
-    """Legacy completions format; `top_logprobs` holds the sampled token and the top-k alternatives."""
+def completion_logprobs(token_ids: list[int], entries: list[dict[int, Logprob] | None], text_offset: int,
+                        decode: Callable[[list[int]], str] | None = None) -> dict:
+    """Legacy completions format; `top_logprobs` holds the sampled token and the top-k alternatives.
+
+    An entry of None (an echoed prompt's first token, which nothing predicts) gives null logprobs, as
+    OpenAI's API does, and takes its text from `decode`."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for token_id, entry in zip(token_ids, entries):
-        text = _token_text(entry, token_id)
+        if entry is None:
+            text = decode([token_id]) if decode is not None else ""
+            token_logprobs.append(None)
+            tops.append(None)
+        else:
+            text = _token_text(entry, token_id)
+            token_logprobs.append(entry[token_id].logprob)
+            tops.append({lp.decoded_token or "": lp.logprob for lp in entry.values()})
         tokens.append(text)
-        token_logprobs.append(entry[token_id].logprob)
-        tops.append({lp.decoded_token or "": lp.logprob for lp in entry.values()})
         offsets.append(text_offset)
         text_offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echoed_logprobs(prompt: dict | None, completion: dict) -> dict:
+    """The echoed prompt's logprobs (completion_logprobs from offset 0) followed by the completion's."""
+    return completion if prompt is None else {key: prompt[key] + completion[key] for key in completion}
 
 
 def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], top: int) -> dict:

@@ -185,3 +185,68 @@ def test_stop_string_is_never_emitted(tiny_llama, byte_tokenizer):
                                                            stop=[stop]))[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == text[:text.index(stop)]
+
+
+def test_min_tokens_keeps_eos_from_being_sampled(tiny_llama, byte_tokenizer):
+    hf, model = tiny_llama
+    prompt = [65, 66, 67]
+    first = hf_greedy(hf, prompt, 1)[0]
+    byte_tokenizer.eos_token_ids = [first]  # EOS is the token greedy decoding picks first
+    engine = make_engine(model, byte_tokenizer)
+    engine.add_request("eager", prompt, SamplingParams(temperature=0, max_tokens=8))
+    engine.add_request("patient", prompt, SamplingParams(temperature=0, max_tokens=8, min_tokens=3))
+    done = {}
+    while engine.has_unfinished():
+        done |= {o.request_id: o.outputs[0] for o in engine.step() if o.finished}
+    assert done["eager"].token_ids == [first] and done["eager"].finish_reason == "stop"
+    assert first not in done["patient"].token_ids[:3] and len(done["patient"].token_ids) > 3
+
+
+def test_async_scheduling_gives_the_same_outputs_as_sync(tiny_llama, byte_tokenizer):
+    """Step N+1 is launched before step N is read back; sequences that stop (EOS, stop string,
+    max_tokens) in step N waste their slot in N+1 but nothing else may differ, preemption included."""
+    _, model = tiny_llama
+    rng = np.random.RandomState(11)
+    prompts = [rng.randint(3, 256, size=n).tolist() for n in rng.randint(1, 120, size=20)]
+    byte_tokenizer.eos_token_ids = [40, 41, 42]  # frequent enough that some rows stop on EOS
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=int(rng.randint(1, 25)),
+                             stop=["ab"] if i % 4 == 0 else None) for i in range(len(prompts))]
+
+    def run(async_scheduling):
+        engine = make_engine(model, byte_tokenizer, num_kv_blocks=24, max_num_batched_tokens=64,
+                             async_scheduling=async_scheduling)
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), p, sp)
+        done, in_flight = {}, 0
+        while engine.has_unfinished():
+            done |= {o.request_id: o.outputs[0] for o in engine.step() if o.finished}
+            in_flight += engine._inflight is not None
+        stats = engine.stats()
+        assert stats["num_used_pages"] == 0 and stats["num_free_pages"] == 24
+        return [done[str(i)] for i in range(len(prompts))], stats, in_flight
+
+    (sync, sync_stats, sync_in_flight), (overlapped, stats, in_flight) = run(False), run(True)
+    assert sync_in_flight == 0 and in_flight > 0
+    assert stats["num_preemptions"] > 0
+    assert {o.finish_reason for o in sync} >= {"stop", "length"}
+    for a, b in zip(sync, overlapped):
+        assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason,
+                                                                       b.stop_reason)
+        assert all(t >= 0 for t in b.token_ids)
+
+
+def test_final_only_outputs_report_finished_requests_with_the_same_text(tiny_llama, byte_tokenizer):
+    _, model = tiny_llama
+    prompts = [[65, 66, 67], [70] * 20, [80, 81]]
+    results = {}
+    for kind in ("cumulative", "final_only"):
+        engine = make_engine(model, byte_tokenizer)
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=9 + i, ignore_eos=True,
+                                                         output_kind=kind))
+        seen = []
+        while engine.has_unfinished():
+            seen += engine.step()
+        assert kind == "cumulative" or all(o.finished for o in seen)
+        results[kind] = {o.request_id: (o.outputs[0].text, o.outputs[0].token_ids) for o in seen if o.finished}
+    assert results["final_only"] == results["cumulative"] and len(results["cumulative"]) == 3

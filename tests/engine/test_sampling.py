@@ -170,6 +170,40 @@ def test_logprobs_ranks_and_top_logprobs_are_of_the_raw_logits():
     np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(raw, order, -1), rtol=1e-6, atol=1e-6)
 
 
+EOS = 2
+
+
+def test_rows_short_of_min_tokens_never_sample_eos_or_stop_ids():
+    # EOS (2) and the stop id 5 dominate every row's logits.
+    logits = jnp.tile(jnp.array([0.0, 0.1, 30.0, 0.2, 0.3, 29.0, 0.4, 0.5]), (64, 1))
+    short = [SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[5]),
+             SamplingParams(temperature=1.0, min_tokens=3, stop_token_ids=[5]),
+             SamplingParams(temperature=1.0, min_tokens=3, stop_token_ids=[5], ignore_eos=True)]
+    params = short * 20 + [SamplingParams(temperature=0.0, stop_token_ids=[5])] * 4
+    for position in range(3):
+        tensors = tensors_for(params, output_positions=[position] * 64, eos_token_ids=[EOS])
+        tokens = np.asarray(sample(logits, tensors, jax.random.PRNGKey(position)).tokens)
+        barred = tokens[:60].reshape(20, 3)
+        assert not np.isin(barred[:, :2], [EOS, 5]).any()
+        assert (barred[:, 2] == EOS).all(), "ignore_eos bars only the stop ids"
+        assert (tokens[60:] == EOS).all(), "rows without min_tokens are unaffected"
+    reached = tensors_for(params, output_positions=[3] * 64, eos_token_ids=[EOS])
+    assert not reached.use_min_tokens
+    assert (np.asarray(sample(logits, reached, KEY).tokens)[::3] == EOS).all()
+
+
+def test_min_tokens_keeps_raw_logprobs_and_bucketed_shapes():
+    logits = jnp.array([[0.0, 0.1, 9.0, 0.2, 0.3, 0.4, 0.5, 0.6]])
+    params = [SamplingParams(temperature=0.0, min_tokens=1, stop_token_ids=[4, 5, 6, 7])]
+    tensors = tensors_for(params, num_rows=4, eos_token_ids=[EOS])
+    assert tensors.barred_ids.shape == (4, 8) and tensors.use_min_tokens
+    out = sample(logits.repeat(4, axis=0), tensors, KEY)
+    assert int(out.tokens[0]) == 3 and int(out.tokens[1]) == EOS  # row 1 is padding
+    np.testing.assert_allclose(out.logprobs[0], jax.nn.log_softmax(logits[0])[3], rtol=1e-6)
+    assert tensors_for([SamplingParams(min_tokens=1)], eos_token_ids=[EOS]).barred_ids.shape == (1, 4)
+    assert tensors_for([SamplingParams(min_tokens=1)]).barred_ids.shape == (1, 0)
+
+
 def test_unused_stages_are_compiled_out():
     plain = tensors_for([SamplingParams(temperature=1.0)])
     assert not (plain.use_penalties or plain.use_top_k_top_p or plain.use_min_p)

@@ -80,3 +80,16 @@ def test_bf16_logits_match_hf_within_bf16_tolerance(family):
     got = jpaged_logits(model, ids)
     assert np.abs(got - ref).max() < BF16_ATOL
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_fused_projections_give_the_same_logits(family):
+    """fuse_projections (what the one-device engine does) only regroups the q/k/v and gate/up GEMMs."""
+    model = jpaged_from_hf(tiny_hf_model(family, seed=4))
+    step = contiguous_step_input(np.arange(3, 40), 0, 16, 8, all_logits=True)
+    separate, _ = model(model.new_kv_cache(8, 16), step)
+    model.fuse_projections()
+    model.fuse_projections()  # idempotent
+    fused, _ = model(model.new_kv_cache(8, 16), step)
+    assert model.layers[0].self_attn.q_proj is None and model.layers[0].mlp.gate_proj is None
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(separate), rtol=1e-5, atol=1e-5)

@@ -27,6 +27,15 @@ CONFIGS = {
 }
 
 
+class IdTokenizer:
+    """For engines fed token ids: decoding maps each id to a printable character; nothing is encoded."""
+
+    eos_token_ids = [2]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + int(i) % 95) for i in ids)
+
+
 def tiny_model(name: str) -> LlamaForCausalLM:
     """Random weights scaled up from the 0.02 init, so greedy tokens vary instead of repeating."""
     model = LlamaForCausalLM(CONFIGS[name], dtype=jnp.float32, rngs=nnx.Rngs(7))

@@ -16,10 +16,11 @@ HTTP = httpx.Client(timeout=30)
 
 
 @contextlib.contextmanager
-def fake_server(*, api_key: str | None = None, max_pending_requests: int = 64, max_n: int = 4, **engine_kw):
+def fake_server(*, api_key: str | None = None, max_pending_requests: int = 64, max_n: int = 4,
+                max_request_bytes: int = 8 << 20, **engine_kw):
     """(url, app) of a server on 127.0.0.1 over a FakeEngine(**engine_kw)."""
     app = build_app(lambda: FakeEngine(**engine_kw), api_key=api_key, max_pending_requests=max_pending_requests,
-                    max_n=max_n)
+                    max_n=max_n, max_request_bytes=max_request_bytes)
     with BackgroundServer(app) as url:
         yield url, app
 

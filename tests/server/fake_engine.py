@@ -7,7 +7,8 @@ decodes the bytes. Generation is hand-computable:
 - sampled: each token is a byte of the prompt picked by `random.Random(seed)` (sample j of n > 1 uses
   seed + j), so equal seeds give equal text; without a seed the engine's own counter seeds it.
 - logprobs: the sampled token has logprob -0.5 and rank 1; the r-th alternative is byte (token + r - 1)
-  mod 256 with logprob -0.5 * r.
+  mod 256 with logprob -0.5 * r. Prompt logprobs follow the same rule for every prompt token but the
+  first (None).
 One step emits one token per running sequence. Pages (4 tokens each) for prompt + max_tokens are
 reserved when a request is admitted and released when it finishes or is aborted, so after any run
 `num_free_pages == num_total_pages` must hold again. It asserts that one thread calls it.
@@ -64,6 +65,7 @@ class _Req:
     pages: int = 0
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    prompt_logprobs: list | None = None
 
 
 class FakeEngine:
@@ -117,7 +119,10 @@ class FakeEngine:
         base_seed = params.seed if params.seed is not None else next(self._seed_counter) * 7919
         seqs = [_Seq(j, None if params.greedy else random.Random(base_seed + j),
                      logprobs=[] if params.logprobs is not None else None) for j in range(params.n)]
-        self.waiting.append(_Req(request_id, ids, params, seqs, arrival_time=time.monotonic()))
+        prompt_logprobs = (None if params.prompt_logprobs is None
+                           else [None] + [self._logprob_entry(t, params.prompt_logprobs) for t in ids[1:]])
+        self.waiting.append(_Req(request_id, ids, params, seqs, arrival_time=time.monotonic(),
+                                 prompt_logprobs=prompt_logprobs))
         self.num_added += 1
 
     def abort(self, request_id: str) -> None:
@@ -159,11 +164,7 @@ class FakeEngine:
         seq.token_ids.append(token)
         self.generation_tokens += 1
         if seq.logprobs is not None:
-            entry = {token: Logprob(-0.5, 1, self.tokenizer.decode([token]))}
-            for r in range(1, req.params.logprobs + 1):
-                alt = (token + r - 1) % 256
-                entry.setdefault(alt, Logprob(-0.5 * r, r, self.tokenizer.decode([alt])))
-            seq.logprobs.append(entry)
+            seq.logprobs.append(self._logprob_entry(token, req.params.logprobs))
         text = self.tokenizer.decode(seq.token_ids)
         for stop in req.params.stop:
             if stop in text:
@@ -173,6 +174,13 @@ class FakeEngine:
             seq.text, seq.finish_reason = text, "length"
         else:  # hold back a tail that may still become a stop string, as the real detokenizer does
             seq.text = text[:len(text) - _partial_stop_len(text, req.params.stop)]
+
+    def _logprob_entry(self, token: int, k: int) -> dict[int, Logprob]:
+        entry = {token: Logprob(-0.5, 1, self.tokenizer.decode([token]))}
+        for r in range(1, k + 1):
+            alt = (token + r - 1) % 256
+            entry.setdefault(alt, Logprob(-0.5 * r, r, self.tokenizer.decode([alt])))
+        return entry
 
     def step(self) -> list[RequestOutput]:
         self._check_thread()
@@ -197,7 +205,8 @@ class FakeEngine:
                                           cumulative_logprob=-0.5 * len(s.token_ids),
                                           logprobs=list(s.logprobs) if s.logprobs is not None else None,
                                           finish_reason=s.finish_reason) for s in req.seqs],
-                finished=finished, arrival_time=req.arrival_time, first_token_time=req.first_token_time))
+                finished=finished, prompt_logprobs=req.prompt_logprobs, arrival_time=req.arrival_time,
+                first_token_time=req.first_token_time))
         return outputs
 
     def stats(self) -> dict:

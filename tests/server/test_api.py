@@ -67,6 +67,23 @@ def test_completion_logprobs_in_legacy_format(client):
     assert lp.text_offset == [0, 1, 2]
 
 
+def test_completion_echo_with_logprobs_scores_the_prompt(client):
+    # Prompt tokens [BOS, a, b] (BOS decodes to ""); nothing predicts the first, so its logprobs are null.
+    r = client.completions.create(model="fake-model", prompt="ab", max_tokens=2, temperature=0, logprobs=1, echo=True)
+    c = r.choices[0]
+    assert c.text == "abab"
+    assert c.logprobs.tokens == ["", "a", "b", "a", "b"]
+    assert c.logprobs.token_logprobs == [None, -0.5, -0.5, -0.5, -0.5]
+    assert c.logprobs.top_logprobs == [None] + [{t: -0.5} for t in "abab"]
+    assert c.logprobs.text_offset == [0, 0, 1, 2, 3]
+    chunks = list(client.completions.create(model="fake-model", prompt="ab", max_tokens=2, temperature=0, logprobs=1,
+                                            echo=True, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == c.text
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        streamed = [x for ch in chunks if ch.choices[0].logprobs for x in getattr(ch.choices[0].logprobs, field)]
+        assert streamed == getattr(c.logprobs, field), field
+
+
 def test_chat_completion_uses_the_chat_template(client):
     r = client.chat.completions.create(model="fake-model", messages=CHAT, max_tokens=6, temperature=0)
     assert r.object == "chat.completion"

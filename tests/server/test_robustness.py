@@ -1,7 +1,9 @@
 """Client mistakes answer 4xx in OpenAI's error JSON and the server keeps serving; disconnects abort;
-the queue limit answers 429; the API key answers 401; SIGTERM shuts down gracefully."""
+the queue limit answers 429; the API key answers 401; oversized bodies answer 413; SIGTERM shuts down
+gracefully."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from jpaged.server import build_app
 from tests.server.conftest import HTTP, fake_engine_of, fake_server, metric, wait_until_idle
 
 BAD_REQUESTS = [
@@ -86,6 +89,56 @@ def test_api_key_is_required_when_set():
         good = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
         assert good.completions.create(model="fake-model", prompt="ab", max_tokens=2, temperature=0).choices[0].text == "ab"
         assert HTTP.get(url + "/health").status_code == 200  # probes need no key
+
+
+def _raw_post(url: str, head: bytes, body_start: bytes) -> tuple[int, dict]:
+    """Sends a request's head and the start of its body on a raw socket; (status, JSON) of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(head + b"\r\n\r\n" + body_start)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _content_length(data):
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed after {data!r}"
+            data += chunk
+    status_line, rest = data.split(b"\r\n", 1)
+    return int(status_line.split()[1]), json.loads(rest.split(b"\r\n\r\n", 1)[1])
+
+
+def _content_length(response: bytes) -> int:
+    head = response.split(b"\r\n\r\n", 1)[0].decode().lower()
+    return next(int(line.split(":")[1]) for line in head.split("\r\n") if line.startswith("content-length:"))
+
+
+def test_request_body_over_the_limit_answers_413_and_server_keeps_serving():
+    with fake_server(max_request_bytes=1024) as (url, _):
+        # Content-Length says 1 GiB: refused from the head alone, the body never sent.
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1073741824")
+        status, body = _raw_post(url, head, b'{"prompt": "')
+        assert status == 413 and body["error"]["code"] == "request_too_large"
+        assert "1024 bytes" in body["error"]["message"]
+
+        def chunked():  # no Content-Length: counted as it arrives
+            yield b'{"prompt": "'
+            for _ in range(8):
+                yield b"a" * 256
+            yield b'", "max_tokens": 1}'
+
+        r = HTTP.post(url + "/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model="fake-model", prompt="a" * 2000, max_tokens=1)
+        assert e.value.status_code == 413
+        ok = client.completions.create(model="fake-model", prompt="a" * 100, max_tokens=2, temperature=0)
+        assert ok.choices[0].text == "aa"
+        wait_until_idle(url)
+
+
+def test_max_request_bytes_must_be_positive():
+    with pytest.raises(ValueError, match="max_request_bytes"):
+        build_app(lambda: None, max_request_bytes=0)
 
 
 def _open_stream(url: str, max_tokens: int):
