@@ -1,7 +1,9 @@
 """Pallas GPU kernels for paged attention, each with a plain-jnp reference beside it.
 
 `impl` picks the implementation behind one API: "reference" (plain jnp, any backend), "pallas" (the
-Pallas kernel, Triton lowering on GPU) and "interpret" (the same kernel in Pallas' interpreter, CPU).
+Pallas kernel, Triton lowering on GPU), "interpret" (the same kernel in Pallas' interpreter, CPU) and
+"mosaic" (GPU: prefill-shaped batches, T > S, go to the Mosaic GPU wgmma/TMA kernel when it supports
+the inputs; decode-shaped batches and the rest go to the Triton kernel).
 The KV write is an XLA scatter for every impl: in place when the cache is donated (bench/kernels.py
 measures it flat in the pool size).
 """
@@ -10,13 +12,22 @@ from __future__ import annotations
 from pallas_kernels.kv_write import write_kv_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
+# The module, not its function of the same name: `pallas_kernels.ragged_paged_attention_mgpu` stays the module.
+from pallas_kernels import ragged_paged_attention_mgpu as _mgpu
 
-IMPLS = ("reference", "pallas", "interpret")
+IMPLS = ("reference", "pallas", "interpret", "mosaic")
 
 
 def _check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def mosaic_takes(q, k_pages, page_table, *, sliding_window=None, soft_cap=None) -> bool:
+    """Whether impl="mosaic" sends this batch to the Mosaic GPU kernel: prefill-shaped (T > S) and supported."""
+    prefill_shaped = q.shape[0] > page_table.shape[0]
+    return prefill_shaped and _mgpu.unsupported_reason(q, k_pages, sliding_window=sliding_window,
+                                                       soft_cap=soft_cap) is None
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
@@ -27,6 +38,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if impl == "mosaic" and mosaic_takes(q, k_pages, page_table, sliding_window=sliding_window,
+                                         soft_cap=soft_cap):
+        return _mgpu.ragged_paged_attention_mgpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
+                                                 num_seqs, sm_scale=sm_scale)
     return ragged_paged_attention_pallas(
         q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, interpret=impl == "interpret")
@@ -39,4 +54,4 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, impl="reference"):
 
 
 __all__ = ["ragged_paged_attention", "ragged_paged_attention_reference", "ragged_paged_attention_pallas",
-           "write_kv", "write_kv_reference", "IMPLS"]
+           "mosaic_takes", "write_kv", "write_kv_reference", "IMPLS"]

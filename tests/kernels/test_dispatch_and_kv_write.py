@@ -38,3 +38,28 @@ def test_write_kv_puts_rows_in_their_slots_and_skips_padding_in_place():
     np.testing.assert_array_equal(flat_k[0], [7, 8, 9])
     np.testing.assert_array_equal(flat_v[0], [-7, -8, -9])
     assert (np.delete(flat_k, [0, 5], axis=0) == 0).all()
+
+
+def _batch_shapes(num_tokens, num_slots, *, hq=32, d=128, dtype=jnp.bfloat16):
+    q = jax.ShapeDtypeStruct((num_tokens, hq, d), dtype)
+    k_pages = jax.ShapeDtypeStruct((64, 16, 8, d), dtype)
+    return q, k_pages, jax.ShapeDtypeStruct((num_slots, 8), jnp.int32)
+
+
+def test_mosaic_impl_takes_supported_prefill_batches_only():
+    assert pallas_kernels.mosaic_takes(*_batch_shapes(512, 4))
+    assert not pallas_kernels.mosaic_takes(*_batch_shapes(4, 4)), "decode-shaped: Triton split-KV"
+    assert not pallas_kernels.mosaic_takes(*_batch_shapes(512, 4), sliding_window=128)
+    assert not pallas_kernels.mosaic_takes(*_batch_shapes(512, 4), soft_cap=30.0)
+    assert not pallas_kernels.mosaic_takes(*_batch_shapes(512, 4, dtype=jnp.float32))
+
+
+@pytest.mark.parametrize("num_tokens,num_slots,backend", [(64, 2, "mosaic_gpu"), (4, 4, "triton")])
+def test_mosaic_impl_lowers_prefill_to_mosaic_and_decode_to_triton(num_tokens, num_slots, backend):
+    q, k_pages, table = _batch_shapes(num_tokens, num_slots)
+    ints = jax.ShapeDtypeStruct((num_slots,), jnp.int32)
+    args = (q, k_pages, k_pages, ints, table, jax.ShapeDtypeStruct((num_slots + 1,), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1, impl="mosaic"))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert backend in text and ({"mosaic_gpu", "triton"} - {backend}).pop() not in text

@@ -1,0 +1,313 @@
+"""Check jpaged's Mosaic GPU prefill kernel against the reference on the GPU, then time it and its baselines.
+
+    PYTHONPATH=. python bench/kernels_mgpu.py [--out DIR] [--only check,prefill,mixed] [--tag _h100_v1]
+
+Checks (bf16, NaN-poisoned pool, shuffled page tables): ragged prefill chunks over cached prefixes with
+q starts that are not multiples of 8, kv lengths that end inside a page, page sizes 16/32/64, GQA
+4 and 8, MHA, head_dim 64, padding tokens and num_seqs < S. Timing (median over rounds of the mean of
+back-to-back calls): causal prefill 4 x 4096 (32 q / 8 kv heads, D 128, page 16) for a few launch
+configs, against jpaged's Triton kernel, JAX `attention_mgpu` (contiguous) and PyTorch SDPA (contiguous),
+and engine-shaped batches (a 512-token chunk at ctx 2k alone and beside 64 decodes, 8 x 1024), each also
+as the kernel alone on a precomputed work list. Prints as it goes; writes JSON after every section, so a
+run cut short keeps what it measured.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in this process
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
+from pallas_kernels.ragged_paged_attention_mgpu import (NUM_COMPUTE_WGS, MosaicConfig, launch,
+                                                        ragged_paged_attention_mgpu, tile_shape, work_items)
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+MATMUL_TFLOPS = 616.0    # bf16 matmul through XLA on this H100 (PERF_NOTES section 1)
+TOL = 2e-2               # relative Frobenius error, bf16 against the f32 reference
+
+
+def timeit(fn, *args, reps: int = 10, rounds: int = 7) -> float:
+    """Median over `rounds` of the mean time of `reps` back-to-back calls, in seconds."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / reps)
+    return statistics.median(times)
+
+
+def torch_time(fn, reps: int = 10, rounds: int = 7) -> float:
+    import torch
+    fn(); fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    return statistics.median(times)
+
+
+def paged_batch(seed, q_lens, kv_lens, *, hq=HQ, hkv=HKV, d=D, page=PAGE, pad_tokens=0, extra_slots=0,
+                poison=True, dtype=jnp.bfloat16):
+    """A ragged batch over a shuffled pool. Poisoned: unused pages, stale slots past each kv_len,
+    padding tokens and the garbage table entries past each sequence's pages all hold NaN / junk."""
+    rng = np.random.default_rng(seed)
+    q_lens = np.asarray(q_lens + [0] * extra_slots)
+    kv_lens = np.asarray(kv_lens + [0] * extra_slots)
+    pages_needed = -(-kv_lens // page)
+    pages_per_seq = int(pages_needed.max())
+    num_pages = int(pages_needed.sum()) + 8
+    perm = rng.permutation(num_pages).astype(np.int32)
+    table = rng.integers(-3, 10**6, (len(q_lens), pages_per_seq)).astype(np.int32)
+    offset = 0
+    for s, n in enumerate(pages_needed):
+        table[s, :n] = perm[offset:offset + n]
+        offset += n
+    shape = (num_pages, page, hkv, d)
+    k = rng.standard_normal(shape, np.float32)
+    v = rng.standard_normal(shape, np.float32)
+    if poison:
+        k[perm[offset:]] = np.nan
+        v[perm[offset:]] = np.nan
+        for s, kv in enumerate(kv_lens):
+            n, tail = divmod(int(kv), page)
+            if tail:
+                k[table[s, n], tail:] = np.nan
+                v[table[s, n], tail:] = np.nan
+    num_real = int(q_lens.sum())
+    q = rng.standard_normal((num_real + pad_tokens, hq, d), np.float32)
+    if poison:
+        q[num_real:] = np.nan
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    num_seqs = len(q_lens) - extra_slots
+    return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(kv_lens, jnp.int32),
+            jnp.asarray(table), jnp.asarray(cu), jnp.asarray(num_seqs, jnp.int32))
+
+
+def compare(out, ref, num_real) -> dict:
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    finite = bool(np.isfinite(out).all())
+    pad_zero = bool((out[num_real:] == 0).all())
+    real_out, real_ref = out[:num_real], ref[:num_real]
+    rel = float(np.linalg.norm(np.nan_to_num(real_out - real_ref, nan=1e9)) / max(np.linalg.norm(real_ref), 1e-30))
+    max_abs = float(np.nanmax(np.abs(real_out - real_ref))) if real_out.size else 0.0
+    return dict(rel_err=rel, max_abs_err=max_abs, finite=finite, padding_zero=pad_zero,
+                ok=bool(finite and pad_zero and rel < TOL))
+
+
+CHECKS = [
+    # name, q_lens, kv_lens, batch kwargs
+    ("ragged prefill over prefixes, p16", [37, 300, 1, 130, 5], [337, 300, 1000, 130, 17], {}),
+    ("single short chunk (< 8 rows)", [3], [45], {}),
+    ("page 32, shuffled", [200, 64, 77], [700, 64, 100], dict(page=32)),
+    ("page 64", [129, 513], [129, 1023], dict(page=64)),
+    ("padding tokens + num_seqs < S", [100, 29], [160, 29], dict(pad_tokens=19, extra_slots=2)),
+    ("GQA 8 (64/8 heads)", [77, 250], [77, 400], dict(hq=64)),
+    ("MHA (8/8 heads)", [150, 9], [150, 300], dict(hq=8)),
+    ("head_dim 64", [90, 200], [90, 333], dict(d=64)),
+    ("mixed: 64 decodes + one chunk", [1] * 64 + [120], [512] * 64 + [1500], {}),
+]
+
+
+def run_checks(result: dict, save) -> None:
+    result["checks"] = []
+    for i, (name, q_lens, kv_lens, kw) in enumerate(CHECKS):
+        row = dict(case=name, q_lens=q_lens[:8], kv_lens=kv_lens[:8], **{k: v for k, v in kw.items()})
+        try:
+            args = paged_batch(i, q_lens, kv_lens, **kw)
+            d = args[0].shape[-1]
+            t = time.perf_counter()
+            out = jax.block_until_ready(ragged_paged_attention_mgpu(*args, sm_scale=1 / math.sqrt(d)))
+            row["first_call_s"] = time.perf_counter() - t
+            q, k, v, kv_l, table, cu, ns = args
+            safe_table = jnp.clip(table, 0, k.shape[0] - 1)  # the reference gathers every table entry
+            ref = ragged_paged_attention_reference(jnp.nan_to_num(q).astype(jnp.float32), k.astype(jnp.float32),
+                                                   v.astype(jnp.float32), kv_l, safe_table, cu, ns,
+                                                   sm_scale=1 / math.sqrt(d))
+            row.update(compare(out, ref, int(cu[int(ns)])))
+        except Exception as e:
+            traceback.print_exc()
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:1500]}")
+        print(f"check {name:36s} " + (f"rel_err={row['rel_err']:.2e} max_abs={row['max_abs_err']:.2e} "
+              f"finite={row['finite']} pad0={row['padding_zero']} {'ok' if row['ok'] else 'FAIL'}"
+              if "rel_err" in row else f"ERROR {row['error'][:300]}"), flush=True)
+        result["checks"].append(row)
+        save()
+
+
+def bench_prefill(result: dict, save, batch=4, seq=4096) -> None:
+    flops = 4 * batch * seq * seq * HQ * D / 2
+    row = dict(batch=batch, seq=seq, causal=True, q_heads=HQ, kv_heads=HKV, head_dim=D, flops=flops, mosaic={})
+    result["prefill"] = row
+    sm_scale = 1 / math.sqrt(D)
+    for page in (16, 64):
+        args = paged_batch(0, [seq] * batch, [seq] * batch, page=page, poison=False)
+        configs = [MosaicConfig(block_kv=128, num_stages=2), MosaicConfig(block_kv=64, num_stages=2),
+                   MosaicConfig(block_kv=64, num_stages=3), MosaicConfig(block_kv=64, num_stages=4)]
+        if page == 64:
+            configs = configs[:1]
+        for cfg in configs:
+            label = f"page{page}_kv{cfg.block_kv}_st{cfg.num_stages}"
+            try:
+                fn = jax.jit(functools.partial(ragged_paged_attention_mgpu, sm_scale=sm_scale, config=cfg))
+                t = timeit(fn, *args)
+                row["mosaic"][label] = dict(ms=t * 1e3, tflops=flops / t / 1e12)
+            except Exception as e:
+                traceback.print_exc()
+                row["mosaic"][label] = dict(error=f"{type(e).__name__}: {str(e)[:600]}")
+            print(f"prefill mosaic {label}: {row['mosaic'][label]}", flush=True)
+            save()
+        if page == PAGE:
+            try:
+                fn = jax.jit(functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale))
+                triton_out = fn(*args)
+                t = timeit(fn, *args, reps=5)
+                row.update(triton_ms=t * 1e3, triton_tflops=flops / t / 1e12)
+                mosaic_out = ragged_paged_attention_mgpu(*args, sm_scale=sm_scale)
+                row["mosaic_vs_triton"] = compare(mosaic_out, triton_out, batch * seq)
+            except Exception as e:
+                traceback.print_exc()
+                row["triton_error"] = f"{type(e).__name__}: {str(e)[:600]}"
+            print(f"prefill triton: {row.get('triton_tflops')} TFLOP/s; mosaic vs triton "
+                  f"{row.get('mosaic_vs_triton')}", flush=True)
+            save()
+        del args
+    bench_attention_mgpu(row, batch, seq, flops)
+    save()
+    bench_torch_sdpa(row, batch, seq, flops)
+    best = max((v["tflops"] for v in row["mosaic"].values() if "tflops" in v), default=None)
+    row["mosaic_best_tflops"] = best
+    for base in ("triton", "jax_attention_mgpu", "torch_sdpa"):
+        if best and row.get(f"{base}_tflops"):
+            row[f"best_over_{base}"] = best / row[f"{base}_tflops"]
+    save()
+
+
+def bench_attention_mgpu(row, batch, seq, flops) -> None:
+    """JAX's contiguous FA3 kernel, best of its block configs, f16 (as measured before) and bf16."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as am
+    except Exception as e:
+        row["jax_attention_mgpu_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        return
+    for dtype in (jnp.float16, jnp.bfloat16):
+        key = jax.random.key(1)
+        q = jax.random.normal(key, (batch, seq, HQ, D), dtype)
+        k = jax.random.normal(key, (batch, seq, HKV, D), dtype)
+        for block_kv in (128, 64):
+            label = f"{jnp.dtype(dtype).name}_kv{block_kv}"
+            try:
+                cfg = am.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True)
+                t = timeit(jax.jit(functools.partial(am.attention, config=cfg)), q, k, k)
+                row[f"jax_attention_mgpu[{label}]_tflops"] = flops / t / 1e12
+            except Exception as e:
+                row[f"jax_attention_mgpu[{label}]_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"attention_mgpu {label}: {row.get(f'jax_attention_mgpu[{label}]_tflops')}", flush=True)
+    figures = [v for k, v in row.items() if k.startswith("jax_attention_mgpu[") and k.endswith("_tflops")]
+    if figures:
+        row["jax_attention_mgpu_tflops"] = max(figures)
+
+
+def bench_torch_sdpa(row, batch, seq, flops) -> None:
+    try:
+        import torch
+        import torch.nn.functional as F
+        qt = torch.randn(batch, HQ, seq, D, device="cuda", dtype=torch.bfloat16)
+        kt = torch.randn(batch, HKV, seq, D, device="cuda", dtype=torch.bfloat16)
+        t = torch_time(lambda: F.scaled_dot_product_attention(qt, kt, kt, is_causal=True, enable_gqa=True))
+        row.update(torch_sdpa_tflops=flops / t / 1e12, torch=torch.__version__)
+        del qt, kt
+        torch.cuda.empty_cache()
+    except Exception as e:
+        row["torch_sdpa_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(f"torch sdpa: {row.get('torch_sdpa_tflops')}", flush=True)
+
+
+def bench_mixed(result: dict, save) -> None:
+    """Shapes the engine sends: a 512-token chunk at ctx 2k alone, and beside 64 decodes at ctx 2k."""
+    sm_scale = 1 / math.sqrt(D)
+    rows = {}
+    for name, q_lens, kv_lens in (("chunk512_ctx2k", [512], [2048]),
+                                  ("64dec2k_plus_chunk512", [1] * 64 + [512], [2048] * 65),
+                                  ("8x1024_prefill", [1024] * 8, [1024] * 8)):
+        args = paged_batch(3, q_lens, kv_lens, poison=False)
+        row = {}
+        for impl, fn in (("mosaic", ragged_paged_attention_mgpu), ("triton", ragged_paged_attention_pallas)):
+            try:
+                row[f"{impl}_us"] = timeit(jax.jit(functools.partial(fn, sm_scale=sm_scale)), *args, reps=20) * 1e6
+            except Exception as e:
+                row[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        try:  # the kernel on a precomputed work list: what the list costs inside the call
+            q, k, v, kv_l, table, cu, ns = args
+            items = work_items(cu, ns, kv_l, q.shape[0], NUM_COMPUTE_WGS * tile_shape(HQ, HKV)[2])
+            alone = jax.jit(functools.partial(launch, sm_scale=sm_scale, config=MosaicConfig()))
+            row["mosaic_kernel_only_us"] = timeit(alone, items, table, q, k, v, reps=20) * 1e6
+        except Exception as e:
+            row["mosaic_kernel_only_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        if "mosaic_us" in row and "triton_us" in row:
+            row["triton_over_mosaic"] = row["triton_us"] / row["mosaic_us"]
+        rows[name] = row
+        print(f"mixed {name}: {row}", flush=True)
+        result["mixed"] = rows
+        save()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    parser.add_argument("--only", default="check,prefill,mixed", help="comma list: check,prefill,mixed")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
+    args = parser.parse_args()
+    sections = set(args.only.split(","))
+    device = jax.devices()[0]
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"kernels_mgpu{args.tag}.json")
+    result = json.load(open(path)) if os.path.exists(path) else {}
+    import jaxlib
+    result.update(device=device.device_kind, platform=device.platform, jax=jax.__version__,
+                  jaxlib=jaxlib.__version__,
+                  shapes=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, page_size=PAGE, dtype="bfloat16"),
+                  ceilings=dict(matmul_tflops=MATMUL_TFLOPS), default_config=str(MosaicConfig()))
+    result.setdefault("commands", []).append(" ".join(["python"] + sys.argv))
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+    save()
+    if "check" in sections:
+        run_checks(result, save)
+    if "prefill" in sections:
+        bench_prefill(result, save)
+    if "mixed" in sections:
+        bench_mixed(result, save)
+    save()
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
