@@ -21,7 +21,6 @@ import argparse
 import functools
 import json
 import math
-import statistics
 import sys
 import time
 import traceback
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import kernels as kernels_bench
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
 from pallas_kernels.ragged_paged_attention_mgpu import (NUM_COMPUTE_WGS, MosaicConfig, launch,
@@ -40,34 +40,9 @@ MATMUL_TFLOPS = 616.0    # bf16 matmul through XLA on this H100 (PERF_NOTES sect
 TOL = 2e-2               # relative Frobenius error, bf16 against the f32 reference
 
 
-def timeit(fn, *args, reps: int = 10, rounds: int = 7) -> float:
-    """Median over `rounds` of the mean time of `reps` back-to-back calls, in seconds."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) / reps)
-    return statistics.median(times)
-
-
-def torch_time(fn, reps: int = 10, rounds: int = 7) -> float:
-    import torch
-    fn(); fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / reps)
-    return statistics.median(times)
+# The timers of bench/kernels.py, at 10 calls per round (the 4x4096 prefill is long enough).
+timeit = functools.partial(kernels_bench.timeit, reps=10)
+torch_time = functools.partial(kernels_bench.torch_time, reps=10)
 
 
 def paged_batch(seed, q_lens, kv_lens, *, hq=HQ, hkv=HKV, d=D, page=PAGE, pad_tokens=0, extra_slots=0,
