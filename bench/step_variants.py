@@ -90,10 +90,11 @@ def main(argv=None) -> dict:
             decodes = timed.decode_steps(batch)
             phases = {name: 1e3 * statistics.median(s.phases.get(name, 0.0) for s in decodes)
                       for name in ("schedule", "launch", "fetch_wait", "resolve")}
-            raw = latency.raw_step_seconds(llm.engine.runner, timed.last_call, 50)
+            call = latency.decode_call(timed, batch)
+            raw = latency.raw_step_seconds(llm.engine.runner, call, 50)
             figures[batch] = dict(engine_step_ms=1e3 * statistics.median(s.seconds for s in decodes),
                                   raw_step_ms=1e3 * raw,
-                                  **enqueue_and_latency(llm.engine.runner, timed.last_call),
+                                  **enqueue_and_latency(llm.engine.runner, call),
                                   **{f"{k}_ms": v for k, v in phases.items()})
             print(variant, batch, {k: round(v, 3) for k, v in figures[batch].items()}, flush=True)
         result["variants"][variant] = figures

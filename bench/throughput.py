@@ -71,15 +71,47 @@ def run_workload(llm, name: str, args, vocab: int) -> dict:
     llm.engine.warmup()
     common.timed_generate(llm, common.random_prompts(rng, inputs[:warm], vocab), outputs[:warm])
     print(f"{name}: compiled and warmed up in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    run = common.timed_generate(llm, common.random_prompts(rng, inputs, vocab), outputs)
+    recorder = phase_recorder(llm.engine)
+    try:
+        run = common.timed_generate(llm, common.random_prompts(rng, inputs, vocab), outputs)
+    finally:
+        recorder.close()
     print(f"{name}: {len(inputs)} requests in {run['seconds']:.1f} s", file=sys.stderr, flush=True)
     ttft = run.pop("ttft_s")
+    run["step_breakdown"] = step_breakdown(recorder.records)
     return dict(
         workload=dict(name=name, num_requests=len(inputs), input_len_mean=float(np.mean(inputs)),
                       output_len_mean=float(np.mean(outputs)), warmup_requests=warm),
         output_tok_s=run["output_tokens"] / run["seconds"],
         total_tok_s=(run["input_tokens"] + run["output_tokens"]) / run["seconds"],
         requests_s=run["num_requests"] / run["seconds"], mean_ttft_s=float(np.mean(ttft)), **run)
+
+
+def phase_recorder(engine) -> common.StepRecorder:
+    """Times each step's host phases as they run (nothing extra blocks): schedule, launch (packing +
+    enqueue), fetch_wait (host idle, waiting on the device for the previous step), resolve."""
+    recorder = common.StepRecorder(engine)
+    recorder._patch(engine.runner, "launch", lambda fn: recorder.timed("launch", fn))
+    recorder._patch(engine.runner, "fetch", lambda fn: recorder.timed("fetch_wait", fn))
+    recorder._patch(engine, "_resolve", lambda fn: recorder.timed("resolve", fn))
+    return recorder
+
+
+def step_breakdown(records) -> dict:
+    """Seconds summed over the timed run's steps, split into pure-decode and mixed (prefill) steps.
+    With async scheduling, fetch_wait is the time the host had nothing to do: if it is small, the
+    host, not the device, sets the pace."""
+    out = {}
+    for kind, steps in (("decode", [r for r in records if r.is_decode]),
+                        ("mixed", [r for r in records if r.num_entries and not r.is_decode])):
+        total = sum(r.seconds for r in steps)
+        phases = {f"{p}_s": sum(r.phases.get(p, 0.0) for r in steps)
+                  for p in ("schedule", "launch", "fetch_wait", "resolve")}
+        out[kind] = dict(steps=len(steps), seconds=total, mean_step_ms=1e3 * total / max(1, len(steps)),
+                         mean_tokens=float(np.mean([r.num_tokens for r in steps])) if steps else 0.0,
+                         mean_seqs=float(np.mean([r.num_entries for r in steps])) if steps else 0.0,
+                         host_busy_fraction=1 - phases["fetch_wait_s"] / total if total else 0.0, **phases)
+    return out
 
 
 def run_hf(cfg, args) -> dict:
@@ -130,6 +162,9 @@ def print_results(r: dict) -> None:
         rows += [(f"{label} output tok/s", w["output_tok_s"]), (f"{label} total tok/s", w["total_tok_s"]),
                  (f"{label} seconds", w["seconds"]), (f"{label} preemptions", w["num_preemptions"]),
                  (f"{label} compilations while timed", w["compilations"])]
+        for kind, b in w.get("step_breakdown", {}).items():
+            rows.append((f"{label} {kind} steps: n, mean ms, host busy", 
+                         f"{b['steps']}, {b['mean_step_ms']:.2f}, {b['host_busy_fraction']:.2f}"))
         if "speedup_vs_best_hf" in w:
             rows.append((f"{label} x best HF", w["speedup_vs_best_hf"]))
     for key, h in (r["baselines"].get("hf_transformers") or {}).get("fixed", {}).items():

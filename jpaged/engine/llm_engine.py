@@ -66,10 +66,15 @@ class _Request:
         return self.pending_forks == 0 and all(st.finish_reason for st in self.states.values())
 
 
-def resolve_attn_impl(attn_impl: str) -> str:
+def resolve_attn_impl(attn_impl: str, device=None) -> str:
+    """'auto': on Hopper (sm_90) "mosaic" (the wgmma/TMA kernel for prefill and mixed batches, the
+    Triton-lowered one for decode), on other NVIDIA GPUs "pallas" (Triton only), else the jnp reference."""
     if attn_impl != "auto":
         return attn_impl
-    return "pallas" if jax.default_backend() == "gpu" and "pallas" in pallas_kernels.IMPLS else "reference"
+    device = device or jax.devices()[0]
+    if device.platform != "gpu":
+        return "reference"
+    return "mosaic" if getattr(device, "compute_capability", None) == "9.0" else "pallas"
 
 
 class Engine:

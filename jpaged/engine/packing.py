@@ -14,24 +14,32 @@ import numpy as np
 _INT_KINDS = "biu"  # bool, signed and unsigned ints travel as int32
 
 
+ALIGN = 64  # elements (256 bytes): XLA may hand a slice of a buffer to a kernel as a pointer into it,
+            # and Mosaic GPU kernels reject operands that are not 256-byte aligned.
+
+
 def pack(tree) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """(int32 buffer, float32 buffer, layout) for a pytree of numpy arrays (32-bit or bool)."""
+    """(int32 buffer, float32 buffer, layout) for a pytree of numpy arrays (32-bit or bool).
+
+    Each leaf starts at a multiple of ALIGN elements."""
     leaves, treedef = jax.tree.flatten(tree)
-    ints, floats, specs = [], [], []
-    n_int = n_float = 0
+    parts = {"i": [], "f": []}
+    sizes = {"i": 0, "f": 0}
+    specs = []
     for leaf in leaves:
         leaf = np.asarray(leaf)
         if leaf.dtype.kind in _INT_KINDS:
-            ints.append(leaf.astype(np.int32, copy=False).ravel() if leaf.dtype != np.uint32
-                        else leaf.view(np.int32).ravel())
-            specs.append(("i", n_int, leaf.shape, leaf.dtype.str))
-            n_int += leaf.size
+            kind = "i"
+            flat = leaf.view(np.int32).ravel() if leaf.dtype == np.uint32 else leaf.astype(np.int32, copy=False).ravel()
         else:
-            floats.append(leaf.astype(np.float32, copy=False).ravel())
-            specs.append(("f", n_float, leaf.shape, leaf.dtype.str))
-            n_float += leaf.size
-    int_buf = np.concatenate(ints) if ints else np.zeros(0, np.int32)
-    float_buf = np.concatenate(floats) if floats else np.zeros(0, np.float32)
+            kind = "f"
+            flat = leaf.astype(np.float32, copy=False).ravel()
+        specs.append((kind, sizes[kind], leaf.shape, leaf.dtype.str))
+        pad = -flat.size % ALIGN
+        parts[kind] += [flat, np.zeros(pad, flat.dtype)] if pad else [flat]
+        sizes[kind] += flat.size + pad
+    int_buf = np.concatenate(parts["i"]) if parts["i"] else np.zeros(0, np.int32)
+    float_buf = np.concatenate(parts["f"]) if parts["f"] else np.zeros(0, np.float32)
     return int_buf, float_buf, (treedef, tuple(specs))
 
 

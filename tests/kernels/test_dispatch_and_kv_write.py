@@ -63,3 +63,15 @@ def test_mosaic_impl_lowers_prefill_to_mosaic_and_decode_to_triton(num_tokens, n
     fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1, impl="mosaic"))
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert backend in text and ({"mosaic_gpu", "triton"} - {backend}).pop() not in text
+
+
+def test_auto_attention_impl_is_mosaic_on_hopper_pallas_on_other_gpus_reference_on_cpu():
+    import types
+
+    from jpaged.engine.llm_engine import resolve_attn_impl
+
+    gpu = lambda cc: types.SimpleNamespace(platform="gpu", compute_capability=cc)  # noqa: E731
+    assert resolve_attn_impl("auto", gpu("9.0")) == "mosaic"
+    assert resolve_attn_impl("auto", gpu("8.0")) == "pallas"
+    assert resolve_attn_impl("auto", types.SimpleNamespace(platform="cpu")) == "reference"
+    assert resolve_attn_impl("pallas", gpu("9.0")) == "pallas"
