@@ -137,6 +137,8 @@ class BlockManager:
             return
         known = seq.num_computed_tokens if num_known_tokens is None else min(seq.num_computed_tokens, num_known_tokens)
         ps, full = self.page_size, known // self.page_size
+        if full <= seq.num_registered_pages:
+            return  # most steps: no page filled up
         keys = self._keys_upto(seq, full)
         for i in range(seq.num_registered_pages, full):
             if seq.block_table[i] >= 0:
@@ -167,8 +169,10 @@ class BlockManager:
     def _shared_written_pages(self, seq: Sequence, num_tokens: int) -> list[int]:
         """Logical pages the next write (tokens num_computed..num_tokens) touches that others hold too."""
         table, refs = seq.block_table, self._ref_counts
-        last = min(len(table), -(-num_tokens // self.page_size))
-        return [i for i in range(seq.num_computed_tokens // self.page_size, last) if refs[table[i]] > 1]
+        first, last = seq.num_computed_tokens // self.page_size, min(len(table), -(-num_tokens // self.page_size))
+        if last - first == 1:  # a decode, most of the time: one page
+            return [first] if refs[table[first]] > 1 else []
+        return [i for i in range(first, last) if refs[table[i]] > 1]
 
     def pages_to_grow(self, seq: Sequence, num_tokens: int) -> int:
         """Available pages grow(seq, num_tokens) would consume (new pages + copy-on-write copies)."""

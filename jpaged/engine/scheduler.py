@@ -282,7 +282,7 @@ class Scheduler:
             seq.num_computed_tokens = entry.start + entry.num_tokens
             if entry.sample:
                 seq.append_token(PLACEHOLDER)
-            self.block_manager.register_full_pages(seq, _num_known_tokens(seq))
+            self._register_full_pages(seq)
             self.block_manager.release_outside_window(seq)
 
     def fill(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
@@ -299,7 +299,12 @@ class Scheduler:
                 assert seq.token_ids[position] == PLACEHOLDER, (seq.seq_id, position)
                 seq.token_ids[position] = sampled[seq.seq_id]
             if seq.status is SequenceStatus.RUNNING:
-                self.block_manager.register_full_pages(seq, _num_known_tokens(seq))
+                self._register_full_pages(seq)
+
+    def _register_full_pages(self, seq: Sequence) -> None:
+        """Offers seq's full pages of known tokens to the prefix cache (the check first: most steps fill no page)."""
+        if seq.num_computed_tokens // self.page_size > seq.num_registered_pages:
+            self.block_manager.register_full_pages(seq, _num_known_tokens(seq))
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends seq (no-op if it already ended) and frees all its pages."""
