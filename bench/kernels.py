@@ -1,11 +1,20 @@
 """Check jpaged's paged-attention kernels against the reference on the GPU, then time them and the baselines.
 
-    PYTHONPATH=. python bench/kernels.py [--out DIR] [--quick]
+    PYTHONPATH=. python bench/kernels.py [--out DIR] [--quick] [--only SECTIONS] [--skip SECTIONS]
+                                         [--shapes 16x512,256x1024] [--chain] [--variants] [--gqa]
 
-Baselines measured in the same run: JAX `pallas.ops.gpu.paged_attention` (best of several block
-configs), JAX `decode_attention.gqa` (contiguous KV), PyTorch SDPA on contiguous KV, and for prefill
-JAX `attention_mgpu` (fp16, contiguous) and PyTorch SDPA causal. Decode is reported as KV bytes read per
-second, prefill as causal FLOP/s. Prints a table; writes JSON (device, versions, shapes, figures, command).
+Sections (default: all but sweep and layout): checks, decode, window, layout, sweep, prefill, mixed,
+kv_write. Baselines measured in the same run: JAX `pallas.ops.gpu.paged_attention` (best of several
+block configs), PyTorch SDPA on contiguous KV (optional: JAX `decode_attention.gqa`, contiguous), and
+for prefill JAX `attention_mgpu` (fp16, contiguous) and PyTorch SDPA causal. Each decode shape also
+times v3's work-list decode path (`lean_decode=False` with v3's split heuristic) for a same-run
+before/after. Decode is reported as KV bytes read per second, prefill as causal FLOP/s.
+
+Two timers: `timeit` (wall clock over back-to-back jitted calls, as in v1-v3: includes the per-call
+dispatch, which bounds small shapes) and, with --chain (always in sweep), `chain_time`: 16 calls
+chained in one jitted fori_loop (each output is the next q), the way a model step calls attention once
+per layer; it approximates the device time per call (work that depends only on the batch metadata is
+loop-invariant, so XLA can hoist it, as it CSEs it across layers). Prints a table; writes JSON after every section.
 """
 from __future__ import annotations
 
@@ -14,6 +23,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in this process
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -25,10 +35,11 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from pallas_kernels.kv_write import write_kv_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
-from pallas_kernels.ragged_paged_attention_kernel import (TuningConfig, choose_config,
+from pallas_kernels.ragged_paged_attention_kernel import (NUM_SMS, TuningConfig, _decode_call, choose_config,
                                                           ragged_paged_attention_pallas)
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -36,6 +47,15 @@ DTYPE = jnp.bfloat16
 COPY_TBPS = 3.0          # measured device copy ceiling (read + write), PERF_NOTES.md section 1
 MATMUL_TFLOPS = 616.0    # bf16 matmul through XLA, same source
 MAX_DECODE_TOKENS = 2 * 1024 * 1024   # B x ctx that fits three layouts of the pool beside each other
+CHAIN_LEN = 16
+INTERPRET = False                     # --interpret: a CPU dry run of the script
+CHAIN_MAX_TOKENS = 128 * 1024         # --chain times shapes up to this B x ctx (larger ones are device-bound)
+SWEEP_SHAPES = ((16, 512), (16, 8192), (64, 512), (64, 2048), (128, 1024), (256, 512), (256, 1024),
+                (256, 2048))
+LAYOUT_SHAPES = ((256, 1024), (16, 8192))
+# JAX paged_attention (pages_per_compute_block, k_splits) candidates: the configs that won some shape in
+# the v1-v3 runs ((16, 8) and (4, 16) never did); --all-jax-configs adds those two back.
+JAX_PA_CONFIGS = ((8, 4), (8, 16), (16, 16))
 
 
 def timeit(fn, *args, reps: int = 20, rounds: int = 7) -> float:
@@ -50,6 +70,14 @@ def timeit(fn, *args, reps: int = 20, rounds: int = 7) -> float:
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t) / reps)
     return statistics.median(times)
+
+
+def chain_time(fn, q, *rest, n: int = CHAIN_LEN, reps: int = 3, rounds: int = 5) -> float:
+    """Device time per call: `n` calls in one jitted fori_loop, each output fed back as the next q.
+
+    The trip count is static, so XLA runs the loop without a host round trip per iteration."""
+    many = jax.jit(lambda q, *rest: lax.fori_loop(0, n, lambda i, x: fn(x, *rest).astype(x.dtype), q))
+    return timeit(many, q, *rest, reps=reps, rounds=rounds) / n
 
 
 def torch_time(fn, reps: int = 20, rounds: int = 7) -> float:
@@ -68,15 +96,24 @@ def torch_time(fn, reps: int = 20, rounds: int = 7) -> float:
     return statistics.median(times)
 
 
-def paged_batch(key, q_lens, kv_lens, num_pages_extra=64, dtype=DTYPE, page=PAGE, poison=True):
-    """Random ragged batch over a shuffled page pool; pages no sequence uses hold NaN."""
+def paged_batch(key, q_lens, kv_lens, num_pages_extra=64, dtype=DTYPE, page=PAGE, poison=True,
+                pad_tokens=0, extra_slots=0, garbage_table=False):
+    """Random ragged batch over a shuffled page pool; pages no sequence uses hold NaN.
+
+    `pad_tokens` NaN rows follow the real tokens, `extra_slots` empty slots follow the real sequences
+    (num_seqs stays the real count), and `garbage_table` fills entries past each sequence's pages with
+    junk (some out of the pool) that a kernel must never dereference."""
     q_lens, kv_lens = np.asarray(q_lens), np.asarray(kv_lens)
     pages_needed = -(-kv_lens // page)
     pages_per_seq = int(pages_needed.max())
     num_pages = int(pages_needed.sum()) + num_pages_extra
     rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**30)))
     perm = rng.permutation(num_pages).astype(np.int32)
-    table = np.zeros((len(q_lens), pages_per_seq), np.int32)
+    num_slots = len(q_lens) + extra_slots
+    if garbage_table:
+        table = rng.integers(-3, 10**6, (num_slots, pages_per_seq)).astype(np.int32)
+    else:
+        table = np.zeros((num_slots, pages_per_seq), np.int32)
     offset = 0
     for s, n in enumerate(pages_needed):
         table[s, :n] = perm[offset:offset + n]
@@ -89,9 +126,18 @@ def paged_batch(key, q_lens, kv_lens, num_pages_extra=64, dtype=DTYPE, page=PAGE
         unused = jnp.asarray(perm[offset:])
         k_pages = k_pages.at[unused].set(jnp.nan)
         v_pages = v_pages.at[unused].set(jnp.nan)
-    q = jax.random.normal(kq, (int(q_lens.sum()), HQ, D), dtype)
-    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    return (q, k_pages, v_pages, jnp.asarray(kv_lens, jnp.int32), jnp.asarray(table), jnp.asarray(cu),
+        for s, n in enumerate(kv_lens):  # stale slots past kv_len in the last page
+            last, tail = divmod(int(n), page)
+            if tail:
+                k_pages = k_pages.at[table[s, last], tail:].set(jnp.nan)
+                v_pages = v_pages.at[table[s, last], tail:].set(jnp.nan)
+    num_real = int(q_lens.sum())
+    q = jax.random.normal(kq, (num_real + pad_tokens, HQ, D), dtype)
+    if pad_tokens:
+        q = q.at[num_real:].set(jnp.nan)
+    cu = np.concatenate([[0], np.cumsum(q_lens), [num_real] * extra_slots]).astype(np.int32)
+    lens = np.concatenate([kv_lens, [0] * extra_slots]).astype(np.int32)
+    return (q, k_pages, v_pages, jnp.asarray(lens), jnp.asarray(table), jnp.asarray(cu),
             jnp.asarray(len(q_lens), jnp.int32))
 
 
@@ -102,32 +148,75 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
+def v3_config(batch: int, pages_per_seq: int, page: int = PAGE) -> TuningConfig:
+    """v3's decode launch (non-power-of-two splits aimed at 2 x 132 programs), for the before/after."""
+    ppb = min(max(1, 64 // page), 1 << max(0, (pages_per_seq - 1).bit_length()))
+    splits = min(max(1, -(-pages_per_seq // ppb)), max(1, -(-2 * NUM_SMS // (batch * HKV))))
+    return TuningConfig(block_q=1, pages_per_block=ppb, num_kv_splits=splits)
+
+
 def check_correctness(key) -> list[dict]:
     """Each kernel path against the jnp reference on the device (bf16, NaN-poisoned pool)."""
-    cases = [
-        ("mixed prefill+decode", [37, 1, 1, 130, 1], [300, 45, 1000, 130, 17], {}),
-        ("decode split-kv", [1] * 6, [5000, 17, 900, 2048, 33, 1], {}),
-        ("decode window 256", [1] * 4, [5000, 700, 100, 3000], dict(sliding_window=256)),
-        ("prefill window 100 + soft-cap", [200, 64], [700, 64], dict(sliding_window=100, soft_cap=30.0)),
+    rng = np.random.default_rng(7)
+    engine_kv = rng.integers(1, 2000, 240).tolist()
+    mix_q = [1, 0, 3, 1, 0, 1, 1, 2, 0, 1]
+    mix_kv = [700, 0, 40, 1, 0, 333, 64, 1500, 0, 17]
+    decode = lambda **kw: TuningConfig(block_q=1, **kw)
+    cases = [  # name, q_lens, kv_lens, batch options, kernel kwargs
+        ("mixed prefill+decode", [37, 1, 1, 130, 1], [300, 45, 1000, 130, 17], {}, {}),
+        ("decode split-kv", [1] * 6, [5000, 17, 900, 2048, 33, 1], {}, {}),
+        ("decode window 256", [1] * 4, [5000, 700, 100, 3000], {}, dict(sliding_window=256)),
+        ("prefill window 100 + soft-cap", [200, 64], [700, 64], {}, dict(sliding_window=100, soft_cap=30.0)),
+        ("engine decode 240 of 256 slots, 16 pad tokens", [1] * 240, engine_kv,
+         dict(pad_tokens=16, extra_slots=16, garbage_table=True), {}),
+        ("decode q_len 0/1/2/3 mix, T <= S, 3 pad tokens", mix_q, mix_kv,
+         dict(pad_tokens=3, extra_slots=4, garbage_table=True), {}),
+        ("decode split 3 (padded to 4) window 300 soft-cap", [1] * 5, [4000, 250, 1, 999, 2100],
+         dict(garbage_table=True), dict(sliding_window=300, soft_cap=20.0,
+                                        config=decode(pages_per_block=4, num_kv_splits=3))),
+        ("decode page 64, 2 pages (128 tokens)/block, 2 splits", [1] * 7, [3000, 64, 65, 1, 700, 128, 2500],
+         dict(page=64, garbage_table=True), dict(config=decode(pages_per_block=2, num_kv_splits=2))),
+        ("decode v3 path (lean_decode=False)", [1] * 6, [5000, 17, 900, 2048, 33, 1], {},
+         dict(lean_decode=False)),
     ]
     results = []
-    for name, q_lens, kv_lens, kw in cases:
+    for name, q_lens, kv_lens, batch_kw, kw in cases:
         key, sub = jax.random.split(key)
-        args = paged_batch(sub, q_lens, kv_lens)
+        args = paged_batch(sub, q_lens, kv_lens, **batch_kw)
+        q, k, v, lens, table, cu, ns = args
         out = ragged_paged_attention_pallas(*args, sm_scale=1 / math.sqrt(D), **kw)
-        ref = ragged_paged_attention_reference(*args, sm_scale=1 / math.sqrt(D), **kw)
-        err = rel_err(out, ref)
-        results.append(dict(case=name, rel_err=err, ok=bool(err < 2e-2)))
-        print(f"check {name:32s} rel_err={err:.2e} {'ok' if err < 2e-2 else 'FAIL'}", flush=True)
+        kw.pop("config", None), kw.pop("lean_decode", None)
+        safe = jnp.clip(table, 0, k.shape[0] - 1)  # the reference gathers every entry
+        ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=1 / math.sqrt(D), **kw))(
+            jnp.nan_to_num(q), k, v, lens, safe, cu, ns)
+        real = int(sum(q_lens))
+        err = rel_err(out[:real], ref[:real])
+        pad_zero = bool((np.asarray(out[real:], np.float32) == 0).all())
+        ok = bool(err < 2e-2 and pad_zero)
+        results.append(dict(case=name, rel_err=err, padding_rows_zero=pad_zero, ok=ok))
+        print(f"check {name:50s} rel_err={err:.2e} pad0={pad_zero} {'ok' if ok else 'FAIL'}", flush=True)
+    # The head-major variant of the decode path (layout comparison only) on the same data.
+    key, sub = jax.random.split(key)
+    args = paged_batch(sub, [1] * 6, [5000, 17, 900, 2048, 33, 1], garbage_table=True)
+    q, k, v, lens, table, cu, ns = args
+    cfg = TuningConfig(block_q=1, pages_per_block=4, num_kv_splits=4)
+    out = _decode_call(q, jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0), lens, table, cu, ns, sm_scale=0.1,
+                       sliding_window=None, soft_cap=None, config=cfg, interpret=INTERPRET, head_major=True)
+    ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=0.1))(
+        q, k, v, lens, jnp.clip(table, 0, k.shape[0] - 1), cu, ns)
+    err = rel_err(out, ref)
+    results.append(dict(case="head-major decode variant", rel_err=err, ok=bool(err < 2e-2)))
+    print(f"check {'head-major decode variant':50s} rel_err={err:.2e} {'ok' if err < 2e-2 else 'FAIL'}",
+          flush=True)
     return results
 
 
-def jax_paged_attention_best(q, k_hm, v_hm, table, lengths):
+def jax_paged_attention_best(q, k_hm, v_hm, table, lengths, chain=False):
     """JAX's Triton paged_attention over its head-major layout, best of a few block configs."""
     from jax.experimental.pallas.ops.gpu import paged_attention as jpa
     pages_per_seq = table.shape[1]
     best = None
-    for ppcb, splits in ((8, 16), (16, 8), (4, 16), (8, 4), (16, 16)):
+    for ppcb, splits in JAX_PA_CONFIGS:
         if pages_per_seq % splits or (pages_per_seq // splits) % min(ppcb, pages_per_seq // splits):
             continue
         fn = jax.jit(functools.partial(jpa.paged_attention, pages_per_compute_block=ppcb, k_splits=splits))
@@ -137,50 +226,67 @@ def jax_paged_attention_best(q, k_hm, v_hm, table, lengths):
             print(f"  jax paged_attention ppcb={ppcb} k_splits={splits}: {type(e).__name__}", flush=True)
             continue
         if best is None or t < best[0]:
-            best = (t, dict(pages_per_compute_block=ppcb, k_splits=splits))
-    return best
+            best = (t, dict(pages_per_compute_block=ppcb, k_splits=splits), fn)
+    if best is None:
+        return None
+    t, cfg, fn = best
+    return t, cfg, (chain_time(fn, q, k_hm, v_hm, table, lengths) if chain else None)
 
 
-def bench_decode(key, batch, ctx, window=None) -> dict:
+def bench_decode(key, batch, ctx, window=None, chain=False, variants=False, gqa=False, config=None) -> dict:
     kv_lens = [ctx] * batch
     args = paged_batch(key, [1] * batch, kv_lens, num_pages_extra=0, poison=False)
     q, k_pages, v_pages, kv_lens_a, table, cu, num_seqs = args
     kv_read = min(ctx, window or ctx)
     kv_bytes = 2 * batch * kv_read * HKV * D * 2
     sm_scale = 1 / math.sqrt(D)
-    fn = jax.jit(functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale, sliding_window=window))
-    cfg = choose_config(batch, batch, table.shape[1], HQ, HKV, PAGE)
-    row = dict(batch=batch, ctx=ctx, window=window, kv_bytes=kv_bytes, config=str(cfg))
+    default = choose_config(batch, batch, table.shape[1], HQ, HKV, PAGE)
+    cfg = config or default
+    old_cfg = v3_config(batch, table.shape[1])
+    row = dict(batch=batch, ctx=ctx, window=window, kv_bytes=kv_bytes, config=str(cfg),
+               choose_config=str(default), v3_config=str(old_cfg))
+    fn = jax.jit(functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale, sliding_window=window,
+                                   config=cfg))
+    old = jax.jit(functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale, sliding_window=window,
+                                    config=old_cfg, lean_decode=False))
     t = timeit(fn, *args)
     row.update(jpaged_us=t * 1e6, jpaged_tbps=kv_bytes / t / 1e12)
+    t = timeit(old, *args)
+    row.update(jpaged_v3_us=t * 1e6, jpaged_v3_tbps=kv_bytes / t / 1e12)
+    if chain:
+        for name, f in (("jpaged", fn), ("jpaged_v3", old)):
+            t = chain_time(f, *args)
+            row.update({f"{name}_chain_us": t * 1e6, f"{name}_chain_tbps": kv_bytes / t / 1e12})
     if window is not None:
         return row
-    for label, config in (("pages_per_block=8", dataclasses_replace(cfg, pages_per_block=8)),
-                          ("splits_x2", dataclasses_replace(cfg, num_kv_splits=min(
-                              2 * cfg.num_kv_splits, max(1, table.shape[1] // cfg.pages_per_block)))),
-                          ("num_warps=8", dataclasses_replace(cfg, num_warps=8))):
-        try:
-            alt = timeit(jax.jit(functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale,
-                                                   config=config)), *args)
-            row[f"jpaged_tbps[{label}]"] = kv_bytes / alt / 1e12
-        except Exception as e:
-            row[f"jpaged_tbps[{label}]"] = f"{type(e).__name__}"
+    if variants:
+        for label, config in (("pages_per_block=8", dataclasses.replace(cfg, pages_per_block=8)),
+                              ("num_stages=3", dataclasses.replace(cfg, num_stages=3)),
+                              ("num_warps=8", dataclasses.replace(cfg, num_warps=8))):
+            try:
+                alt = timeit(jax.jit(functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale,
+                                                       config=config)), *args)
+                row[f"jpaged_tbps[{label}]"] = kv_bytes / alt / 1e12
+            except Exception as e:
+                row[f"jpaged_tbps[{label}]"] = f"{type(e).__name__}"
     # Baselines: the same KV in JAX paged_attention's head-major layout, and contiguous.
     k_hm, v_hm = jnp.moveaxis(k_pages, 2, 0), jnp.moveaxis(v_pages, 2, 0)
-    best = jax_paged_attention_best(q, k_hm, v_hm, table, kv_lens_a)
+    best = jax_paged_attention_best(q, k_hm, v_hm, table, kv_lens_a, chain=chain)
     del k_hm, v_hm
     if best is not None:
         row.update(jax_paged_us=best[0] * 1e6, jax_paged_tbps=kv_bytes / best[0] / 1e12,
                    jax_paged_config=best[1])
-    try:
-        from jax.experimental.pallas.ops.gpu import decode_attention
-        k_c = jax.random.normal(key, (batch, ctx, HKV, D), DTYPE)
-        fn = jax.jit(functools.partial(decode_attention.gqa, sm_scale=sm_scale))
-        t = timeit(fn, q, k_c, k_c)
-        row.update(jax_gqa_us=t * 1e6, jax_gqa_tbps=kv_bytes / t / 1e12)
-        del k_c
-    except Exception as e:
-        row["jax_gqa_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        if best[2] is not None:
+            row.update(jax_paged_chain_us=best[2] * 1e6, jax_paged_chain_tbps=kv_bytes / best[2] / 1e12)
+    if gqa:
+        try:
+            from jax.experimental.pallas.ops.gpu import decode_attention
+            k_c = jax.random.normal(key, (batch, ctx, HKV, D), DTYPE)
+            t = timeit(jax.jit(functools.partial(decode_attention.gqa, sm_scale=sm_scale)), q, k_c, k_c)
+            row.update(jax_gqa_us=t * 1e6, jax_gqa_tbps=kv_bytes / t / 1e12)
+            del k_c
+        except Exception as e:
+            row["jax_gqa_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     try:
         import torch
         import torch.nn.functional as F
@@ -193,15 +299,155 @@ def bench_decode(key, batch, ctx, window=None) -> dict:
         torch.cuda.empty_cache()
     except Exception as e:
         row["torch_sdpa_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    for base in ("jax_paged", "jax_gqa", "torch_sdpa"):
+    for base in ("jpaged_v3", "jax_paged", "jax_gqa", "torch_sdpa"):
         if f"{base}_us" in row:
             row[f"speedup_vs_{base}"] = row[f"{base}_us"] / row["jpaged_us"]
+    if "jax_paged_chain_us" in row:
+        row["chain_speedup_vs_jax_paged"] = row["jax_paged_chain_us"] / row["jpaged_chain_us"]
     return row
 
 
-def dataclasses_replace(cfg, **kw):
-    import dataclasses
-    return dataclasses.replace(cfg, **kw)
+def _pow2_up_to(limit: int):
+    x = 1
+    while x <= limit:
+        yield x
+        x *= 2
+
+
+def bench_sweep(key, shapes=SWEEP_SHAPES, rows=None, on_row=lambda: None) -> list[dict]:
+    """Decode launch configs by chained device time: split counts at 4 pages (64 tokens) per block first
+    (1, and powers of two while tokens x kv heads x splits <= 2048), then 8 pages per block and 3
+    pipeline stages at the best split count. Appends each shape's row to `rows` as it finishes."""
+    sm_scale = 1 / math.sqrt(D)
+    rows = [] if rows is None else rows
+    for batch, ctx in shapes:
+        key, sub = jax.random.split(key)
+        args = paged_batch(sub, [1] * batch, [ctx] * batch, num_pages_extra=0, poison=False)
+        kv_bytes = 2 * batch * ctx * HKV * D * 2
+        pages = ctx // PAGE
+        row = dict(batch=batch, ctx=ctx, default=str(choose_config(batch, batch, pages, HQ, HKV, PAGE)),
+                   results=[])
+
+        def measure(cfg):
+            fn = functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale, config=cfg)
+            try:
+                t = chain_time(fn, *args)
+                entry = dict(ppb=cfg.pages_per_block, splits=cfg.num_kv_splits, warps=cfg.num_warps,
+                             stages=cfg.num_stages, chain_us=t * 1e6, chain_tbps=kv_bytes / t / 1e12)
+            except Exception as e:
+                entry = dict(config=str(cfg), error=f"{type(e).__name__}: {str(e)[:200]}")
+            row["results"].append(entry)
+            print(f"  sweep {batch}x{ctx} {entry}", flush=True)
+            return entry.get("chain_us", float("inf"))
+
+        base = TuningConfig(block_q=1, pages_per_block=4)
+        max_splits = max(1, min(64, pages // 4, 2048 // (batch * HKV)))
+        timed = {s: measure(dataclasses.replace(base, num_kv_splits=s)) for s in _pow2_up_to(max_splits)}
+        best = dataclasses.replace(base, num_kv_splits=min(timed, key=timed.get))
+        for kw in (dict(pages_per_block=8), dict(num_stages=3)):
+            if pages // kw.get("pages_per_block", 4) >= best.num_kv_splits:
+                measure(dataclasses.replace(best, **kw))
+        ok = [r for r in row["results"] if "chain_us" in r]
+        row["best"] = min(ok, key=lambda r: r["chain_us"]) if ok else None
+        rows.append(row)
+        on_row()
+    return rows
+
+
+def sweep_best_configs(sweep_rows) -> dict:
+    """(batch, ctx) -> the sweep's fastest TuningConfig."""
+    best = {}
+    for row in sweep_rows or []:
+        b = row.get("best") if isinstance(row, dict) else None
+        if b:
+            best[(row["batch"], row["ctx"])] = TuningConfig(block_q=1, pages_per_block=b["ppb"],
+                                                            num_kv_splits=b["splits"], num_warps=b["warps"],
+                                                            num_stages=b["stages"])
+    return best
+
+
+def bench_layout(key, shapes=LAYOUT_SHAPES, configs=None) -> list[dict]:
+    """The decode path over token-major [N, page, Hkv, D] vs head-major [Hkv, N, page, D] pools, at
+    pages of 16 and 64 tokens: the same kv tokens per step and splits in all four (the sweep's best
+    config for the shape where there is one, else choose_config's)."""
+    configs = configs or {}
+    sm_scale = 1 / math.sqrt(D)
+    rows = []
+    for batch, ctx in shapes:
+        kv_bytes = 2 * batch * ctx * HKV * D * 2
+        row = dict(batch=batch, ctx=ctx)
+        for page in (16, 64):
+            key, sub = jax.random.split(key)
+            args = paged_batch(sub, [1] * batch, [ctx] * batch, num_pages_extra=0, poison=False, page=page)
+            q, k, v, lens, table, cu, ns = args
+            cfg = configs.get((batch, ctx)) or choose_config(batch, batch, ctx // 16, HQ, HKV, 16)
+            cfg = dataclasses.replace(cfg, pages_per_block=max(1, cfg.pages_per_block * 16 // page))
+            row[f"config_page{page}"] = str(cfg)
+            outs = {}
+            for layout in ("token_major", "head_major"):
+                hm = layout == "head_major"
+                kk, vv = (jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0)) if hm else (k, v)
+                fn = jax.jit(functools.partial(_decode_call, sm_scale=sm_scale, sliding_window=None,
+                                               soft_cap=None, config=cfg, interpret=INTERPRET, head_major=hm))
+                try:
+                    t = timeit(fn, q, kk, vv, lens, table, cu, ns)
+                    outs[layout] = fn(q, kk, vv, lens, table, cu, ns)
+                    row[f"{layout}_page{page}_us"] = t * 1e6
+                    row[f"{layout}_page{page}_tbps"] = kv_bytes / t / 1e12
+                except Exception as e:
+                    row[f"{layout}_page{page}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                del kk, vv
+            if len(outs) == 2:
+                row[f"page{page}_layouts_max_abs_diff"] = float(jnp.max(jnp.abs(
+                    outs["token_major"].astype(jnp.float32) - outs["head_major"].astype(jnp.float32))))
+            del args, q, k, v, outs
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def bench_window(key, batch=16, ctx=32768, window=4096, rounds=31, reps=20) -> dict:
+    """Window 4096 at ctx 32k vs no window at ctx 4k (same bytes), interleaved: each round times every
+    function once (`reps` back-to-back calls), the order alternating; medians over the rounds. Both the
+    current decode path and v3's (`_v3`)."""
+    sm_scale = 1 / math.sqrt(D)
+    k1, k2 = jax.random.split(key)
+    win = paged_batch(k1, [1] * batch, [ctx] * batch, num_pages_extra=0, poison=False)
+    base = paged_batch(k2, [1] * batch, [window] * batch, num_pages_extra=0, poison=False)
+    fns = {}
+    for path, extra in (("", {}), ("_v3", "v3")):
+        for name, args, w in (("windowed_32k", win, window), ("unwindowed_4k", base, None)):
+            kw = dict(sm_scale=sm_scale, sliding_window=w)
+            if extra:
+                kw.update(lean_decode=False, config=v3_config(batch, args[4].shape[1]))
+            fns[name + path] = (jax.jit(functools.partial(ragged_paged_attention_pallas, **kw)), args)
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            fn, args = fns[name]
+            t = time.perf_counter()
+            for _ in range(reps):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - t) / reps)
+    kv_bytes = 2 * batch * window * HKV * D * 2
+    row = dict(batch=batch, ctx=ctx, window=window, rounds=rounds, reps=reps, kv_bytes=kv_bytes)
+    for name, ts in times.items():
+        row[f"{name}_median_us"] = statistics.median(ts) * 1e6
+        row[f"{name}_min_us"] = min(ts) * 1e6
+        row[f"{name}_tbps"] = kv_bytes / statistics.median(ts) / 1e12
+    for path in ("", "_v3"):
+        w, u = times["windowed_32k" + path], times["unwindowed_4k" + path]
+        row["ratio" + path] = statistics.median(w) / statistics.median(u)
+        row["ratio_per_round_median" + path] = statistics.median(a / b for a, b in zip(w, u))
+        q = statistics.quantiles([a / b for a, b in zip(w, u)], n=4)
+        row["ratio_per_round_iqr" + path] = [q[0], q[2]]
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def bench_prefill(key, batch=4, seq=4096) -> dict:
@@ -287,42 +533,81 @@ def bench_kv_write(key, num_tokens=256) -> list[dict]:
     return rows
 
 
+def parse_shapes(text: str):
+    return [tuple(int(x) for x in item.lower().split("x")) for item in text.split(",") if item]
+
+
 def decode_shapes(quick: bool):
     batches, ctxs = ((1, 64), (2048, 32768)) if quick else ((1, 16, 64, 256), (512, 2048, 8192, 32768))
-    return [(b, c) for b in batches for c in ctxs if b * c <= MAX_DECODE_TOKENS]
+    shapes = [(b, c) for b in batches for c in ctxs if b * c <= MAX_DECODE_TOKENS]
+    if not quick:  # the engine's decode steps: batch ~240 at ctx ~700
+        shapes += [(128, 1024), (256, 1024)]
+    return sorted(shapes)
 
 
 def print_table(result: dict) -> None:
     print("\n== decode (KV TB/s; copy ceiling %.1f) ==" % COPY_TBPS)
-    print(f"{'B':>4} {'ctx':>6} {'jpaged':>7} {'jaxPA':>7} {'gqa':>7} {'sdpa':>7} {'x jaxPA':>8} {'x sdpa':>7}")
-    for r in result["decode"]:
+    print(f"{'B':>4} {'ctx':>6} {'jpaged':>7} {'v3':>7} {'jaxPA':>7} {'sdpa':>7} {'x jaxPA':>8} {'x sdpa':>7}"
+          f" {'chain':>7} {'v3 ch':>7} {'jaxPA ch':>8}")
+    for r in result.get("decode", []):
         if "error" in r:
             print(f"{r['batch']:>4} {r['ctx']:>6} error {r['error'][:60]}")
             continue
-        f = lambda k: f"{r[k]:7.2f}" if isinstance(r.get(k), float) else f"{'-':>7}"
-        print(f"{r['batch']:>4} {r['ctx']:>6} {f('jpaged_tbps')} {f('jax_paged_tbps')} {f('jax_gqa_tbps')} "
-              f"{f('torch_sdpa_tbps')} {r.get('speedup_vs_jax_paged', float('nan')):8.2f} "
-              f"{r.get('speedup_vs_torch_sdpa', float('nan')):7.2f}")
-    for key in ("window", "prefill", "mixed", "kv_write"):
-        print(f"\n== {key} ==\n{json.dumps(result.get(key), indent=1, default=str)}")
+        f = lambda k, w=7: f"{r[k]:{w}.2f}" if isinstance(r.get(k), float) else f"{'-':>{w}}"
+        print(f"{r['batch']:>4} {r['ctx']:>6} {f('jpaged_tbps')} {f('jpaged_v3_tbps')} {f('jax_paged_tbps')} "
+              f"{f('torch_sdpa_tbps')} {f('speedup_vs_jax_paged', 8)} {f('speedup_vs_torch_sdpa')} "
+              f"{f('jpaged_chain_tbps')} {f('jpaged_v3_chain_tbps')} {f('jax_paged_chain_tbps', 8)}")
+    for key in ("window", "layout", "sweep", "prefill", "mixed", "kv_write"):
+        if key in result:
+            print(f"\n== {key} ==\n{json.dumps(result.get(key), indent=1, default=str)}")
 
 
-def run(section: str, fn, *args):
+def run(section: str, fn, *args, **kwargs):
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception as e:
         traceback.print_exc()
         return dict(error=f"{section}: {type(e).__name__}: {str(e)[:300]}")
+
+
+SECTIONS = ("checks", "sweep", "decode", "window", "layout", "prefill", "mixed", "kv_write")
+DEFAULT_SECTIONS = ("checks", "decode", "window", "prefill", "mixed", "kv_write")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     parser.add_argument("--quick", action="store_true", help="a few decode shapes only")
-    parser.add_argument("--skip", default="", help="comma list of sections to skip: "
-                        "decode,window,prefill,mixed,kv_write")
+    parser.add_argument("--only", default="", help=f"comma list of sections to run: {','.join(SECTIONS)} "
+                        f"(default: {','.join(DEFAULT_SECTIONS)})")
+    parser.add_argument("--skip", default="", help="comma list of sections to skip")
+    parser.add_argument("--shapes", default="", help="decode shapes, e.g. 16x512,256x1024")
+    parser.add_argument("--sweep-shapes", default="", help="sweep shapes (default: SWEEP_SHAPES)")
+    parser.add_argument("--layout-shapes", default="", help="layout shapes (default: LAYOUT_SHAPES)")
+    parser.add_argument("--chain", action="store_true",
+                        help=f"also time decode chained ({CHAIN_LEN} calls per jit) up to B x ctx "
+                             f"{CHAIN_MAX_TOKENS}")
+    parser.add_argument("--variants", action="store_true", help="decode: a few launch variants per shape")
+    parser.add_argument("--gqa", action="store_true", help="decode: JAX decode_attention.gqa baseline too")
+    parser.add_argument("--all-jax-configs", action="store_true",
+                        help="JAX paged_attention: all five block configs of v1-v3, not the three winners")
+    parser.add_argument("--tag", default="", help="suffix of the JSON file name")
+    parser.add_argument("--window-shape", default="16x32768x4096", help="window: batch x ctx x window")
+    parser.add_argument("--interpret", action="store_true",
+                        help="CPU dry run of this script: jpaged kernels in interpret mode (use tiny shapes)")
     args = parser.parse_args()
-    skip = set(filter(None, args.skip.split(",")))
+    sections = [s for s in (args.only.split(",") if args.only else DEFAULT_SECTIONS)
+                if s and s not in set(args.skip.split(","))]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
+    if args.interpret:
+        global ragged_paged_attention_pallas, INTERPRET
+        ragged_paged_attention_pallas = functools.partial(ragged_paged_attention_pallas, interpret=True)
+        INTERPRET = True
+    if args.all_jax_configs:
+        global JAX_PA_CONFIGS
+        JAX_PA_CONFIGS = ((8, 16), (16, 8), (4, 16), (8, 4), (16, 16))
     key = jax.random.key(0)
     device = jax.devices()[0]
     result = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
@@ -335,39 +620,52 @@ def main() -> int:
     except ImportError:
         result["torch"] = None
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"kernels_{device.platform}_{time.strftime('%Y%m%d_%H%M%S')}.json")
+    path = os.path.join(args.out, f"kernels_{device.platform}{args.tag}_{time.strftime('%Y%m%d_%H%M%S')}.json")
 
-    def save():  # after every section, so a run cut short still leaves its numbers
+    def save():  # after every section and decode row, so a run cut short still leaves its numbers
         with open(path, "w") as f:
             json.dump(result, f, indent=1, default=str)
 
-    result["checks"] = run("checks", check_correctness, key)
-    save()
-    if "decode" not in skip:
-        result["decode"] = []
-        for batch, ctx in decode_shapes(args.quick):
-            key, sub = jax.random.split(key)
-            row = run("decode", bench_decode, sub, batch, ctx)
-            row.setdefault("batch", batch)
-            row.setdefault("ctx", ctx)
-            print(json.dumps(row, default=str), flush=True)
-            result["decode"].append(row)
-            save()
-    if "window" not in skip:
-        result["window"] = dict(windowed_32k=run("window", bench_decode, key, 16, 32768, 4096),
-                                unwindowed_4k=run("window", bench_decode, key, 16, 4096))
-        w = result["window"]
-        if "jpaged_us" in w["windowed_32k"] and "jpaged_us" in w["unwindowed_4k"]:
-            w["ratio"] = w["windowed_32k"]["jpaged_us"] / w["unwindowed_4k"]["jpaged_us"]
+    t_start = time.perf_counter()
+    for section in sections:
+        t0 = time.perf_counter()
+        if section == "checks":
+            result["checks"] = run("checks", check_correctness, key)
+        elif section == "decode":
+            result["decode"] = []
+            for batch, ctx in (parse_shapes(args.shapes) or decode_shapes(args.quick)):
+                key, sub = jax.random.split(key)
+                row = run("decode", bench_decode, sub, batch, ctx, chain=args.chain and
+                          batch * ctx <= CHAIN_MAX_TOKENS, variants=args.variants, gqa=args.gqa,
+                          config=sweep_best_configs(result.get("sweep")).get((batch, ctx)))
+                row.setdefault("batch", batch)
+                row.setdefault("ctx", ctx)
+                print(json.dumps(row, default=str), flush=True)
+                result["decode"].append(row)
+                save()
+        elif section == "window":
+            batch, ctx, window = (int(x) for x in args.window_shape.split("x"))
+            result["window"] = run("window", bench_window, key, batch, ctx, window)
+        elif section == "layout":
+            result["layout"] = run("layout", bench_layout, key,
+                                   parse_shapes(args.layout_shapes) or LAYOUT_SHAPES,
+                                   sweep_best_configs(result.get("sweep")))
+        elif section == "sweep":
+            result["sweep"] = []
+            out = run("sweep", bench_sweep, key, parse_shapes(args.sweep_shapes) or SWEEP_SHAPES,
+                      result["sweep"], save)
+            if isinstance(out, dict):  # an error
+                result["sweep"].append(out)
+        elif section == "prefill":
+            result["prefill"] = run("prefill", bench_prefill, key)
+        elif section == "mixed":
+            result["mixed"] = run("mixed", bench_mixed, key)
+        elif section == "kv_write":
+            result["kv_write"] = run("kv_write", bench_kv_write, key)
+        result.setdefault("section_seconds", {})[section] = round(time.perf_counter() - t0, 1)
+        print(f"== section {section}: {time.perf_counter() - t0:.1f} s (total {time.perf_counter() - t_start:.1f})",
+              flush=True)
         save()
-    if "prefill" not in skip:
-        result["prefill"] = run("prefill", bench_prefill, key)
-        save()
-    if "mixed" not in skip:
-        result["mixed"] = run("mixed", bench_mixed, key)
-    if "kv_write" not in skip:
-        result["kv_write"] = run("kv_write", bench_kv_write, key)
-    save()
     print_table(result)
     print(f"wrote {path}")
     return 0

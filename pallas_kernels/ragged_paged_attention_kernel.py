@@ -1,13 +1,22 @@
-"""Ragged paged attention as one Pallas kernel (Triton lowering on GPU, `interpret=True` on CPU).
+"""Ragged paged attention as Pallas kernels (Triton lowering on GPU, `interpret=True` on CPU).
 
-One program computes one work item (a block of `block_q` new tokens of one sequence) for one kv head
-and one split of its kv range. Rows are packed tokens x q-heads-per-kv-head (GQA), so a decode token of
-a 32/8 model gives 4 real rows, padded to the 16 a matmul needs. The kv loop walks
-`pages_per_block` pages at a time through the page table and starts at the first page the window
-reaches, so pages wholly outside a sliding window are never read. With `num_kv_splits > 1`
-(flash-decoding) each split writes its normalised partial output and log-sum-exp, merged in `jnp`.
+Two launches share one set of semantics (`ragged_paged_attention.py`):
 
-Semantics, layout and the oracle: `ragged_paged_attention.py`.
+- Decode path (`block_q == 1`, what `choose_config` picks for decode-shaped batches, T <= S): one
+  program per (token, kv head, kv split). It finds its token's sequence itself (one compare of t against
+  `cu_q_lens`, so any q_len mix is exact), reads q straight from `[T, Hq, D]`, the page table with a
+  masked load and K/V rows with masked loads (stale slots and pages outside the range are never
+  fetched), and stores its `group` rows of the output directly. No work list, no padding copies, no
+  zeroed output, no scatter: one launch, and with `num_kv_splits > 1` (flash-decoding) a second tiny
+  Pallas kernel merges the splits' partial outputs by log-sum-exp and writes `[T, Hq, D]`.
+- Work-list path (`block_q > 1`, prefill-shaped batches; also the v3 decode path behind
+  `lean_decode=False`, kept for A/B timing): one program per work item (`block_q` new tokens of one
+  sequence) x kv head x kv split. Rows are packed tokens x q-heads-per-kv-head (GQA). The kv loop walks
+  `pages_per_block` pages at a time through the page table; blocks wholly below the causal diagonal take
+  an unmasked body.
+
+Both start the kv loop at the first page the window reaches, so pages wholly outside a sliding window
+are never read.
 """
 from __future__ import annotations
 
@@ -25,6 +34,9 @@ from pallas_kernels.ragged_paged_attention import DEFAULT_MASK_VALUE
 
 NUM_SMS = 132                 # H100 SXM; the split heuristic aims for a few waves over them
 MIN_DOT_ROWS = 16             # Triton's smallest matmul M
+DECODE_TARGET_PROGRAMS = 2 * NUM_SMS   # decode splits kv until (tokens x kv heads x splits) reaches this
+MIN_BLOCKS_PER_SPLIT = 4               # ... but beyond one program per SM, not into shorter splits
+MERGE_NUM_WARPS = 4           # the split-merge kernel (one token x one kv head per program)
 _LOG2E = math.log2(math.e)
 
 
@@ -55,6 +67,10 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+def _prev_pow2(x: int) -> int:
+    return 1 << max(0, x.bit_length() - 1)
+
+
 def padded_group(num_q_heads: int, num_kv_heads: int, block_q: int) -> int:
     """q heads per kv head, padded to a power of two so that block_q x group >= MIN_DOT_ROWS."""
     group = _next_pow2(num_q_heads // num_kv_heads)
@@ -63,14 +79,21 @@ def padded_group(num_q_heads: int, num_kv_heads: int, block_q: int) -> int:
 
 def choose_config(num_tokens: int, num_seqs: int, pages_per_seq: int, num_q_heads: int,
                   num_kv_heads: int, page_size: int) -> TuningConfig:
-    """Pick the launch from the static shapes: decode-shaped batches (T <= S) split kv over programs."""
-    pages_per_block = max(1, 64 // page_size)
+    """Pick the launch from the static shapes; measured on H100 (README, v4 sweep).
+
+    Decode-shaped batches (T <= S): 64-token kv blocks, 4 warps, 2 stages, and kv split over programs
+    (a power of two) until tokens x kv heads x splits reaches 2 per SM, but past one per SM only while
+    every split keeps >= MIN_BLOCKS_PER_SPLIT blocks (16 x 512: 2 splits, not 4; 16 x 8k: 4)."""
     if num_tokens <= num_seqs:
+        pages_per_block = min(max(1, 64 // page_size), _next_pow2(pages_per_seq))
         programs = num_tokens * num_kv_heads
-        max_splits = max(1, pl.cdiv(pages_per_seq, pages_per_block))
-        splits = min(max_splits, max(1, pl.cdiv(2 * NUM_SMS, programs)))
-        return TuningConfig(block_q=1, pages_per_block=min(pages_per_block, _next_pow2(pages_per_seq)),
-                            num_kv_splits=splits, num_warps=4, num_stages=2)
+        blocks = pl.cdiv(pages_per_seq, pages_per_block)
+        target = _next_pow2(pl.cdiv(DECODE_TARGET_PROGRAMS, programs))
+        fill = _next_pow2(pl.cdiv(NUM_SMS, programs))      # every SM busy once, however short the splits
+        splits = min(_prev_pow2(blocks), target,
+                     max(fill, _prev_pow2(max(1, blocks // MIN_BLOCKS_PER_SPLIT))))
+        return TuningConfig(block_q=1, pages_per_block=pages_per_block, num_kv_splits=splits,
+                            num_warps=4, num_stages=2)
     # Prefill: 128 rows x 128 kv tokens, 8 warps, 3 stages (best of the variants in bench/kernels.py).
     group = _next_pow2(num_q_heads // num_kv_heads)
     return TuningConfig(block_q=max(1, 128 // group), pages_per_block=max(1, 128 // page_size),
@@ -213,6 +236,171 @@ def _merge_splits(o_part: jax.Array, lse: jax.Array) -> jax.Array:
     return jnp.einsum("whkm,whkmd->whmd", weights, o_part)
 
 
+_SEQ_CHUNK = 256   # cu_q_lens entries compared per vector in the decode kernel's sequence lookup
+
+
+def _decode_kernel(
+    # inputs
+    cu_q_lens_ref,   # [S + 1] int32
+    kv_lens_ref,     # [S] int32
+    num_seqs_ref,    # [1] int32
+    page_table_ref,  # [S, P] int32, read with masked loads (entries past a range are never used)
+    q_ref,           # [T, Hq, D]
+    k_ref,           # [N * page_size, Hkv, D] (token-major pool, flattened) or [Hkv, N * page_size, D]
+    v_ref,           # same as k_ref
+    # outputs
+    *out_refs,       # one split: o [T, Hq, D]; else o_part [T * Hkv * Kp * Gq, D] f32, lse [T * Hkv * Kp * Gq]
+    sm_scale: float, sliding_window: int | None, soft_cap: float | None, page_size: int,
+    pages_per_block: int, num_kv_splits: int, splits_p: int, group: int, group_p: int, group_q: int,
+    head_major: bool, exact: bool,
+):
+    """One token x one kv head x one kv split; rows = the kv head's q heads, padded to `group_p`."""
+    t, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    num_slots = kv_lens_ref.shape[0]
+    head_dim = q_ref.shape[2]
+    num_kv_heads = k_ref.shape[0] if head_major else k_ref.shape[1]
+    block_kv = pages_per_block * page_size
+
+    # Token t belongs to sequence #{s' in 1..num_seqs : cu_q_lens[s'] <= t} (cu_q_lens is nondecreasing);
+    # that count reaches num_seqs exactly for padding tokens. Any q_len (0, 1 or more) is handled.
+    num_seqs = jnp.minimum(num_seqs_ref[0], num_slots)
+    chunk = min(_next_pow2(num_slots), _SEQ_CHUNK)
+    seq = jnp.int32(0)
+    for c in range(0, num_slots, chunk):
+        j = c + 1 + lax.iota(jnp.int32, chunk)
+        ends = cu_q_lens_ref[jnp.minimum(j, num_slots)]
+        seq += jnp.sum(((j <= num_seqs) & (ends <= t)).astype(jnp.int32))
+    real = seq < num_seqs
+    s = jnp.minimum(seq, num_slots - 1)
+    q_start, q_end = cu_q_lens_ref[s], cu_q_lens_ref[s + 1]
+    pos = kv_lens_ref[s] - (q_end - q_start) + (t - q_start)              # this token's position
+    hi_tok = jnp.where(real, pos + 1, 0)                                   # padding: empty kv range
+    lo_tok = 0 if sliding_window is None else jnp.maximum(pos - sliding_window + 1, 0)
+    lo_page, hi_page = lo_tok // page_size, pl.cdiv(hi_tok, page_size)
+    per_split = pl.cdiv(jnp.maximum(hi_page - lo_page, 0), num_kv_splits)
+    split_lo = lo_page + split * per_split                                 # splits >= K get nothing
+    split_hi = jnp.minimum(hi_page, split_lo + per_split)
+    split_hi_tok = jnp.minimum(hi_tok, split_hi * page_size)
+
+    # q rows h*group .. h*group + group - 1 of token t; the padding rows load zeros and are never stored.
+    row = lax.broadcasted_iota(jnp.int32, (group_p, head_dim), 0)
+    q = pltriton.load(q_ref.at[t, pl.ds(h * group, group_p), :], mask=row < group, other=0)
+
+    kv_iota = lax.iota(jnp.int32, block_kv)
+    d_iota = lax.iota(jnp.int32, head_dim)[None, :]
+    in_page = lax.broadcasted_iota(jnp.int32, (pages_per_block, page_size), 1)
+
+    def body(j, carry):
+        acc, m_prev, l_prev = carry                                        # [M, D], [M, 1], [M, 1]
+        page0 = split_lo + j * pages_per_block
+        pages = pltriton.load(page_table_ref.at[s, pl.ds(page0, pages_per_block)],
+                              mask=page0 + lax.iota(jnp.int32, pages_per_block) < split_hi, other=0)
+        slot = (pages[:, None] * page_size + in_page).reshape(block_kv, 1)  # pool row of each kv token
+        kv_pos = page0 * page_size + kv_iota
+        kv_valid = (kv_pos >= lo_tok) & (kv_pos < split_hi_tok)            # [BK]
+        # Masked loads: rows outside the range (stale slots may hold NaN) are never fetched, they read 0.
+        index = (h, slot, d_iota) if head_major else (slot, h, d_iota)
+        k = pltriton.load(k_ref.at[index], mask=kv_valid[:, None], other=0)     # [BK, D]
+        v = pltriton.load(v_ref.at[index], mask=kv_valid[:, None], other=0)     # [BK, D]
+        scores = _dot(q, k, ((1,), (1,)), exact) * sm_scale                # [M, BK]
+        if soft_cap is not None:
+            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        # Every block holds at least one valid column, so masked columns get exp2(-huge) = 0 exactly.
+        scores = jnp.where(kv_valid[None, :], scores, DEFAULT_MASK_VALUE)
+        m_next = jnp.maximum(m_prev, scores.max(axis=1, keepdims=True))
+        correction = jnp.exp2((m_prev - m_next) * _LOG2E)
+        p = jnp.exp2((scores - m_next) * _LOG2E)
+        l_next = correction * l_prev + p.sum(axis=1, keepdims=True)
+        pv = _dot(p.astype(v.dtype), v, ((1,), (0,)), exact)                # [M, D]
+        return acc * correction + pv, m_next, l_next
+
+    init = (jnp.zeros((group_p, head_dim), jnp.float32),
+            jnp.full((group_p, 1), DEFAULT_MASK_VALUE, jnp.float32),
+            jnp.zeros((group_p, 1), jnp.float32))
+    num_blocks = pl.cdiv(jnp.maximum(split_hi - split_lo, 0), pages_per_block)
+    acc, m, l = lax.fori_loop(0, num_blocks, body, init)
+    out = acc / jnp.maximum(l, 1e-30)                                      # empty range: zeros
+
+    if num_kv_splits == 1:
+        (o_ref,) = out_refs
+        pltriton.store(o_ref.at[t, pl.ds(h * group, group_p), :], out.astype(o_ref.dtype),
+                       mask=row < group)
+    else:
+        o_part_ref, lse_ref = out_refs
+        base = ((t * num_kv_heads + h) * splits_p + split) * group_q
+        pltriton.store(o_part_ref.at[pl.ds(base, group_p), :], out, mask=row < group_q)
+        lse = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), DEFAULT_MASK_VALUE).reshape(group_p)
+        pltriton.store(lse_ref.at[pl.ds(base, group_p)], lse,
+                       mask=lax.iota(jnp.int32, group_p) < group_q)
+
+
+def _merge_kernel(o_part_ref, lse_ref, o_ref, *, num_kv_heads: int, splits_p: int, group: int,
+                  group_q: int):
+    """One token x one kv head: log-sum-exp merge of the splits' normalised outputs, stored as [T, Hq, D]."""
+    t, h = pl.program_id(0), pl.program_id(1)
+    head_dim = o_ref.shape[2]
+    n = splits_p * group_q
+    base = (t * num_kv_heads + h) * n
+    lse = lse_ref[pl.ds(base, n)].reshape(splits_p, group_q)
+    parts = o_part_ref[pl.ds(base, n), :].reshape(splits_p, group_q, head_dim)
+    weights = jnp.exp(lse - lse.max(axis=0, keepdims=True))               # empty splits: exp(-huge) = 0
+    out = (weights[:, :, None] * parts).sum(axis=0) / weights.sum(axis=0)[:, None]
+    row = lax.broadcasted_iota(jnp.int32, (group_q, head_dim), 0)
+    pltriton.store(o_ref.at[t, pl.ds(h * group, group_q), :], out.astype(o_ref.dtype), mask=row < group)
+
+
+def _decode_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float,
+                 sliding_window: int | None, soft_cap: float | None, config: TuningConfig,
+                 interpret: bool, head_major: bool = False) -> jax.Array:
+    """The decode path: one launch (plus the merge launch when kv is split). Pools are
+    `[N, page_size, Hkv, D]`, or `[Hkv, N, page_size, D]` with `head_major=True` (bench/kernels.py's
+    layout comparison; the public API takes the token-major layout only)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    if head_major:
+        num_kv_heads, num_pages, page_size, _ = k_pages.shape
+        flat = (num_kv_heads, num_pages * page_size, head_dim)
+    else:
+        num_pages, page_size, num_kv_heads, _ = k_pages.shape
+        flat = (num_pages * page_size, num_kv_heads, head_dim)
+    group = num_q_heads // num_kv_heads
+    group_p = padded_group(num_q_heads, num_kv_heads, 1)
+    group_q = _next_pow2(group)
+    splits = config.num_kv_splits
+    splits_p = _next_pow2(splits)
+    if splits == 1:
+        out_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    else:
+        rows = num_tokens * num_kv_heads * splits_p * group_q
+        out_shape = (jax.ShapeDtypeStruct((rows, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((rows,), jnp.float32))
+    kernel = functools.partial(
+        _decode_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        page_size=page_size, pages_per_block=config.pages_per_block, num_kv_splits=splits,
+        splits_p=splits_p, group=group, group_p=group_p, group_q=group_q, head_major=head_major,
+        exact=q.dtype == jnp.float32)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(num_tokens, num_kv_heads, splits_p if splits > 1 else 1),
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="jpaged_paged_decode",
+    )(cu_q_lens, kv_lens, jnp.reshape(num_seqs, (1,)).astype(jnp.int32), page_table, q,
+      k_pages.reshape(flat), v_pages.reshape(flat))
+    if splits == 1:
+        return out
+    merge = functools.partial(_merge_kernel, num_kv_heads=num_kv_heads, splits_p=splits_p, group=group,
+                              group_q=group_q)
+    return pl.pallas_call(
+        merge,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(num_tokens, num_kv_heads),
+        compiler_params=pltriton.CompilerParams(num_warps=MERGE_NUM_WARPS, num_stages=1),
+        interpret=interpret,
+        name="jpaged_paged_decode_merge",
+    )(*out)
+
+
 def static_validate_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs) -> None:
     """Trace-time checks of every operand; ValueError names the operand, NotImplementedError the limit."""
     if q.ndim != 3:
@@ -248,7 +436,7 @@ def static_validate_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "config",
-                                              "interpret"))
+                                              "interpret", "lean_decode"))
 def ragged_paged_attention_pallas(
     q: jax.Array,           # [T, Hq, D]
     k_pages: jax.Array,     # [N, page_size, Hkv, D]
@@ -263,6 +451,7 @@ def ragged_paged_attention_pallas(
     soft_cap: float | None = None,
     config: TuningConfig | None = None,
     interpret: bool = False,
+    lean_decode: bool = True,
 ) -> jax.Array:
     """Ragged paged attention (semantics in `ragged_paged_attention.py`) as a Pallas kernel.
 
@@ -276,6 +465,8 @@ def ragged_paged_attention_pallas(
       sm_scale, sliding_window, soft_cap: as the reference.
       config: launch shape; None picks one from the static shapes (`choose_config`).
       interpret: run the same kernel in Pallas' interpreter (CPU).
+      lean_decode: with `config.block_q == 1`, take the decode path (default). False runs v3's
+        work-list path instead (bench/kernels.py's before/after timing).
 
     Returns:
       o: [T, Hq, D] in q's dtype; padding rows are zeros.
@@ -288,6 +479,12 @@ def ragged_paged_attention_pallas(
     num_slots, pages_per_seq = page_table.shape
     if config is None:
         config = choose_config(num_tokens, num_slots, pages_per_seq, num_q_heads, num_kv_heads, page_size)
+    if num_tokens == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    if config.block_q == 1 and lean_decode:
+        return _decode_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
+                            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                            config=config, interpret=interpret)
     block_q, splits = config.block_q, config.num_kv_splits
     group = num_q_heads // num_kv_heads
     group_p = padded_group(num_q_heads, num_kv_heads, block_q)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
-from pallas_kernels.ragged_paged_attention_kernel import (TuningConfig, choose_config,
+from pallas_kernels.ragged_paged_attention_kernel import (TuningConfig, _decode_call, choose_config,
                                                           ragged_paged_attention_pallas, work_items)
 
 NUM_PAGES = 24
@@ -58,12 +58,12 @@ def make_batch(rng, q_lens, kv_extra, *, num_tokens, pages_per_seq, page_size, h
             jnp.asarray(num_seqs_real, jnp.int32))
 
 
-def check_against_reference(args, *, sm_scale, sliding_window, soft_cap, config, tol):
+def check_against_reference(args, *, sm_scale, sliding_window, soft_cap, config, tol, lean_decode=True):
     q, k, v, kv_lens, table, cu, num_seqs = args
     safe_table = jnp.clip(table, 0, NUM_PAGES - 1)  # the reference gathers every table entry
     out = ragged_paged_attention_pallas(q, k, v, kv_lens, table, cu, num_seqs, sm_scale=sm_scale,
                                         sliding_window=sliding_window, soft_cap=soft_cap, config=config,
-                                        interpret=True)
+                                        interpret=True, lean_decode=lean_decode)
     q_ref = jnp.where(jnp.isnan(q), 0, q)
     ref = reference(q_ref.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), kv_lens,
                     safe_table, cu, num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
@@ -127,6 +127,94 @@ def test_default_config_decode_batch_uses_split_kv_and_matches_reference():
                       page_size=16, hq=4, hkv=2, d=64, dtype=jnp.float32, num_seqs_real=2)
     check_against_reference(args, sm_scale=0.125, sliding_window=None, soft_cap=None, config=None,
                             tol=2e-5)
+
+
+# The decode path (block_q == 1): one program per token finds its own sequence, reads q, the page table
+# and K/V with masked loads and stores its rows; split kv goes through the merge kernel.
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@SETTINGS
+@given(data=st.data())
+def test_decode_path_q_len_mixes_padding_and_splits_match_reference(case, data):
+    _, hq, hkv, d, page_size, dtype, window, cap = case
+    pages_per_seq = max(2, 96 // page_size)
+    num_slots = 6
+    # Mostly decodes (q_len 1), empty slots (q_len 0) and now and then a short chunk: T <= S still.
+    q_lens = data.draw(st.lists(st.sampled_from([0, 1, 1, 1, 2, 3]), min_size=num_slots, max_size=num_slots))
+    kv_extra = data.draw(st.lists(st.integers(0, 95), min_size=num_slots, max_size=num_slots))
+    num_seqs = data.draw(st.integers(0, num_slots))
+    real = sum(q_lens[:num_seqs])
+    num_tokens = data.draw(st.integers(max(1, real), max(num_slots, real)))  # padding tokens after the real ones
+    config = TuningConfig(block_q=1, pages_per_block=data.draw(st.sampled_from([1, 2, 4])),
+                          num_kv_splits=data.draw(st.sampled_from([1, 2, 3, 4])))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    args = make_batch(rng, q_lens, kv_extra, num_tokens=num_tokens, pages_per_seq=pages_per_seq,
+                      page_size=page_size, hq=hq, hkv=hkv, d=d, dtype=dtype, num_seqs_real=num_seqs)
+    check_against_reference(args, sm_scale=d ** -0.5, sliding_window=window, soft_cap=cap, config=config,
+                            tol=TOL[dtype])
+
+
+def test_decode_path_serves_prefill_chunks_token_by_token():
+    """block_q=1 on a prefill-shaped batch (T > S): per-token programs with causal positions."""
+    args = make_batch(np.random.default_rng(3), [9, 0, 17, 1], [5, 30, 0, 60], num_tokens=30,
+                      pages_per_seq=6, page_size=16, hq=4, hkv=2, d=64, dtype=jnp.float32, num_seqs_real=4)
+    check_against_reference(args, sm_scale=0.125, sliding_window=20, soft_cap=None,
+                            config=TuningConfig(block_q=1, pages_per_block=2, num_kv_splits=2), tol=2e-5)
+
+
+def test_v3_work_list_decode_path_still_matches_reference():
+    args = make_batch(np.random.default_rng(4), [1, 0, 1, 1], [40, 9, 95, 3], num_tokens=4, pages_per_seq=6,
+                      page_size=16, hq=8, hkv=2, d=64, dtype=jnp.float32, num_seqs_real=4)
+    check_against_reference(args, sm_scale=0.125, sliding_window=None, soft_cap=None, lean_decode=False,
+                            config=TuningConfig(block_q=1, pages_per_block=2, num_kv_splits=3), tol=2e-5)
+
+
+def test_head_major_decode_variant_matches_token_major():
+    """The layout comparison's head-major variant computes the same thing on the same pages."""
+    q, k, v, kv_lens, table, cu, num_seqs = make_batch(
+        np.random.default_rng(5), [1, 1, 0, 1], [70, 3, 20, 90], num_tokens=4, pages_per_seq=6, page_size=16,
+        hq=8, hkv=2, d=64, dtype=jnp.float32, num_seqs_real=4)
+    config = TuningConfig(block_q=1, pages_per_block=2, num_kv_splits=2)
+    kw = dict(sm_scale=0.2, sliding_window=None, soft_cap=None, config=config, interpret=True)
+    token_major = _decode_call(q, k, v, kv_lens, table, cu, num_seqs, **kw)
+    head_major = _decode_call(q, jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0), kv_lens, table, cu, num_seqs,
+                              head_major=True, **kw)
+    np.testing.assert_allclose(np.asarray(head_major), np.asarray(token_major), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("splits, launches", [(1, 1), (4, 2)])
+def test_decode_path_lowers_to_its_kernels_and_nothing_else(splits, launches):
+    """No work list, padding copy, zeroed output or scatter around the decode kernel(s) (CUDA lowering)."""
+    shape = lambda *dims, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(dims, dtype)
+    args = (shape(64, 32, 128), shape(512, 16, 8, 128), shape(512, 16, 8, 128), shape(64, dtype=jnp.int32),
+            shape(64, 32, dtype=jnp.int32), shape(65, dtype=jnp.int32), shape(dtype=jnp.int32))
+    fn = jax.jit(functools.partial(ragged_paged_attention_pallas, sm_scale=0.1,
+                                   config=TuningConfig(block_q=1, pages_per_block=4, num_kv_splits=splits)))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    ops = {line.split("=", 1)[1].split()[0] for line in text.splitlines() if "= stablehlo." in line}
+    assert text.count("@__gpu$xla.gpu.triton") == launches
+    assert ops <= {"stablehlo.reshape", "stablehlo.custom_call", "stablehlo.convert"}, ops
+
+
+@pytest.mark.parametrize("tokens, pages", [(1, 32), (1, 2048), (16, 32), (16, 512), (64, 128), (256, 32),
+                                           (256, 128), (3, 5)])
+def test_choose_config_decode_splits_are_powers_of_two_within_the_kv_blocks(tokens, pages):
+    """Any decode shape: a power-of-two split count, never more splits than kv blocks."""
+    config = choose_config(num_tokens=tokens, num_seqs=tokens, pages_per_seq=pages, num_q_heads=32,
+                           num_kv_heads=8, page_size=16)
+    splits = config.num_kv_splits
+    assert config.block_q == 1 and splits & (splits - 1) == 0
+    assert splits <= -(-pages // config.pages_per_block)
+
+
+@pytest.mark.parametrize("batch, ctx, splits", [(16, 512, 2), (16, 8192, 4), (64, 512, 1), (64, 2048, 1),
+                                                (128, 1024, 1), (256, 512, 1), (256, 1024, 1), (256, 2048, 1),
+                                                (1, 512, 8), (1, 32768, 64)])
+def test_choose_config_follows_the_h100_decode_sweep(batch, ctx, splits):
+    """bench/results/kernels_h100_v4.json: 64-token blocks, 4 warps, 2 stages; the split counts below
+    (16 x 512 ran 2.0 TB/s chained at 2 splits against 1.1 at 4; 64..256 seqs: 1 split within 2.4 %)."""
+    config = choose_config(num_tokens=batch, num_seqs=batch, pages_per_seq=ctx // 16, num_q_heads=32,
+                           num_kv_heads=8, page_size=16)
+    assert (config.pages_per_block, config.num_kv_splits, config.num_warps, config.num_stages) == (4, splits, 4, 2)
 
 
 def test_work_items_cover_each_sequence_in_blocks_and_pad_with_minus_one():
