@@ -172,12 +172,14 @@ class ModelRunner:
     # -- the step --------------------------------------------------------------------------------
 
     def token_buckets(self) -> list[int]:
-        # Powers of four: each bucket costs a compile (~9 s for Llama-3-8B on the H100), and padding a
-        # decode batch up to 4x costs little while the step is bound by reading the weights.
+        # Each bucket costs a compile (~9 s for Llama-3-8B on the H100). Up to 256 tokens, powers of
+        # four: padding a decode batch up to 4x costs little while the step is bound by reading the
+        # weights. Past 256 the GEMMs are compute-bound (an H100's ridge is ~300 rows), so padding costs
+        # its full FLOPs: powers of two (with powers of four, 322 decodes ran 1024 rows, 30 ms a step).
         buckets, t = [], 16
         while t < self.max_num_batched_tokens:
             buckets.append(t)
-            t *= 4
+            t *= 4 if t < 256 else 2
         return buckets + [self.max_num_batched_tokens]
 
     def page_buckets(self) -> list[int]:

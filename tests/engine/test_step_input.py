@@ -1,5 +1,6 @@
-"""The step's host arrays travel as two flat buffers; every leaf comes back unchanged and starts on a
-256-byte boundary (Mosaic GPU kernels reject operands that XLA hands them as unaligned slices)."""
+"""What the host hands the jitted step: its arrays travel as two flat buffers (every leaf comes back
+unchanged and starts on a 256-byte boundary: Mosaic GPU kernels reject operands that XLA hands them as
+unaligned slices), padded to a small set of token buckets."""
 import jax
 import numpy as np
 
@@ -17,3 +18,14 @@ def test_pack_round_trips_every_leaf_and_aligns_offsets():
     for key, value in tree.items():
         np.testing.assert_array_equal(np.asarray(out[key]), value)
         assert np.asarray(out[key]).dtype == np.asarray(value).dtype
+
+
+def test_token_buckets_are_powers_of_four_to_256_then_powers_of_two():
+    import types
+
+    from jpaged.engine.model_runner import ModelRunner
+
+    buckets = lambda n: ModelRunner.token_buckets(types.SimpleNamespace(max_num_batched_tokens=n))  # noqa: E731
+    assert buckets(2048) == [16, 64, 256, 512, 1024, 2048]
+    assert buckets(64) == [16, 64]
+    assert buckets(300) == [16, 64, 256, 300]
