@@ -176,13 +176,13 @@ class _Server:
         for i, out in enumerate(finals):
             echo, echo_logprobs = (prepared[i].text, self.prompt_logprobs(req, out)) if req.echo else ("", None)
             for c in sorted(out.outputs, key=lambda c: c.index):
+                ids, entries, text = ([], [], "") if req.echo_only else (c.token_ids, c.logprobs or [], c.text)
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = p.echoed_logprobs(echo_logprobs,
-                                                 p.completion_logprobs(c.token_ids, c.logprobs or [], len(echo)))
-                choices.append({"index": i * params.n + c.index, "text": echo + c.text, "logprobs": logprobs,
-                                "finish_reason": c.finish_reason})
-        return JSONResponse({**head, "choices": choices, "usage": _usage(finals)})
+                    logprobs = p.echoed_logprobs(echo_logprobs, p.completion_logprobs(ids, entries, len(echo)))
+                choices.append({"index": i * params.n + c.index, "text": echo + text, "logprobs": logprobs,
+                                "finish_reason": "length" if req.echo_only else c.finish_reason})
+        return JSONResponse({**head, "choices": choices, "usage": _usage(finals, generated=not req.echo_only)})
 
     async def completion_events(self, req: p.CompletionRequest, head: dict, prepared: list[PreparedPrompt],
                                 t0: float) -> AsyncIterator[str]:
@@ -205,19 +205,21 @@ class _Server:
                 if delta.finished:
                     continue
                 text, ids, entries = delta.advance(c)
+                if req.echo_only:
+                    text, ids, entries = "", [], []
                 if not (echo or text or ids or delta.finished):
                     continue
                 logprobs = (p.echoed_logprobs(echo_logprobs, p.completion_logprobs(ids, entries, offsets[key]))
                             if req.logprobs is not None else None)
                 offsets[key] += len(text)
+                finish = ("length" if req.echo_only else c.finish_reason) if delta.finished else None
                 yield _sse({**head, "choices": [{"index": i * req.n + c.index, "text": echo + text,
-                                                 "logprobs": logprobs,
-                                                 "finish_reason": c.finish_reason if delta.finished else None}],
+                                                 "logprobs": logprobs, "finish_reason": finish}],
                             **usage_field})
             if out.finished:
                 finals[i] = out
         if req.include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(list(finals.values()))})
+            yield _sse({**head, "choices": [], "usage": _usage(list(finals.values()), generated=not req.echo_only)})
         yield _sse("[DONE]")
 
     def prompt_logprobs(self, req: p.CompletionRequest, out: RequestOutput) -> dict | None:
@@ -293,9 +295,10 @@ class _Server:
             yield 0, _sse(error.body()) + _sse("[DONE]")
 
 
-def _usage(outputs: list[RequestOutput]) -> dict:
+def _usage(outputs: list[RequestOutput], generated: bool = True) -> dict:
+    """Token counts; `generated=False` for echo-only scoring, whose one computed token is not returned."""
     return p.usage(sum(len(o.prompt_token_ids) for o in outputs),
-                   sum(len(c.token_ids) for o in outputs for c in o.outputs))
+                   sum(len(c.token_ids) for o in outputs for c in o.outputs) if generated else 0)
 
 
 def _parse(model, body: bytes):

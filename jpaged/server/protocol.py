@@ -134,9 +134,19 @@ class CompletionRequest(_SamplingFields):
                                code="invalid_value")
         return list(p)
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: score the prompt, generate nothing (lm-eval's loglikelihood requests)."""
+        return self.echo and self.max_tokens == 0
+
     def sampling_params(self) -> SamplingParams:
-        # echo with logprobs scores the prompt too (OpenAI's legacy completions; vLLM's prompt_logprobs)
-        return self._params(self.max_tokens, self.logprobs, self.logprobs if self.echo else None)
+        # echo with logprobs scores the prompt too (OpenAI's legacy completions; vLLM's prompt_logprobs).
+        # echo_only runs one token, as vLLM does, and the response leaves it out.
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "max_tokens must be >= 1 (0 is accepted only with echo, to score the prompt)",
+                           param="max_tokens", code="invalid_value")
+        max_tokens = 1 if self.echo_only else self.max_tokens
+        return self._params(max_tokens, self.logprobs, self.logprobs if self.echo else None)
 
 
 class TextPart(_Strict):

@@ -84,6 +84,26 @@ def test_completion_echo_with_logprobs_scores_the_prompt(client):
         assert streamed == getattr(c.logprobs, field), field
 
 
+def test_completion_echo_with_max_tokens_0_scores_the_prompt_and_generates_nothing(client):
+    # lm-eval-harness's loglikelihood request: echo + logprobs + max_tokens 0.
+    r = client.completions.create(model="fake-model", prompt="ab", max_tokens=0, temperature=0, logprobs=1, echo=True)
+    c = r.choices[0]
+    assert (c.text, c.finish_reason) == ("ab", "length")
+    assert c.logprobs.tokens == ["", "a", "b"] and c.logprobs.token_logprobs == [None, -0.5, -0.5]
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (3, 0)
+    chunks = list(client.completions.create(model="fake-model", prompt="ab", max_tokens=0, temperature=0,
+                                            logprobs=1, echo=True, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == "ab"
+    assert [x for ch in chunks if ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs] == \
+        [None, -0.5, -0.5]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_completion_max_tokens_0_without_echo_is_a_400_naming_max_tokens(server):
+    r = HTTP.post(server[0] + "/v1/completions", json={"prompt": "ab", "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
 def test_chat_completion_uses_the_chat_template(client):
     r = client.chat.completions.create(model="fake-model", messages=CHAT, max_tokens=6, temperature=0)
     assert r.object == "chat.completion"
