@@ -344,7 +344,9 @@ def build_app(engine_factory: Callable[[], object], *, api_key: str | None = Non
             await engine.shutdown()
 
     app = FastAPI(title="jpaged", lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    endpoints = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/models": "models"}
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes, on_refuse=lambda path: server.metrics.requests.labels(
+        endpoints.get(path, path), "413").inc())
     app.state.server = server
 
     def route(endpoint: str, handler, *, auth: bool = True):

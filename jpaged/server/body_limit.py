@@ -26,9 +26,12 @@ def check_limit(max_bytes: int) -> int:
 
 
 class BodySizeLimit:
-    def __init__(self, app, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+    """`on_refuse(path)` is called for every 413 (the server counts them in its request metrics)."""
+
+    def __init__(self, app, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES, on_refuse=None):
         self.app = app
         self.max_bytes = check_limit(max_bytes)
+        self.on_refuse = on_refuse
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -36,7 +39,7 @@ class BodySizeLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, send)
             return
         received = 0
         started = False
@@ -60,9 +63,11 @@ class BodySizeLimit:
         except _TooLarge:
             if started:  # a streaming response that read its body late; nothing more can be said
                 raise
-            await self._refuse(send)
+            await self._refuse(scope, send)
 
-    async def _refuse(self, send) -> None:
+    async def _refuse(self, scope, send) -> None:
+        if self.on_refuse is not None:
+            self.on_refuse(scope.get("path", ""))
         error = ApiError(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes",
                          code="request_too_large")
         body = json.dumps(error.body()).encode()

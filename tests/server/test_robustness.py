@@ -133,6 +133,8 @@ def test_request_body_over_the_limit_answers_413_and_server_keeps_serving():
         assert e.value.status_code == 413
         ok = client.completions.create(model="fake-model", prompt="a" * 100, max_tokens=2, temperature=0)
         assert ok.choices[0].text == "aa"
+        metrics = HTTP.get(url + "/metrics").text
+        assert 'jpaged_requests_total{endpoint="completions",status="413"} 3.0' in metrics
         wait_until_idle(url)
 
 
