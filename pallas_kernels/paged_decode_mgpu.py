@@ -41,26 +41,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mgpu_common import (LOG2E, MASK_VALUE, ROW_ALIGN, ROWS, SMEM_BYTES, check_lowering,
+                                        compiler_params, interpret_params, next_pow2, softmax_state,
+                                        tiled_smem, wgmma_iota, zero_stale_v)
 from pallas_kernels.ragged_paged_attention_kernel import static_validate_inputs
 
-ROWS = 64                 # wgmma M of the compute warpgroup
-ROW_ALIGN = 8             # TMA into (8, 64)-tiled SMEM: GMEM row offsets must be multiples of this
-SMEM_BYTES = 227 * 1024   # per CTA on H100
 NUM_SMS = 132             # H100 SXM
 TARGET_CTAS = 2 * NUM_SMS     # split kv until tokens x kv heads x splits reaches this ...
 MIN_BLOCKS_PER_SPLIT = 4      # ... but past one CTA per SM, not into shorter splits (Triton v4 rule)
-MASK_VALUE = -1e30        # finite: exp2(MASK_VALUE - m) == 0 for any real row max m
-_LOG2E = math.log2(math.e)
-_LOWERINGS = {"lane": "Lane", "warpgroup": "Warpgroup"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,30 +74,10 @@ class DecodeConfig:
             raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
         if self.num_kv_splits < 1:
             raise ValueError(f"num_kv_splits must be >= 1, got {self.num_kv_splits}")
-        if self.lowering is not None and self.lowering not in _LOWERINGS:
-            raise ValueError(f"lowering must be one of {tuple(_LOWERINGS)} or None, got {self.lowering!r}")
-
-
-# --- compatibility shim: jax 0.10.2 (CPU here) and 0.11.2 (the device); same as the prefill kernel's ---
-
-def _interpret_params():
-    params = getattr(plgpu, "InterpretGPUParams", None)
-    if params is None:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
-    return params()
-
-
-def _compiler_params(config: DecodeConfig):
-    kwargs = dict(approx_math=True)
-    if config.lowering is not None:
-        kwargs["lowering_semantics"] = getattr(plgpu.LoweringSemantics, _LOWERINGS[config.lowering])
-    return plgpu.CompilerParams(**kwargs)
+        check_lowering(self.lowering)
 
 
 # --- shapes ------------------------------------------------------------------------------------------
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 def _prev_pow2(x: int) -> int:
@@ -131,8 +106,8 @@ def choose_config(num_tokens: int, num_slots: int, pages_per_seq: int, num_q_hea
     del num_slots, num_q_heads
     ctas = max(1, num_tokens * num_kv_heads)
     blocks = max(1, pl.cdiv(pages_per_seq * page_size, block_kv))
-    target = _next_pow2(pl.cdiv(TARGET_CTAS, ctas))
-    fill = _next_pow2(pl.cdiv(NUM_SMS, ctas))
+    target = next_pow2(pl.cdiv(TARGET_CTAS, ctas))
+    fill = next_pow2(pl.cdiv(NUM_SMS, ctas))
     splits = min(_prev_pow2(blocks), target, max(fill, _prev_pow2(max(1, blocks // MIN_BLOCKS_PER_SPLIT))))
     return DecodeConfig(block_kv=block_kv, num_stages=num_stages, num_kv_splits=splits)
 
@@ -243,32 +218,6 @@ def _kernel(
             plgpu.barrier_wait(q_bar.at[0])
             plgpu.barrier_wait(k_bar.at[0])
 
-        # jax 0.10's interpreter has no rule for layout_cast (0.11's treats it as the identity).
-        layout_cast = (lambda x, _: x) if interpret else plgpu.layout_cast
-
-        def iota(shape, dim):
-            if interpret:
-                return lax.broadcasted_iota(jnp.int32, shape, dim)
-            return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-
-        def row_iota():
-            if interpret:
-                return lax.iota(jnp.int32, ROWS)
-            return plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
-
-        def zero_stale_v(slot, block):
-            """Zero the V rows at positions >= kv_hi: the slots after kv_hi in its page may hold NaN."""
-            for c0 in range(0, block_kv, ROWS):
-                first_pos = block * block_kv + c0
-
-                @pl.when(first_pos + ROWS > kv_hi)
-                def _zero_rows():
-                    rows = v_smem.at[slot, pl.ds(c0, ROWS)]
-                    v = rows[...]                                 # WGMMA layout (tiled ref)
-                    keep = lax.broadcast_in_dim(first_pos + row_iota() < kv_hi, v.shape, [0])
-                    rows[...] = jnp.where(keep, v, jnp.zeros_like(v))
-            plgpu.commit_smem()
-
         def kv_step(i, carry, *, masked: bool):
             acc, m_i, l_i = carry
             slot = lax.rem(i, num_stages)
@@ -284,9 +233,9 @@ def _kernel(
             else:
                 scores = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            scores = scores * (sm_scale * _LOG2E)                        # base-2 logits
+            scores = scores * (sm_scale * LOG2E)                        # base-2 logits
             if masked:
-                mask = iota(scores.shape, 1) + block * block_kv < kv_hi
+                mask = wgmma_iota(scores.shape, 1, interpret) + block * block_kv < kv_hi
                 scores = jnp.where(mask, scores, MASK_VALUE)
             m_next = jnp.maximum(m_i, scores.max(axis=1))
             alpha = jnp.exp2(m_i - m_next)
@@ -297,7 +246,8 @@ def _kernel(
 
             plgpu.barrier_wait(v_bar.at[slot])
             if masked:
-                pl.when(kv_hi % page_size != 0)(functools.partial(zero_stale_v, slot, block))
+                pl.when(kv_hi % page_size != 0)(functools.partial(zero_stale_v, v_smem, slot, block, kv_hi,
+                                                                  block_kv=block_kv, interpret=interpret))
 
             def wait_next_k():
                 @pl.when(i + 1 < n_blocks)
@@ -316,9 +266,7 @@ def _kernel(
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_next, l_i
 
-        acc = layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-        m_i = layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l_i = layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc, m_i, l_i = softmax_state(head_dim, interpret)
         carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), (acc, m_i, l_i))
         carry = lax.cond(n_full < n_blocks,
                          lambda c: lax.fori_loop(n_full, n_blocks, functools.partial(kv_step, masked=True), c),
@@ -374,13 +322,6 @@ def _kernel(
             slot = lax.rem(i, num_stages)
             plgpu.barrier_wait(k_free.at[slot])
             plgpu.barrier_wait(v_free.at[slot])
-
-
-def _tiled_smem(shape, dtype):
-    swizzle = 128
-    tile = swizzle // jnp.dtype(dtype).itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((ROW_ALIGN, tile)),
-                                                plgpu.SwizzleTransform(swizzle)))
 
 
 def _merge_splits(o_part, lse, num_tokens: int, num_q_heads: int, num_kv_heads: int, qrows: int,
@@ -470,9 +411,9 @@ def launch(info, page_table, q, k_pages, v_pages, *, sm_scale: float, config: De
     stages, block_kv, splits = config.num_stages, config.block_kv, config.num_kv_splits
     out_dtype = jnp.float32 if splits > 1 else q.dtype
     scratch = [
-        _tiled_smem((ROWS, head_dim), q.dtype),
-        _tiled_smem((stages, block_kv, head_dim), k_pages.dtype),
-        _tiled_smem((stages, block_kv, head_dim), v_pages.dtype),
+        tiled_smem((ROWS, head_dim), q.dtype),
+        tiled_smem((stages, block_kv, head_dim), k_pages.dtype),
+        tiled_smem((stages, block_kv, head_dim), v_pages.dtype),
         plgpu.SMEM((ROWS, head_dim), out_dtype),
     ]
     if splits > 1:
@@ -513,8 +454,8 @@ def launch(info, page_table, q, k_pages, v_pages, *, sm_scale: float, config: De
         grid_names=("t", "h", "k"),
         num_threads=2,
         thread_name="wg",
-        compiler_params=_compiler_params(config),
-        interpret=_interpret_params() if interpret else None,
+        compiler_params=compiler_params(config.lowering),
+        interpret=interpret_params() if interpret else None,
     )(info, page_table, q2, k_pages, v_pages)
     if splits == 1:
         return out.reshape(num_tokens, num_q_heads, head_dim)

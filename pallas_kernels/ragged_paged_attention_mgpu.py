@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -38,16 +37,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mgpu_common import (LOG2E, MASK_VALUE, ROW_ALIGN, ROWS, SMEM_BYTES, check_lowering,
+                                        compiler_params, interpret_params, next_pow2, softmax_state,
+                                        tiled_smem, wgmma_iota, zero_stale_v)
 from pallas_kernels.ragged_paged_attention_kernel import static_validate_inputs
 
-ROWS = 64                 # wgmma M per compute warpgroup
 NUM_COMPUTE_WGS = 2
-ROW_ALIGN = 8             # TMA into (8, 64)-tiled SMEM: GMEM row offsets must be multiples of this
 MAX_GROUP = ROWS // ROW_ALIGN
-SMEM_BYTES = 227 * 1024  # per CTA on H100
-MASK_VALUE = -1e30        # finite: exp2(MASK_VALUE - m) == 0 for any real row max m
-_LOG2E = math.log2(math.e)
-_LOWERINGS = {"lane": "Lane", "warpgroup": "Warpgroup"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,39 +59,16 @@ class MosaicConfig:
             raise ValueError(f"block_kv must be 64, 128, 192 or 256, got {self.block_kv}")
         if self.num_stages < 2:
             raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
-        if self.lowering is not None and self.lowering not in _LOWERINGS:
-            raise ValueError(f"lowering must be one of {tuple(_LOWERINGS)} or None, got {self.lowering!r}")
-
-
-# --- compatibility shim: jax 0.10.2 (CPU here) and 0.11.2 (the device) --------------------------------
-# Both lower this kernel with Lane semantics (0.11 defaults to Warpgroup, whose layout inference
-# rejects it), so the semantics are pinned. The interpreter is public only in 0.11; its 0.10 version
-# lacks run_state, transposed wgmma operands and layout_cast (`interpret=True` works around those).
-
-def _interpret_params():
-    params = getattr(plgpu, "InterpretGPUParams", None)
-    if params is None:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
-    return params()
-
-
-def _compiler_params(config: MosaicConfig):
-    kwargs = dict(approx_math=True)
-    if config.lowering is not None:
-        kwargs["lowering_semantics"] = getattr(plgpu.LoweringSemantics, _LOWERINGS[config.lowering])
-    return plgpu.CompilerParams(**kwargs)
+        check_lowering(self.lowering)
 
 
 # --- shapes ------------------------------------------------------------------------------------------
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 def tile_shape(num_q_heads: int, num_kv_heads: int) -> tuple[int, int, int]:
     """(group, group_p, block_t): q heads per kv head, padded to a power of two, tokens per 64-row tile."""
     group = num_q_heads // num_kv_heads
-    group_p = _next_pow2(group)
+    group_p = next_pow2(group)
     return group, group_p, ROWS // group_p
 
 
@@ -244,32 +217,6 @@ def _kernel(
             plgpu.barrier_wait(q_bar.at[wg])
             plgpu.barrier_wait(k_bar.at[0])
 
-        # jax 0.10's interpreter has no rule for layout_cast (0.11's treats it as the identity).
-        layout_cast = (lambda x, _: x) if interpret else plgpu.layout_cast
-
-        def iota(shape, dim):
-            if interpret:
-                return lax.broadcasted_iota(jnp.int32, shape, dim)
-            return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-
-        def row_iota():
-            if interpret:
-                return lax.iota(jnp.int32, ROWS)
-            return plgpu.broadcasted_iota(jnp.int32, (ROWS,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
-
-        def zero_stale_v(slot, block):
-            """Zero the V rows at positions >= kv_len: the slots after kv_len in the last page are stale."""
-            for r0 in range(0, block_kv, ROWS):
-                first_pos = block * block_kv + r0
-
-                @pl.when(first_pos + ROWS > kv_len)
-                def _zero_rows():
-                    rows = v_smem.at[slot, pl.ds(r0, ROWS)]
-                    v = rows[...]                                 # WGMMA layout (tiled ref)
-                    keep = lax.broadcast_in_dim(first_pos + row_iota() < kv_len, v.shape, [0])
-                    rows[...] = jnp.where(keep, v, jnp.zeros_like(v))
-            plgpu.commit_smem()
-
         def kv_step(block, carry, *, masked: bool):
             acc, m_i, l_i = carry
             slot = lax.rem(block, num_stages)
@@ -286,11 +233,12 @@ def _kernel(
             else:
                 scores = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            scores = scores * (sm_scale * _LOG2E)                        # base-2 logits
+            scores = scores * (sm_scale * LOG2E)                        # base-2 logits
             if masked:
                 # kv position <= row position, i.e. col + block * block_kv <= t0 + (row % block_t) + pos_off.
                 shift = block * block_kv - t0 - pos_off
-                mask = iota(scores.shape, 1) + shift <= (iota(scores.shape, 0) & (block_t - 1))
+                kv_col = wgmma_iota(scores.shape, 1, interpret) + shift
+                mask = kv_col <= (wgmma_iota(scores.shape, 0, interpret) & (block_t - 1))
                 scores = jnp.where(mask, scores, MASK_VALUE)
             m_next = jnp.maximum(m_i, scores.max(axis=1))
             alpha = jnp.exp2(m_i - m_next)
@@ -304,7 +252,8 @@ def _kernel(
             plgpu.barrier_wait(v_bar.at[slot])
             if masked:
                 has_stale = (block == (kv_len - 1) // block_kv) & (kv_len % page_size != 0)
-                pl.when(has_stale)(functools.partial(zero_stale_v, slot, block))
+                pl.when(has_stale)(functools.partial(zero_stale_v, v_smem, slot, block, kv_len,
+                                                     block_kv=block_kv, interpret=interpret))
             plgpu.barrier_wait(schedule)
 
             def wait_next_k():
@@ -338,9 +287,7 @@ def _kernel(
             schedule_barrier()
             schedule_barrier()
 
-        acc = layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-        m_i = layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l_i = layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc, m_i, l_i = softmax_state(head_dim, interpret)
         carry = (acc, m_i, l_i)
 
         pl.when(wg == 1)(schedule_barrier)
@@ -428,13 +375,6 @@ def _store_rows(o_tile, o_ref, h, t0, lo, n_rows, *, group: int, block_t: int):
             size //= 2
 
 
-def _tiled_smem(shape, dtype):
-    swizzle = 128
-    tile = swizzle // jnp.dtype(dtype).itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((ROW_ALIGN, tile)),
-                                                plgpu.SwizzleTransform(swizzle)))
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "config", "interpret"))
 def ragged_paged_attention_mgpu(
     q: jax.Array,           # [T, Hq, D]
@@ -492,9 +432,9 @@ def launch(items, page_table, q, k_pages, v_pages, *, sm_scale: float, config: M
     tokens_per_item = NUM_COMPUTE_WGS * block_t
     stages, block_kv = config.num_stages, config.block_kv
     scratch = (
-        _tiled_smem((NUM_COMPUTE_WGS, ROWS, head_dim), q.dtype),
-        _tiled_smem((stages, block_kv, head_dim), k_pages.dtype),
-        _tiled_smem((stages, block_kv, head_dim), v_pages.dtype),
+        tiled_smem((NUM_COMPUTE_WGS, ROWS, head_dim), q.dtype),
+        tiled_smem((stages, block_kv, head_dim), k_pages.dtype),
+        tiled_smem((stages, block_kv, head_dim), v_pages.dtype),
         plgpu.SMEM((NUM_COMPUTE_WGS, ROWS, head_dim), q.dtype),
         plgpu.Barrier(num_arrivals=group, num_barriers=NUM_COMPUTE_WGS),
         plgpu.Barrier(num_arrivals=block_kv // page_size, num_barriers=stages),
@@ -524,7 +464,7 @@ def launch(items, page_table, q, k_pages, v_pages, *, sm_scale: float, config: M
         grid_names=("h", "w"),
         num_threads=NUM_COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=_compiler_params(config),
-        interpret=_interpret_params() if interpret else None,
+        compiler_params=compiler_params(config.lowering),
+        interpret=interpret_params() if interpret else None,
     )(items, page_table, q, k_pages, v_pages)
     return out if padded_tokens == num_tokens else out[:num_tokens]
