@@ -38,13 +38,11 @@ import time
 import traceback
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bench import kernels as kernels_bench
-from bench.kernels_mgpu import compare, paged_batch
+from bench.kernels_mgpu import check_case, compare, paged_batch
 from pallas_kernels.paged_decode_mgpu import DecodeConfig, choose_config, paged_decode_mgpu
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -89,28 +87,17 @@ def run_checks(result: dict, save) -> None:
         row = dict(case=name, q_lens=q_lens[:8], kv_lens=kv_lens[:8], **kw)
         try:
             args = paged_batch(100 + i, list(q_lens), list(kv_lens), **kw)
-            q, k, v, kv_l, table, cu, ns = args
-            d = q.shape[-1]
-            config = choose_config(q.shape[0], table.shape[0], table.shape[1], q.shape[1], k.shape[2], k.shape[1])
-            if overrides:
-                config = dataclasses.replace(config, **overrides)
-            row["config"] = str(config)
-            t = time.perf_counter()
-            out = jax.block_until_ready(paged_decode_mgpu(*args, sm_scale=1 / math.sqrt(d), config=config,
-                                                          interpret=INTERPRET))
-            row["first_call_s"] = time.perf_counter() - t
-            safe_table = jnp.clip(table, 0, k.shape[0] - 1)  # the reference gathers every table entry
-            ref = ragged_paged_attention_reference(jnp.nan_to_num(q).astype(jnp.float32), k.astype(jnp.float32),
-                                                   v.astype(jnp.float32), kv_l, safe_table, cu, ns,
-                                                   sm_scale=1 / math.sqrt(d))
-            row.update(compare(out, ref, int(cu[int(ns)])))
         except Exception as e:
             traceback.print_exc()
-            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:1500]}")
-        print(f"check {name:42s} " + (f"rel_err={row['rel_err']:.2e} max_abs={row['max_abs_err']:.2e} "
-              f"finite={row['finite']} pad0={row['padding_zero']} {'ok' if row['ok'] else 'FAIL'}"
-              if "rel_err" in row else f"ERROR {row['error'][:300]}"), flush=True)
-        result["checks"].append(row)
+            result["checks"].append(dict(row, ok=False, error=f"{type(e).__name__}: {str(e)[:1500]}"))
+            continue
+        q, k, _, _, table, _, _ = args
+        config = choose_config(q.shape[0], table.shape[0], table.shape[1], q.shape[1], k.shape[2], k.shape[1])
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        row["config"] = str(config)
+        kernel = functools.partial(paged_decode_mgpu, config=config, interpret=INTERPRET)
+        result["checks"].append(check_case(row, args, kernel, width=42))
         save()
     result["checks_ok"] = all(r.get("ok") for r in result["checks"])
     save()

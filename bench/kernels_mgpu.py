@@ -107,29 +107,34 @@ CHECKS = [
 ]
 
 
+def check_case(row: dict, args, kernel, width: int = 36) -> dict:
+    """One device check: `kernel(*args, sm_scale=...)` against the f32 reference on a NaN-poisoned pool
+    (`paged_batch`); fills `row` with the first call's time and `compare`'s figures, prints one line."""
+    try:
+        q, k, v, kv_l, table, cu, ns = args
+        d = q.shape[-1]
+        t = time.perf_counter()
+        out = jax.block_until_ready(kernel(*args, sm_scale=1 / math.sqrt(d)))
+        row["first_call_s"] = time.perf_counter() - t
+        safe_table = jnp.clip(table, 0, k.shape[0] - 1)  # the reference gathers every table entry
+        ref = ragged_paged_attention_reference(jnp.nan_to_num(q).astype(jnp.float32), k.astype(jnp.float32),
+                                               v.astype(jnp.float32), kv_l, safe_table, cu, ns,
+                                               sm_scale=1 / math.sqrt(d))
+        row.update(compare(out, ref, int(cu[int(ns)])))
+    except Exception as e:
+        traceback.print_exc()
+        row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:1500]}")
+    print(f"check {row['case']:{width}s} " + (f"rel_err={row['rel_err']:.2e} max_abs={row['max_abs_err']:.2e} "
+          f"finite={row['finite']} pad0={row['padding_zero']} {'ok' if row['ok'] else 'FAIL'}"
+          if "rel_err" in row else f"ERROR {row['error'][:300]}"), flush=True)
+    return row
+
+
 def run_checks(result: dict, save) -> None:
     result["checks"] = []
     for i, (name, q_lens, kv_lens, kw) in enumerate(CHECKS):
         row = dict(case=name, q_lens=q_lens[:8], kv_lens=kv_lens[:8], **{k: v for k, v in kw.items()})
-        try:
-            args = paged_batch(i, q_lens, kv_lens, **kw)
-            d = args[0].shape[-1]
-            t = time.perf_counter()
-            out = jax.block_until_ready(ragged_paged_attention_mgpu(*args, sm_scale=1 / math.sqrt(d)))
-            row["first_call_s"] = time.perf_counter() - t
-            q, k, v, kv_l, table, cu, ns = args
-            safe_table = jnp.clip(table, 0, k.shape[0] - 1)  # the reference gathers every table entry
-            ref = ragged_paged_attention_reference(jnp.nan_to_num(q).astype(jnp.float32), k.astype(jnp.float32),
-                                                   v.astype(jnp.float32), kv_l, safe_table, cu, ns,
-                                                   sm_scale=1 / math.sqrt(d))
-            row.update(compare(out, ref, int(cu[int(ns)])))
-        except Exception as e:
-            traceback.print_exc()
-            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:1500]}")
-        print(f"check {name:36s} " + (f"rel_err={row['rel_err']:.2e} max_abs={row['max_abs_err']:.2e} "
-              f"finite={row['finite']} pad0={row['padding_zero']} {'ok' if row['ok'] else 'FAIL'}"
-              if "rel_err" in row else f"ERROR {row['error'][:300]}"), flush=True)
-        result["checks"].append(row)
+        result["checks"].append(check_case(row, paged_batch(i, q_lens, kv_lens, **kw), ragged_paged_attention_mgpu))
         save()
 
 
