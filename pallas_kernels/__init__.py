@@ -1,9 +1,13 @@
 """Pallas GPU kernels for paged attention, each with a plain-jnp reference beside it.
 
-`impl` picks the implementation behind one API: "reference" (plain jnp, any backend), "pallas" (the
-Pallas kernel, Triton lowering on GPU), "interpret" (the same kernel in Pallas' interpreter, CPU) and
-"mosaic" (GPU: prefill-shaped batches, T > S, go to the Mosaic GPU wgmma/TMA kernel when it supports
-the inputs; decode-shaped batches and the rest go to the Triton kernel).
+`impl` picks the implementation behind one API:
+- "reference": plain jnp, any backend.
+- "pallas": the Pallas kernel, Triton lowering on GPU.
+- "interpret": the same kernel in Pallas' interpreter (CPU).
+- "mosaic" (GPU): prefill-shaped batches (T > S) go to the Mosaic GPU wgmma/TMA kernel when it supports
+  the inputs; decode-shaped batches and the rest go to the Triton kernel.
+- "mosaic_full" (GPU, opt-in, for A/B runs): as "mosaic", and decode-shaped batches go to the Mosaic
+  GPU decode kernel when it supports them. That kernel has not run on a GPU yet (README.md).
 The KV write is an XLA scatter for every impl: in place when the cache is donated (bench/kernels.py
 measures it flat in the pool size).
 """
@@ -14,8 +18,9 @@ from pallas_kernels.ragged_paged_attention import ragged_paged_attention_referen
 from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
 # The module, not its function of the same name: `pallas_kernels.ragged_paged_attention_mgpu` stays the module.
 from pallas_kernels import ragged_paged_attention_mgpu as _mgpu
+from pallas_kernels import paged_decode_mgpu as _decode_mgpu
 
-IMPLS = ("reference", "pallas", "interpret", "mosaic")
+IMPLS = ("reference", "pallas", "interpret", "mosaic", "mosaic_full")
 
 
 def _check_impl(impl: str) -> None:
@@ -30,6 +35,13 @@ def mosaic_takes(q, k_pages, page_table, *, sliding_window=None, soft_cap=None) 
                                                        soft_cap=soft_cap) is None
 
 
+def mosaic_decode_takes(q, k_pages, page_table, *, sliding_window=None, soft_cap=None) -> bool:
+    """Whether impl="mosaic_full" sends this batch to the Mosaic GPU decode kernel: decode-shaped (T <= S)
+    and supported."""
+    return _decode_mgpu.unsupported_reason(q, k_pages, page_table, sliding_window=sliding_window,
+                                           soft_cap=soft_cap) is None
+
+
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
                            sm_scale, sliding_window=None, soft_cap=None, impl="reference"):
     """o[T, Hq, D]; semantics in `ragged_paged_attention.py`, shapes in its reference's signature."""
@@ -38,10 +50,14 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    if impl == "mosaic" and mosaic_takes(q, k_pages, page_table, sliding_window=sliding_window,
-                                         soft_cap=soft_cap):
+    if impl in ("mosaic", "mosaic_full") and mosaic_takes(q, k_pages, page_table, sliding_window=sliding_window,
+                                                          soft_cap=soft_cap):
         return _mgpu.ragged_paged_attention_mgpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
                                                  num_seqs, sm_scale=sm_scale)
+    if impl == "mosaic_full" and mosaic_decode_takes(q, k_pages, page_table, sliding_window=sliding_window,
+                                                     soft_cap=soft_cap):
+        return _decode_mgpu.paged_decode_mgpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
+                                              sm_scale=sm_scale)
     return ragged_paged_attention_pallas(
         q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, interpret=impl == "interpret")
@@ -54,4 +70,4 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, impl="reference"):
 
 
 __all__ = ["ragged_paged_attention", "ragged_paged_attention_reference", "ragged_paged_attention_pallas",
-           "mosaic_takes", "write_kv", "write_kv_reference", "IMPLS"]
+           "mosaic_takes", "mosaic_decode_takes", "write_kv", "write_kv_reference", "IMPLS"]

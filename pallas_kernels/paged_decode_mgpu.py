@@ -1,8 +1,9 @@
 """Paged-attention decode (flash-decoding) as a Mosaic GPU kernel (Hopper: TMA + wgmma, warp specialisation).
 
 Status: lowers for CUDA on CPU (jax 0.10.2) and matches the jnp reference in Mosaic GPU's interpreter;
-NOT yet run on a GPU, so nothing routes to it (`impl="mosaic"` still sends decode batches to the Triton
-kernel). `bench/decode_mgpu.py` checks and times it on the device.
+NOT yet run on a GPU, so only the opt-in `impl="mosaic_full"` routes to it (`impl="mosaic"`, the default
+on Hopper, sends decode batches to the Triton kernel). `bench/decode_mgpu.py` checks and times it on the
+device.
 
 One CTA = one token x one kv head x one kv split (grid `(T, Hkv, K)`), two warpgroups:
 - the memory warpgroup streams the split's kv blocks (`block_kv` tokens = `block_kv / page_size` pages)

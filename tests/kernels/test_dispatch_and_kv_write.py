@@ -65,6 +65,20 @@ def test_mosaic_impl_lowers_prefill_to_mosaic_and_decode_to_triton(num_tokens, n
     assert backend in text and ({"mosaic_gpu", "triton"} - {backend}).pop() not in text
 
 
+@pytest.mark.parametrize("num_tokens,num_slots,window,backend", [
+    (64, 2, None, "mosaic_gpu"), (4, 4, None, "mosaic_gpu"), (4, 4, 128, "triton")])
+def test_mosaic_full_impl_sends_decode_to_the_mosaic_decode_kernel_when_supported(num_tokens, num_slots, window,
+                                                                                  backend):
+    q, k_pages, table = _batch_shapes(num_tokens, num_slots)
+    ints = jax.ShapeDtypeStruct((num_slots,), jnp.int32)
+    args = (q, k_pages, k_pages, ints, table, jax.ShapeDtypeStruct((num_slots + 1,), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1, sliding_window=window,
+                                                                  impl="mosaic_full"))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert backend in text and ({"mosaic_gpu", "triton"} - {backend}).pop() not in text
+
+
 def test_auto_attention_impl_is_mosaic_on_hopper_pallas_on_other_gpus_reference_on_cpu():
     import types
 
