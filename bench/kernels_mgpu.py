@@ -1,13 +1,15 @@
 """Check jpaged's Mosaic GPU prefill kernel against the reference on the GPU, then time it and its baselines.
 
-    PYTHONPATH=. python bench/kernels_mgpu.py [--out DIR] [--only check,prefill,mixed] [--tag _h100_v1]
+    PYTHONPATH=. python bench/kernels_mgpu.py [--out DIR] [--only check,prefill,window,mixed] [--tag _h100_v1]
 
 Checks (bf16, NaN-poisoned pool, shuffled page tables): ragged prefill chunks over cached prefixes with
 q starts that are not multiples of 8, kv lengths that end inside a page, page sizes 16/32/64, GQA
-4 and 8, MHA, head_dim 64, padding tokens and num_seqs < S. Timing (median over rounds of the mean of
+4 and 8, MHA, head_dim 64, padding tokens and num_seqs < S; then sliding windows (64 / 256 / 4096, with the
+pages wholly before each sequence's window freed: NaN in the pool, garbage in the table) and soft-cap 30,
+alone and with a window (WINDOW_CHECKS). Timing (median over rounds of the mean of
 back-to-back calls): causal prefill 4 x 4096 (32 q / 8 kv heads, D 128, page 16) for a few launch
 configs, against jpaged's Triton kernel, JAX `attention_mgpu` (contiguous) and PyTorch SDPA (contiguous),
-and engine-shaped batches (a 512-token chunk at ctx 2k alone and beside 64 decodes, 8 x 1024), each also
+a 4 x 4096 prefill with window 1024 (section "window"), and engine-shaped batches (a 512-token chunk at ctx 2k alone and beside 64 decodes, 8 x 1024), each also
 as the kernel alone on a precomputed work list. Prints as it goes; writes JSON after every section, so a
 run cut short keeps what it measured.
 """
@@ -46,9 +48,11 @@ torch_time = functools.partial(kernels_bench.torch_time, reps=10)
 
 
 def paged_batch(seed, q_lens, kv_lens, *, hq=HQ, hkv=HKV, d=D, page=PAGE, pad_tokens=0, extra_slots=0,
-                poison=True, dtype=jnp.bfloat16):
+                poison=True, dtype=jnp.bfloat16, window=None):
     """A ragged batch over a shuffled pool. Poisoned: unused pages, stale slots past each kv_len,
-    padding tokens and the garbage table entries past each sequence's pages all hold NaN / junk."""
+    padding tokens and the garbage table entries past each sequence's pages all hold NaN / junk.
+    With a window, the pages wholly before the window of each sequence's first new token are freed as the
+    block manager frees them: garbage table entries, and no page of the pool (so NaN ones) behind them."""
     rng = np.random.default_rng(seed)
     q_lens = np.asarray(q_lens + [0] * extra_slots)
     kv_lens = np.asarray(kv_lens + [0] * extra_slots)
@@ -59,8 +63,9 @@ def paged_batch(seed, q_lens, kv_lens, *, hq=HQ, hkv=HKV, d=D, page=PAGE, pad_to
     table = rng.integers(-3, 10**6, (len(q_lens), pages_per_seq)).astype(np.int32)
     offset = 0
     for s, n in enumerate(pages_needed):
-        table[s, :n] = perm[offset:offset + n]
-        offset += n
+        first = 0 if window is None else max(int(kv_lens[s] - q_lens[s]) - window + 1, 0) // page
+        table[s, first:n] = perm[offset:offset + n - first]
+        offset += n - first
     shape = (num_pages, page, hkv, d)
     k = rng.standard_normal(shape, np.float32)
     v = rng.standard_normal(shape, np.float32)
@@ -107,19 +112,20 @@ CHECKS = [
 ]
 
 
-def check_case(row: dict, args, kernel, width: int = 36) -> dict:
-    """One device check: `kernel(*args, sm_scale=...)` against the f32 reference on a NaN-poisoned pool
-    (`paged_batch`); fills `row` with the first call's time and `compare`'s figures, prints one line."""
+def check_case(row: dict, args, kernel, width: int = 36, **semantics) -> dict:
+    """One device check: `kernel(*args, sm_scale=..., **semantics)` against the f32 reference (same
+    `semantics`: sliding_window, soft_cap) on a NaN-poisoned pool (`paged_batch`); fills `row` with the first
+    call's time and `compare`'s figures, prints one line."""
     try:
         q, k, v, kv_l, table, cu, ns = args
         d = q.shape[-1]
         t = time.perf_counter()
-        out = jax.block_until_ready(kernel(*args, sm_scale=1 / math.sqrt(d)))
+        out = jax.block_until_ready(kernel(*args, sm_scale=1 / math.sqrt(d), **semantics))
         row["first_call_s"] = time.perf_counter() - t
         safe_table = jnp.clip(table, 0, k.shape[0] - 1)  # the reference gathers every table entry
         ref = ragged_paged_attention_reference(jnp.nan_to_num(q).astype(jnp.float32), k.astype(jnp.float32),
                                                v.astype(jnp.float32), kv_l, safe_table, cu, ns,
-                                               sm_scale=1 / math.sqrt(d))
+                                               sm_scale=1 / math.sqrt(d), **semantics)
         row.update(compare(out, ref, int(cu[int(ns)])))
     except Exception as e:
         traceback.print_exc()
@@ -130,12 +136,36 @@ def check_case(row: dict, args, kernel, width: int = 36) -> dict:
     return row
 
 
+WINDOW_CHECKS = [
+    # name, q_lens, kv_lens, batch kwargs, sliding_window, soft_cap. Windows below, across and above
+    # block_kv (128): lower-edge masked blocks, skipped blocks at both ends of a CTA's two tiles, freed pages.
+    ("window 64, ragged over long prefixes", [37, 300, 1, 130, 5], [2337, 3300, 1000, 130, 17], {}, 64, None),
+    ("window 256, ragged over long prefixes", [37, 300, 1, 130, 5], [2337, 3300, 1000, 130, 17], {}, 256, None),
+    ("window 4096, ragged over long prefixes", [512, 300, 77], [8192, 5000, 77], {}, 4096, None),
+    ("window 256, page 64, GQA 8", [129, 513], [4129, 1023], dict(page=64, hq=64), 256, None),
+    ("window 64, padding + num_seqs < S", [100, 29], [1600, 29], dict(pad_tokens=19, extra_slots=2), 64, None),
+    ("window 8 (< page), MHA", [150, 9], [650, 300], dict(hq=8), 8, None),
+    ("soft-cap 30, ragged over prefixes", [37, 300, 1, 130, 5], [337, 300, 1000, 130, 17], {}, None, 30.0),
+    ("soft-cap 30 + window 256", [37, 300, 130], [2337, 3300, 130], {}, 256, 30.0),
+    ("soft-cap 30 + window 1024, head_dim 64", [90, 700], [3090, 700], dict(d=64), 1024, 30.0),
+]
+
+
 def run_checks(result: dict, save) -> None:
     result["checks"] = []
     for i, (name, q_lens, kv_lens, kw) in enumerate(CHECKS):
         row = dict(case=name, q_lens=q_lens[:8], kv_lens=kv_lens[:8], **{k: v for k, v in kw.items()})
         result["checks"].append(check_case(row, paged_batch(i, q_lens, kv_lens, **kw), ragged_paged_attention_mgpu))
         save()
+    # Window / soft-cap: "mosaic" keeps routing these to Triton until every row here is ok on the device.
+    for i, (name, q_lens, kv_lens, kw, window, cap) in enumerate(WINDOW_CHECKS):
+        row = dict(case=name, q_lens=q_lens[:8], kv_lens=kv_lens[:8], sliding_window=window, soft_cap=cap, **kw)
+        args = paged_batch(100 + i, q_lens, kv_lens, window=window, **kw)
+        result["checks"].append(check_case(row, args, ragged_paged_attention_mgpu, width=40, sliding_window=window,
+                                           soft_cap=cap))
+        save()
+    result["window_checks_ok"] = all(r.get("ok") for r in result["checks"] if "sliding_window" in r)
+    print(f"window / soft-cap checks all ok: {result['window_checks_ok']}", flush=True)
 
 
 def bench_prefill(result: dict, save, batch=4, seq=4096) -> None:
@@ -183,6 +213,28 @@ def bench_prefill(result: dict, save, batch=4, seq=4096) -> None:
     for base in ("triton", "jax_attention_mgpu", "torch_sdpa"):
         if best and row.get(f"{base}_tflops"):
             row[f"best_over_{base}"] = best / row[f"{base}_tflops"]
+    save()
+
+
+def bench_window(result: dict, save, batch=4, seq=4096, window=1024) -> None:
+    """Causal prefill 4 x 4096 with a sliding window: Mosaic (default config) against the Triton kernel."""
+    visible = sum(min(p + 1, window) for p in range(seq))          # kv positions each query sees
+    flops = 4 * batch * visible * HQ * D
+    row = dict(batch=batch, seq=seq, window=window, flops=flops)
+    result["window"] = row
+    args = paged_batch(0, [seq] * batch, [seq] * batch, poison=False)
+    for impl, kernel in (("mosaic", ragged_paged_attention_mgpu), ("triton", ragged_paged_attention_pallas)):
+        try:
+            fn = jax.jit(functools.partial(kernel, sm_scale=1 / math.sqrt(D), sliding_window=window))
+            t = timeit(fn, *args)
+            row[f"{impl}_ms"], row[f"{impl}_tflops"] = t * 1e3, flops / t / 1e12
+        except Exception as e:
+            traceback.print_exc()
+            row[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:600]}"
+        print(f"window {window} prefill {impl}: {row.get(f'{impl}_tflops')} TFLOP/s", flush=True)
+        save()
+    if row.get("mosaic_ms") and row.get("triton_ms"):
+        row["triton_over_mosaic"] = row["triton_ms"] / row["mosaic_ms"]
     save()
 
 
@@ -258,7 +310,8 @@ def bench_mixed(result: dict, save) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
-    parser.add_argument("--only", default="check,prefill,mixed", help="comma list: check,prefill,mixed")
+    parser.add_argument("--only", default="check,prefill,window,mixed",
+                        help="comma list: check,prefill,window,mixed")
     parser.add_argument("--tag", default="", help="suffix of the JSON file name")
     args = parser.parse_args()
     sections = set(args.only.split(","))
@@ -282,6 +335,8 @@ def main() -> int:
         run_checks(result, save)
     if "prefill" in sections:
         bench_prefill(result, save)
+    if "window" in sections:
+        bench_window(result, save)
     if "mixed" in sections:
         bench_mixed(result, save)
     save()

@@ -28,9 +28,13 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def mosaic_takes(q, k_pages, page_table, *, sliding_window=None, soft_cap=None) -> bool:
-    """Whether impl="mosaic" sends this batch to the Mosaic GPU kernel: prefill-shaped (T > S) and supported."""
+def mosaic_takes(q, k_pages, page_table, *, sliding_window=None, soft_cap=None, impl="mosaic") -> bool:
+    """Whether `impl` ("mosaic" or "mosaic_full") sends this batch to the Mosaic GPU prefill kernel:
+    prefill-shaped (T > S) and supported. The kernel's window and soft-cap paths are CPU-checked only (not
+    yet run on a GPU): only the opt-in "mosaic_full" sends them there; "mosaic" keeps them on Triton."""
     prefill_shaped = q.shape[0] > page_table.shape[0]
+    if impl != "mosaic_full" and (sliding_window is not None or soft_cap is not None):
+        return False
     return prefill_shaped and _mgpu.unsupported_reason(q, k_pages, sliding_window=sliding_window,
                                                        soft_cap=soft_cap) is None
 
@@ -51,9 +55,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
             q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if impl in ("mosaic", "mosaic_full") and mosaic_takes(q, k_pages, page_table, sliding_window=sliding_window,
-                                                          soft_cap=soft_cap):
+                                                          soft_cap=soft_cap, impl=impl):
         return _mgpu.ragged_paged_attention_mgpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
-                                                 num_seqs, sm_scale=sm_scale)
+                                                 num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
+                                                 soft_cap=soft_cap)
     if impl == "mosaic_full" and mosaic_decode_takes(q, k_pages, page_table, sliding_window=sliding_window,
                                                      soft_cap=soft_cap):
         return _decode_mgpu.paged_decode_mgpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,

@@ -16,12 +16,19 @@ free) tiled q tile, a partial one through an untiled SMEM tile as TMA boxes of p
 that cover exactly the sequence's rows. Padding tokens (from `cu_q_lens[num_seqs]` to T) get work items
 that only store zeros.
 
+Sliding window: each tile also has a first kv block (the one its first row's window reaches); blocks
+wholly outside the window of all of a tile's rows are skipped, blocks cut by the window's lower edge
+take the masked body like the causal diagonal, and the memory warpgroup streams the union of the two
+tiles' ranges, replacing pages wholly before the window of the CTA's first row by the out-of-bounds page
+(never read: the block manager may have freed them). Soft-cap: `cap * tanh(s / cap)` on the natural
+logits before masking, then base 2. Without a window / soft-cap the program is the one without them.
+
 Stale or poisoned slots: table entries past a sequence's last page become the out-of-bounds page
 `num_pages`, which TMA fills with zeros; the slots after `kv_len` in the last (partial) page are masked
 in the scores and zeroed in the V tile before P.V (0 * NaN = NaN otherwise).
 
 Supported: bf16/f16, head_dim 64 or 128, page_size 8..block_kv (power of two), q heads per kv head
-<= 8, causal attention with no sliding window and no soft-cap, SMEM within 227 KB. `unsupported_reason`
+<= 8, causal attention with an optional sliding window and logit soft-cap, SMEM within 227 KB. `unsupported_reason`
 says why an input is not (the caller then uses the Triton kernel). Checked on CPU by lowering for CUDA
 and in Mosaic GPU's interpreter; on the GPU by `bench/kernels_mgpu.py` (status: pallas_kernels/README.md).
 Semantics, layout and the oracle: `ragged_paged_attention.py`.
@@ -78,10 +85,10 @@ def unsupported_reason(q, k_pages, *, sliding_window=None, soft_cap=None,
     config = config or MosaicConfig()
     _, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
-    if sliding_window is not None:
-        return "sliding_window is not supported by the Mosaic GPU kernel"
-    if soft_cap is not None:
-        return "soft_cap is not supported by the Mosaic GPU kernel"
+    if sliding_window is not None and sliding_window < 1:
+        return f"sliding_window must be >= 1 or None, got {sliding_window}"
+    if soft_cap is not None and not soft_cap > 0:
+        return f"soft_cap must be > 0 or None, got {soft_cap}"
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k_pages.dtype != q.dtype:
         return f"dtype must be bf16 or f16 for q and pages alike, got {q.dtype} and {k_pages.dtype}"
     if head_dim not in (64, 128):
@@ -110,13 +117,14 @@ def max_work_items(num_tokens: int, num_slots: int, tokens_per_item: int) -> int
 
 
 def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, num_tokens: int,
-               tokens_per_item: int) -> jax.Array:
+               tokens_per_item: int, sliding_window: int | None = None) -> jax.Array:
     """items[W, 5] int32 = (seq, first token, seq start a, seq end b, kv_len), heaviest first.
 
     Each interval [a, b) of q rows (each real sequence, then the padding [cu_q_lens[num_seqs], T) with
     seq = -1) is covered by items starting at a rounded down to ROW_ALIGN, `tokens_per_item` apart.
     Items past the last one are (-1, 0, 0, 0, 0): they store nothing. kv_len rides along so that a
-    CTA's first page-table load does not wait for a second dependent load.
+    CTA's first page-table load does not wait for a second dependent load. With a window, an item's
+    cost (its kv range) is capped at the window plus its tokens.
     """
     num_slots = cu_q_lens.shape[0] - 1
     slot = jnp.arange(num_slots, dtype=jnp.int32)
@@ -142,6 +150,8 @@ def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, nu
     # Longest kv range first, so that the causal triangle's heavy tiles do not finish last.
     q_len = items[:, 3] - items[:, 2]
     last_pos = kv_len - q_len + jnp.minimum(items[:, 3], start + tokens_per_item) - items[:, 2]
+    if sliding_window is not None:
+        last_pos = jnp.minimum(last_pos, sliding_window + tokens_per_item)
     cost = jnp.where(seq >= 0, last_pos, -1)
     return items[jnp.argsort(-cost, stable=True)]
 
@@ -167,7 +177,7 @@ def _kernel(
     k_free, v_free,  # [stages] consumed barriers, one arrival per compute warpgroup
     schedule,        # ping-pong barrier of the two compute warpgroups
     *, sm_scale: float, group: int, block_t: int, block_kv: int, num_stages: int, oob_page: int,
-    interpret: bool,
+    interpret: bool, sliding_window: int | None = None, soft_cap: float | None = None,
 ):
     h = lax.axis_index("h")
     wg = lax.axis_index("wg")
@@ -196,6 +206,22 @@ def _kernel(
         return t0, lo, hi, n_blocks, n_full
 
     n_cta = jnp.maximum(tile_range(0)[3], tile_range(1)[3])
+    windowed = sliding_window is not None
+    if windowed:
+        # A window gives each tile a first kv block too: blocks before it are wholly outside the window of
+        # all its rows. The CTA streams the union [cta_lo, n_cta) of its tiles' ranges (contiguous: the
+        # tiles are adjacent tokens of one sequence); an idle tile's range is empty at cta_lo.
+        def window_range(w):
+            """(b_lo, b_full): first block that the tile's first row sees, first block that its last row
+            sees whole (all later blocks before n_full are inside every row's window)."""
+            _, lo, hi, _, _ = tile_range(w)
+            b_lo = jnp.maximum(lo + pos_off - sliding_window + 1, 0) // block_kv
+            b_full = (jnp.maximum(hi + pos_off - sliding_window, 0) + block_kv - 1) // block_kv
+            return b_lo, b_full
+
+        cta_lo = n_cta
+        for w in range(NUM_COMPUTE_WGS):
+            cta_lo = jnp.minimum(cta_lo, jnp.where(tile_range(w)[3] > 0, window_range(w)[0], n_cta))
 
     schedule = schedule.at[0]
 
@@ -215,7 +241,15 @@ def _kernel(
                 plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(t0, block_t), h * group + g],
                                         q_smem.at[wg, pl.ds(g * block_t, block_t)], q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
-            plgpu.barrier_wait(k_bar.at[0])
+            if not windowed:  # with a window, after the leading skipped blocks (below)
+                plgpu.barrier_wait(k_bar.at[0])
+
+        if windowed:
+            active = n_blocks > 0
+            b_lo, b_full = window_range(wg)
+            b_lo = jnp.where(active, b_lo, cta_lo)
+            b_full = jnp.where(active, b_full, cta_lo)
+            n_blocks = jnp.where(active, n_blocks, cta_lo)   # the tile's blocks: [b_lo, n_blocks)
 
         def kv_step(block, carry, *, masked: bool):
             acc, m_i, l_i = carry
@@ -233,12 +267,18 @@ def _kernel(
             else:
                 scores = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            scores = scores * (sm_scale * LOG2E)                        # base-2 logits
+            if soft_cap is None:
+                scores = scores * (sm_scale * LOG2E)                    # base-2 logits
+            else:  # cap * tanh(s / cap) on the natural logits s = sm_scale * q.k, then base 2
+                scores = jnp.tanh(scores * (sm_scale / soft_cap)) * (soft_cap * LOG2E)
             if masked:
                 # kv position <= row position, i.e. col + block * block_kv <= t0 + (row % block_t) + pos_off.
                 shift = block * block_kv - t0 - pos_off
                 kv_col = wgmma_iota(scores.shape, 1, interpret) + shift
-                mask = kv_col <= (wgmma_iota(scores.shape, 0, interpret) & (block_t - 1))
+                row_t = wgmma_iota(scores.shape, 0, interpret) & (block_t - 1)
+                mask = kv_col <= row_t
+                if windowed:  # and row position - kv position < window
+                    mask = mask & (kv_col > row_t - sliding_window)
                 scores = jnp.where(mask, scores, MASK_VALUE)
             m_next = jnp.maximum(m_i, scores.max(axis=1))
             alpha = jnp.exp2(m_i - m_next)
@@ -290,11 +330,23 @@ def _kernel(
         acc, m_i, l_i = softmax_state(head_dim, interpret)
         carry = (acc, m_i, l_i)
 
+        def masked_steps(lo_block, hi_block, c):
+            return lax.cond(lo_block < hi_block,
+                            lambda c: lax.fori_loop(lo_block, hi_block, functools.partial(kv_step, masked=True), c),
+                            lambda c: c, c)
+
         pl.when(wg == 1)(schedule_barrier)
-        carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), carry)
-        carry = lax.cond(n_full < n_blocks,
-                         lambda c: lax.fori_loop(n_full, n_blocks, functools.partial(kv_step, masked=True), c),
-                         lambda c: c, carry)
+        if not windowed:
+            carry = lax.fori_loop(0, n_full, functools.partial(kv_step, masked=False), carry)
+            carry = masked_steps(n_full, n_blocks, carry)
+        else:
+            # [cta_lo, b_lo): the other tile's; [b_lo, b_full): the window's lower edge, masked;
+            # [b_full, n_full): inside every row's window and causal range; then the diagonal, masked.
+            lax.fori_loop(cta_lo, b_lo, skip_step, None)
+            pl.when(b_lo < n_blocks)(lambda: plgpu.barrier_wait(k_bar.at[lax.rem(b_lo, num_stages)]))
+            carry = masked_steps(b_lo, jnp.minimum(b_full, n_blocks), carry)
+            carry = lax.fori_loop(b_full, n_full, functools.partial(kv_step, masked=False), carry)
+            carry = masked_steps(jnp.maximum(b_full, n_full), n_blocks, carry)
         lax.fori_loop(n_blocks, n_cta, skip_step, None)
         pl.when(wg == 0)(schedule_barrier)
         acc, _, l_i = carry
@@ -324,14 +376,20 @@ def _kernel(
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
         pages_in_seq = (kv_len + page_size - 1) // page_size
+        if windowed:  # pages wholly before the window of the CTA's first row are never read (freed pages)
+            first_page = jnp.maximum(jnp.maximum(seq_a, start) + pos_off - sliding_window + 1, 0) // page_size
 
         def block_pages(block):
-            """Physical pages of kv block `block`; past the sequence, the out-of-bounds page (zeros)."""
+            """Physical pages of kv block `block`; past the sequence (or before the window), the
+            out-of-bounds page (zeros)."""
             pages = []
             for j in range(pages_per_block):
                 idx = block * pages_per_block + j
                 page = page_table_ref[s, jnp.minimum(idx, pages_per_seq - 1)]
-                pages.append(jnp.where(idx < pages_in_seq, page, oob_page))
+                live = idx < pages_in_seq
+                if windowed:
+                    live = live & (idx >= first_page)
+                pages.append(jnp.where(live, page, oob_page))
             return pages
 
         def copy_block(pages_ref, smem, bar, pages, slot):
@@ -339,17 +397,19 @@ def _kernel(
                 plgpu.copy_gmem_to_smem(pages_ref.at[page, :, h, :],
                                         smem.at[slot, pl.ds(j * page_size, page_size)], bar.at[slot])
 
-        @pl.loop(0, n_cta)
+        first_block = cta_lo if windowed else 0
+
+        @pl.loop(first_block, n_cta)
         def _stream(block):
             slot = lax.rem(block, num_stages)
-            reuse = block >= num_stages
+            reuse = (block - cta_lo >= num_stages) if windowed else block >= num_stages
             pages = block_pages(block)      # page-table loads overlap the wait for a free slot
             pl.when(reuse)(lambda: plgpu.barrier_wait(k_free.at[slot]))
             copy_block(k_pages_ref, k_smem, k_bar, pages, slot)
             pl.when(reuse)(lambda: plgpu.barrier_wait(v_free.at[slot]))
             copy_block(v_pages_ref, v_smem, v_bar, pages, slot)
 
-        @pl.loop(jnp.maximum(n_cta - num_stages, 0), n_cta)
+        @pl.loop(jnp.maximum(n_cta - num_stages, first_block), n_cta)
         def _drain(block):  # observe the last releases too (cheap; the interpreter checks every phase)
             slot = lax.rem(block, num_stages)
             plgpu.barrier_wait(k_free.at[slot])
@@ -401,7 +461,8 @@ def ragged_paged_attention_mgpu(
       cu_q_lens: [S + 1] boundaries of each sequence's tokens in q.
       num_seqs: [] number of real sequences.
       sm_scale: softmax scale.
-      sliding_window, soft_cap: must be None (NotImplementedError otherwise; see `unsupported_reason`).
+      sliding_window: None, or W >= 1: the token at position p sees kv positions j with p - W < j <= p.
+      soft_cap: None, or cap > 0: logits s = sm_scale * q.k become cap * tanh(s / cap) before masking.
       config: launch shape; None = `MosaicConfig()`.
       interpret: run in Mosaic GPU's interpreter (CPU). jax 0.10's interpreter lacks a few primitives:
         the two matmuls are then `lax.dot_general` on the same SMEM tiles instead of wgmma, layout
@@ -419,12 +480,19 @@ def ragged_paged_attention_mgpu(
         raise NotImplementedError(reason)
     num_tokens, num_q_heads, _ = q.shape
     _, _, block_t = tile_shape(num_q_heads, k_pages.shape[2])
-    items = work_items(cu_q_lens, jnp.reshape(num_seqs, ()), kv_lens, num_tokens, NUM_COMPUTE_WGS * block_t)
-    return launch(items, page_table, q, k_pages, v_pages, sm_scale=sm_scale, config=config, interpret=interpret)
+    tokens_per_item = NUM_COMPUTE_WGS * block_t
+    if sliding_window is None:
+        items = work_items(cu_q_lens, jnp.reshape(num_seqs, ()), kv_lens, num_tokens, tokens_per_item)
+    else:
+        items = work_items(cu_q_lens, jnp.reshape(num_seqs, ()), kv_lens, num_tokens, tokens_per_item,
+                           sliding_window)
+    return launch(items, page_table, q, k_pages, v_pages, sm_scale=sm_scale, config=config, interpret=interpret,
+                  sliding_window=sliding_window, soft_cap=soft_cap)
 
 
 def launch(items, page_table, q, k_pages, v_pages, *, sm_scale: float, config: MosaicConfig,
-           interpret: bool = False) -> jax.Array:
+           interpret: bool = False, sliding_window: int | None = None,
+           soft_cap: float | None = None) -> jax.Array:
     """The kernel over a work list from `work_items` (inputs already validated): o [T, Hq, D]."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
@@ -455,7 +523,7 @@ def launch(items, page_table, q, k_pages, v_pages, *, sm_scale: float, config: M
         v_pages = jnp.pad(v_pages, ((0, 1), (0, 0), (0, 0), (0, 0)))
     kernel = functools.partial(_kernel, sm_scale=sm_scale, group=group, block_t=block_t,
                                block_kv=block_kv, num_stages=stages, oob_page=oob_page,
-                               interpret=interpret)
+                               interpret=interpret, sliding_window=sliding_window, soft_cap=soft_cap)
     out = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((padded_tokens, num_q_heads, head_dim), q.dtype),

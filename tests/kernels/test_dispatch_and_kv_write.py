@@ -54,6 +54,19 @@ def test_mosaic_impl_takes_supported_prefill_batches_only():
     assert not pallas_kernels.mosaic_takes(*_batch_shapes(512, 4, dtype=jnp.float32))
 
 
+def test_mosaic_full_impl_takes_windowed_and_soft_capped_prefill_batches():
+    """The prefill kernel's window / soft-cap paths are CPU-checked only: the opt-in impl alone takes them."""
+    batch = _batch_shapes(512, 4)
+    assert pallas_kernels.mosaic_takes(*batch, sliding_window=128, impl="mosaic_full")
+    assert pallas_kernels.mosaic_takes(*batch, soft_cap=30.0, impl="mosaic_full")
+    assert pallas_kernels.mosaic_takes(*batch, sliding_window=4096, soft_cap=50.0, impl="mosaic_full")
+    assert not pallas_kernels.mosaic_takes(*batch, sliding_window=128, impl="mosaic")
+    assert not pallas_kernels.mosaic_takes(*batch, soft_cap=30.0, impl="mosaic")
+    assert not pallas_kernels.mosaic_takes(*_batch_shapes(4, 4), sliding_window=128, impl="mosaic_full")
+    assert not pallas_kernels.mosaic_takes(*_batch_shapes(512, 4, dtype=jnp.float32), soft_cap=30.0,
+                                           impl="mosaic_full")
+
+
 @pytest.mark.parametrize("num_tokens,num_slots,backend", [(64, 2, "mosaic_gpu"), (4, 4, "triton")])
 def test_mosaic_impl_lowers_prefill_to_mosaic_and_decode_to_triton(num_tokens, num_slots, backend):
     q, k_pages, table = _batch_shapes(num_tokens, num_slots)
@@ -61,6 +74,22 @@ def test_mosaic_impl_lowers_prefill_to_mosaic_and_decode_to_triton(num_tokens, n
     args = (q, k_pages, k_pages, ints, table, jax.ShapeDtypeStruct((num_slots + 1,), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32))
     fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1, impl="mosaic"))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert backend in text and ({"mosaic_gpu", "triton"} - {backend}).pop() not in text
+
+
+@pytest.mark.parametrize("num_tokens,num_slots,window,soft_cap,impl,backend", [
+    (64, 2, 256, None, "mosaic", "triton"), (64, 2, None, 30.0, "mosaic", "triton"),
+    (64, 2, 256, None, "mosaic_full", "mosaic_gpu"), (64, 2, None, 30.0, "mosaic_full", "mosaic_gpu"),
+    (64, 2, 8, 50.0, "mosaic_full", "mosaic_gpu")])
+def test_window_and_soft_cap_prefill_go_to_mosaic_only_under_mosaic_full(num_tokens, num_slots, window, soft_cap,
+                                                                         impl, backend):
+    q, k_pages, table = _batch_shapes(num_tokens, num_slots)
+    ints = jax.ShapeDtypeStruct((num_slots,), jnp.int32)
+    args = (q, k_pages, k_pages, ints, table, jax.ShapeDtypeStruct((num_slots + 1,), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1, sliding_window=window,
+                                                                  soft_cap=soft_cap, impl=impl))
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert backend in text and ({"mosaic_gpu", "triton"} - {backend}).pop() not in text
 

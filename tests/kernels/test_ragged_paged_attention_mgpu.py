@@ -91,9 +91,31 @@ def test_kernel_lowers_for_cuda_without_a_gpu(T, hq, hkv, d, page, block_kv):
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("T,hq,hkv,d,page,block_kv,window,cap", [
+    (64, 32, 8, 128, 16, 128, 8, None),      # window smaller than a page and a block
+    (64, 32, 8, 128, 16, 128, 300, None),    # window cutting across several blocks
+    (37, 8, 8, 64, 64, 64, 4096, None),      # window larger than the context (P * page = 384)
+    (64, 32, 8, 128, 16, 128, None, 30.0),   # soft-cap alone
+    (24, 6, 2, 128, 32, 64, 100, 50.0),      # both, padded group
+])
+def test_kernel_lowers_for_cuda_with_window_and_soft_cap(T, hq, hkv, d, page, block_kv, window, cap):
+    config = mgpu.MosaicConfig(block_kv=block_kv)
+    fn = jax.jit(lambda *a: mgpu.ragged_paged_attention_mgpu(*a, sm_scale=0.1, sliding_window=window,
+                                                             soft_cap=cap, config=config))
+    text = fn.trace(*_shapes(T, hq, hkv, d, page)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_window_and_soft_cap_are_supported_and_checked():
+    q, k = _shapes(16, 8, 2, 128, 16)[:2]
+    assert mgpu.unsupported_reason(q, k, sliding_window=64, soft_cap=30.0) is None
+    assert "sliding_window" in mgpu.unsupported_reason(q, k, sliding_window=0)
+    assert "soft_cap" in mgpu.unsupported_reason(q, k, soft_cap=0.0)
+
+
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(sliding_window=64), "sliding_window"),
-    (dict(soft_cap=30.0), "soft_cap"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(soft_cap=-1.0), "soft_cap"),
     (dict(dtype=jnp.float32), "dtype"),
     (dict(d=256), "head_dim"),
     (dict(hq=32, hkv=2), "q heads per kv head"),
@@ -125,3 +147,110 @@ def test_interpreted_kernel_matches_reference_on_a_poisoned_ragged_batch():
     assert np.isfinite(out).all()
     assert (out[int(cu[int(num_seqs)]):] == 0).all()
     np.testing.assert_allclose(out, np.asarray(ref), rtol=3e-2, atol=3e-2)
+
+
+# --- sliding window and soft-cap in the interpreter ----------------------------------------------------
+
+def window_batch(seed, q_lens, kv_lens, *, num_tokens, window, page=16, hq=4, hkv=1, d=64, num_seqs=None,
+                 dtype=jnp.bfloat16):
+    """A ragged batch over a shuffled NaN-poisoned pool, as a block manager with a window leaves it:
+    pages wholly before the window of each sequence's first new token are freed (NaN in the pool, garbage
+    in the table), as are unused pages; stale slots past kv_len hold NaN, padding tokens NaN."""
+    rng = np.random.default_rng(seed)
+    num_slots = len(q_lens)
+    num_seqs = num_slots if num_seqs is None else num_seqs
+    q_lens, kv_lens = np.asarray(q_lens), np.asarray(kv_lens)
+    pages = -(-kv_lens // page)
+    num_pages = int(pages.sum()) + 3
+    perm = rng.permutation(num_pages).astype(np.int32)
+    table = rng.integers(-5, 10**6, (num_slots, max(1, int(pages.max())))).astype(np.int32)
+    k = rng.standard_normal((num_pages, page, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((num_pages, page, hkv, d)).astype(np.float32)
+    used, offset = [], 0
+    for s in range(num_slots):
+        first = 0 if window is None else max(int(kv_lens[s] - q_lens[s]) - window + 1, 0) // page
+        n = int(pages[s]) - first
+        table[s, first:first + n] = perm[offset:offset + n]
+        used += list(perm[offset:offset + n])
+        offset += n
+    for p in set(range(num_pages)) - set(used):
+        k[p], v[p] = np.nan, np.nan
+    for s in range(num_slots):
+        n, tail = divmod(int(kv_lens[s]), page)
+        if tail:
+            k[table[s, n], tail:], v[table[s, n], tail:] = np.nan, np.nan
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    assert cu[-1] <= num_tokens
+    q = rng.standard_normal((num_tokens, hq, d)).astype(np.float32)
+    q[cu[num_seqs]:] = np.nan
+    return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(kv_lens, jnp.int32),
+            jnp.asarray(table), jnp.asarray(cu), jnp.asarray(num_seqs, jnp.int32))
+
+
+def check_interpreted(args, *, window, cap, config, live_items_only: bool, sm_scale=0.125):
+    """The kernel in Mosaic GPU's interpreter against the f32 reference: finite, padding rows exactly 0.
+
+    live_items_only: run `launch` on the work list without its trailing dead items (they store nothing;
+    each costs seconds in the interpreter); else the public entry point."""
+    q, k, v, kv_lens, table, cu, num_seqs = args
+    if live_items_only:
+        _, _, block_t = mgpu.tile_shape(q.shape[1], k.shape[2])
+        items = np.asarray(mgpu.work_items(cu, num_seqs, kv_lens, q.shape[0], mgpu.NUM_COMPUTE_WGS * block_t,
+                                           window))
+        items = items[(items[:, 0] >= 0) | (items[:, 3] > items[:, 2])]   # padding items stay
+        out = mgpu.launch(jnp.asarray(items), table, q, k, v, sm_scale=sm_scale, config=config, interpret=True,
+                          sliding_window=window, soft_cap=cap)
+    else:
+        out = mgpu.ragged_paged_attention_mgpu(*args, sm_scale=sm_scale, sliding_window=window, soft_cap=cap,
+                                               config=config, interpret=True)
+    out = np.asarray(out, np.float32)
+    ref = ragged_paged_attention_reference(jnp.nan_to_num(q).astype(jnp.float32), k.astype(jnp.float32),
+                                           v.astype(jnp.float32), kv_lens, jnp.clip(table, 0, k.shape[0] - 1),
+                                           cu, num_seqs, sm_scale=sm_scale, sliding_window=window, soft_cap=cap)
+    real = int(cu[int(num_seqs)])
+    assert np.isfinite(out).all()
+    assert (out[real:] == 0).all()
+    np.testing.assert_allclose(out[:real], np.asarray(ref)[:real], rtol=3e-2, atol=3e-2)
+
+
+def test_interpreted_kernel_matches_reference_with_window_and_soft_cap():
+    """~25 s: 4 CTAs. GQA 4, block_kv 64, window 150, cap 20. Sequence 0 (positions 272..300): its first tile
+    takes blocks 1-2 masked (window edge), 3 unmasked, 4 masked (diagonal); its second tile skips block 1;
+    pages 0-6 are freed (4-6 sit in block 1 beside live page 7). Sequence 1 starts at token 29 (off the
+    8-row grid, positions 48..79): a tile inside block 0 skips block 1. Then 5 padding tokens."""
+    args = window_batch(1, [29, 32], [301, 80], num_tokens=66, window=150)
+    check_interpreted(args, window=150, cap=20.0, config=mgpu.MosaicConfig(block_kv=64), live_items_only=True)
+
+
+SLOW_WINDOW_CASES = [
+    # q_lens, kv_lens, num_tokens, window, cap, batch kwargs, block_kv
+    ([20, 9, 33], [300, 140, 33], 70, 8, None, {}, 64),            # window < page < block, fresh prefill
+    ([40, 17], [130, 200], 64, 70, 30.0, dict(hq=8, hkv=2), 128),  # GQA 4 x 2 kv heads, window across blocks
+    ([12, 30], [100, 30], 48, 4096, None, dict(hq=6, hkv=2, page=32), 64),  # window > context, padded group
+    ([21, 5], [90, 200], 32, None, 5.0, dict(hq=8, hkv=8), 64),    # soft-cap alone, MHA
+    ([16, 7], [500, 7], 30, 64, 30.0, dict(hq=8, hkv=1, num_seqs=1), 64),  # GQA 8, num_seqs < S, padding
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("JPAGED_SLOW_INTERPRET"),
+                    reason="minutes in Mosaic GPU's interpreter; set JPAGED_SLOW_INTERPRET=1")
+@pytest.mark.parametrize("case", range(len(SLOW_WINDOW_CASES)))
+def test_interpreted_kernel_matches_reference_with_window_or_soft_cap_slow(case):
+    q_lens, kv_lens, num_tokens, window, cap, kw, block_kv = SLOW_WINDOW_CASES[case]
+    args = window_batch(10 + case, q_lens, kv_lens, num_tokens=num_tokens, window=window, **kw)
+    check_interpreted(args, window=window, cap=cap, config=mgpu.MosaicConfig(block_kv=block_kv),
+                      live_items_only=False)
+
+
+def test_work_items_with_a_window_cap_the_cost_but_keep_the_items():
+    cu = jnp.array([0, 64, 576], jnp.int32)                 # a 64-token chunk at ctx 4000, a 512-token prefill
+    args = (cu, jnp.array(2, jnp.int32), jnp.array([4000, 512], jnp.int32))
+    plain = np.asarray(mgpu.work_items(*args, num_tokens=576, tokens_per_item=32))
+    windowed = np.asarray(mgpu.work_items(*args, num_tokens=576, tokens_per_item=32, sliding_window=64))
+    assert sorted(map(tuple, plain.tolist())) == sorted(map(tuple, windowed.tolist()))
+    # Heaviest first, the kv range capped at window + tokens per item (ties keep the plain order).
+    seq, start, a, b, kv = windowed.T
+    cost = np.where(seq >= 0, np.minimum(kv - (b - a) + np.minimum(b, start + 32) - a, 64 + 32), -1)
+    assert (np.diff(cost) <= 0).all()
+    assert cost[0] == 96 and (cost == 96).sum() > 2, "the 4000-token context no longer outranks the rest"
