@@ -31,7 +31,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares 
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import sys
 import time
@@ -41,7 +40,7 @@ import jax
 import numpy as np
 
 from bench import kernels as kernels_bench
-from bench.kernels_mgpu import check_case, compare, paged_batch
+from bench.kernels_mgpu import check_case, compare, open_result, paged_batch
 from pallas_kernels.paged_decode_mgpu import DecodeConfig, choose_config, paged_decode_mgpu
 from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
 
@@ -239,19 +238,7 @@ def main() -> int:
     device = jax.devices()[0]
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"decode_mgpu{args.tag}{'_interpret' if INTERPRET else ''}.json")
-    result = json.load(open(path)) if os.path.exists(path) else {}
-    import jaxlib
-    result.update(device=device.device_kind, platform=device.platform, jax=jax.__version__,
-                  jaxlib=jaxlib.__version__, interpret=INTERPRET,
-                  shapes=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, page_size=PAGE, dtype="bfloat16"),
-                  default_config=str(DecodeConfig()))
-    result.setdefault("commands", []).append(" ".join(["python"] + sys.argv))
-
-    def save():
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-
-    save()
+    result, save = open_result(path, device, interpret=INTERPRET, default_config=str(DecodeConfig()))
     if "check" in sections:
         run_checks(result, save)
     if "decode" in sections:

@@ -112,6 +112,25 @@ CHECKS = [
 ]
 
 
+def open_result(path: str, device, **fields):
+    """(result, save): the JSON at `path` (kept across runs of other sections), updated with the device,
+    versions, shapes and `fields`, this command appended; save() rewrites it (called after every section,
+    so a run cut short keeps its numbers)."""
+    import jaxlib
+    result = json.load(open(path)) if os.path.exists(path) else {}
+    result.update(device=device.device_kind, platform=device.platform, jax=jax.__version__,
+                  jaxlib=jaxlib.__version__,
+                  shapes=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, page_size=PAGE, dtype="bfloat16"), **fields)
+    result.setdefault("commands", []).append(" ".join(["python"] + sys.argv))
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+    save()
+    return result, save
+
+
 def check_case(row: dict, args, kernel, width: int = 36, **semantics) -> dict:
     """One device check: `kernel(*args, sm_scale=..., **semantics)` against the f32 reference (same
     `semantics`: sliding_window, soft_cap) on a NaN-poisoned pool (`paged_batch`); fills `row` with the first
@@ -318,19 +337,8 @@ def main() -> int:
     device = jax.devices()[0]
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"kernels_mgpu{args.tag}.json")
-    result = json.load(open(path)) if os.path.exists(path) else {}
-    import jaxlib
-    result.update(device=device.device_kind, platform=device.platform, jax=jax.__version__,
-                  jaxlib=jaxlib.__version__,
-                  shapes=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, page_size=PAGE, dtype="bfloat16"),
-                  ceilings=dict(matmul_tflops=MATMUL_TFLOPS), default_config=str(MosaicConfig()))
-    result.setdefault("commands", []).append(" ".join(["python"] + sys.argv))
-
-    def save():
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-
-    save()
+    result, save = open_result(path, device,
+                               ceilings=dict(matmul_tflops=MATMUL_TFLOPS), default_config=str(MosaicConfig()))
     if "check" in sections:
         run_checks(result, save)
     if "prefill" in sections:

@@ -100,3 +100,19 @@ def zero_stale_v(v_smem, slot, block, kv_end, *, block_kv: int, interpret: bool)
             rows[...] = jnp.where(keep, v, jnp.zeros_like(v))
     plgpu.commit_smem()
 
+
+
+def accumulate_pv(acc, p16, v_smem, slot, v_free, wait_next_k, *, interpret: bool):
+    """acc + P.V over the V tile in SMEM slot `slot` (wgmma on the device), waiting for the next K block
+    (`wait_next_k`) while the wgmma runs; then releases the slot to the memory warpgroup."""
+    def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+        wait_next_k()
+
+    if interpret:  # the interpreter has no run_state
+        acc = acc + lax.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
+        wait_next_k()
+    else:
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(v_free.at[slot])
+    return acc

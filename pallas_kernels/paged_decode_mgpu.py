@@ -49,9 +49,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mgpu_common import (LOG2E, MASK_VALUE, ROW_ALIGN, ROWS, SMEM_BYTES, check_lowering,
-                                        compiler_params, interpret_params, next_pow2, softmax_state,
-                                        tiled_smem, wgmma_iota, zero_stale_v)
+from pallas_kernels.mgpu_common import (LOG2E, MASK_VALUE, ROWS, ROW_ALIGN, SMEM_BYTES, accumulate_pv,
+                                        check_lowering, compiler_params, interpret_params, next_pow2,
+                                        softmax_state, tiled_smem, wgmma_iota, zero_stale_v)
 from pallas_kernels.ragged_paged_attention_kernel import static_validate_inputs
 
 NUM_SMS = 132             # H100 SXM
@@ -255,16 +255,7 @@ def _kernel(
                 def _():
                     plgpu.barrier_wait(k_bar.at[lax.rem(i + 1, num_stages)])
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                wait_next_k()
-
-            if interpret:  # the interpreter has no run_state
-                acc = acc + lax.dot(p16, v_smem[slot], preferred_element_type=jnp.float32)
-                wait_next_k()
-            else:
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_free.at[slot])
+            acc = accumulate_pv(acc, p16, v_smem, slot, v_free, wait_next_k, interpret=interpret)
             return acc, m_next, l_i
 
         acc, m_i, l_i = softmax_state(head_dim, interpret)
