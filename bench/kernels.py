@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.kv_write import write_kv_reference
+from pallas_kernels.kv_write import write_kv_pallas, write_kv_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention_kernel import (NUM_SMS, TuningConfig, _decode_call, choose_config,
                                                           ragged_paged_attention_pallas)
@@ -508,28 +508,73 @@ def bench_mixed(key) -> dict:
     return row
 
 
-def bench_kv_write(key, num_tokens=256) -> list[dict]:
-    """Step time of the donated in-place KV write must not grow with the pool."""
-    fn = jax.jit(write_kv_reference, donate_argnums=(0, 1))
+def _write_kv_xla_scatter(k_pages, v_pages, k, v, slot_mapping):
+    """Before session 4: padding sent to one out-of-bounds row, so the scatter's indices were not distinct."""
+    num_pages, page_size, hkv, d = k_pages.shape
+    num_slots = num_pages * page_size
+    slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)
+
+    def write(pages, new):
+        return pages.reshape(num_slots, hkv, d).at[slots].set(new.astype(pages.dtype), mode="drop").reshape(pages.shape)
+
+    return write(k_pages, k), write(v_pages, v)
+
+
+KV_WRITE_VARIANTS = {
+    "xla_scatter": _write_kv_xla_scatter,
+    "xla_scatter_unique": write_kv_reference,   # the engine's
+    **{f"pallas_b{b}": functools.partial(lambda *a, b: write_kv_pallas(*a, block_tokens=b, interpret=INTERPRET), b=b)
+       for b in (1, 4, 16)},
+}
+
+
+def bench_kv_write(key, token_counts=(256, 2048), chain=16) -> list[dict]:
+    """The donated in-place KV write (one layer's K and V) by implementation, tokens and pool size: *wall*
+    per jitted call (dispatch included, as the step never pays it per layer) and *chained*, `chain` writes
+    in one jitted loop (device time per write, as a model step pays it). It must not grow with the pool;
+    bytes = 2 (K, V) x 2 (read the new row, write the slot) x T x Hkv x D x 2."""
+    def chained(write):
+        def run(k_pages, v_pages, k, v, slots):
+            def body(i, pools):
+                shift = i.astype(k.dtype)
+                return write(*pools, k + shift, v - shift, slots)
+            return lax.fori_loop(0, chain, body, (k_pages, v_pages))
+        return jax.jit(run, donate_argnums=(0, 1))
+
     rows = []
-    for num_pages in (1024, 16384, 65536):
+    pools, token_counts = ((64,), (40,)) if INTERPRET else ((1024, 16384, 65536), token_counts)
+    for num_pages in pools:
         shape = (num_pages, PAGE, HKV, D)
-        k_pages, v_pages = jnp.zeros(shape, DTYPE), jnp.zeros(shape, DTYPE)
-        k = jax.random.normal(key, (num_tokens, HKV, D), DTYPE)
-        slots = jax.random.permutation(key, num_pages * PAGE)[:num_tokens].astype(jnp.int32)
-        k_pages, v_pages = fn(k_pages, v_pages, k, k, slots)
-        jax.block_until_ready(k_pages)
-        times = []
-        for _ in range(7):
-            t = time.perf_counter()
-            for _ in range(20):
-                k_pages, v_pages = fn(k_pages, v_pages, k, k, slots)
-            jax.block_until_ready(k_pages)
-            times.append((time.perf_counter() - t) / 20)
-        rows.append(dict(num_pages=num_pages, pool_bytes=2 * k_pages.size * 2, tokens=num_tokens,
-                         us=statistics.median(times) * 1e6))
-        print(f"kv_write pages={num_pages:6d} {rows[-1]['us']:.1f} us", flush=True)
-        del k_pages, v_pages
+        for num_tokens in token_counts:
+            k = jax.random.normal(key, (num_tokens, HKV, D), DTYPE)
+            slots = jax.random.permutation(key, num_pages * PAGE)[:num_tokens].astype(jnp.int32)
+            slots = slots.at[::7].set(-1)   # padding tokens, as in the engine's buckets
+            want = None
+            for name, write in KV_WRITE_VARIANTS.items():
+                row = dict(impl=name, num_pages=num_pages, pool_bytes=2 * 2 * math.prod(shape), tokens=num_tokens)
+                moved = 2 * 2 * num_tokens * HKV * D * 2
+                for timer, fn, calls in (("wall", jax.jit(write, donate_argnums=(0, 1)), 1),
+                                         ("chained", chained(write), chain)):
+                    k_pages, v_pages = jnp.zeros(shape, DTYPE), jnp.zeros(shape, DTYPE)
+                    k_pages, v_pages = fn(k_pages, v_pages, k, -k, slots)
+                    if timer == "wall":
+                        got = np.asarray(k_pages[:64]), np.asarray(v_pages[-64:])
+                        want = got if want is None else want
+                        row["equal_to_xla_scatter"] = all(np.array_equal(a, b) for a, b in zip(got, want))
+                    times = []
+                    for _ in range(7):
+                        t = time.perf_counter()
+                        for _ in range(20 // calls or 1):
+                            k_pages, v_pages = fn(k_pages, v_pages, k, -k, slots)
+                        jax.block_until_ready(k_pages)
+                        times.append((time.perf_counter() - t) / ((20 // calls or 1) * calls))
+                    us = statistics.median(times) * 1e6
+                    row[f"{timer}_us"], row[f"{timer}_gbps"] = us, moved / us / 1e3
+                    del k_pages, v_pages
+                rows.append(row)
+                print(f"kv_write {name:18s} pages={num_pages:6d} tokens={num_tokens:5d} wall {row['wall_us']:7.1f} us"
+                      f"  chained {row['chained_us']:7.1f} us {row['chained_gbps']:7.1f} GB/s"
+                      f"  equal={row['equal_to_xla_scatter']}", flush=True)
     return rows
 
 

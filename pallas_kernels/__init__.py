@@ -4,16 +4,21 @@
 - "reference": plain jnp, any backend.
 - "pallas": the Pallas kernel, Triton lowering on GPU.
 - "interpret": the same kernel in Pallas' interpreter (CPU).
-- "mosaic" (GPU): prefill-shaped batches (T > S) go to the Mosaic GPU wgmma/TMA kernel when it supports
-  the inputs; decode-shaped batches and the rest go to the Triton kernel.
+- "mosaic" (GPU): prefill-shaped batches (T > S), sliding window and soft-cap included, go to the Mosaic
+  GPU wgmma/TMA kernel when it supports the inputs; decode-shaped batches and the rest go to the Triton
+  kernel, which reads KV 3-6 % faster than the Mosaic decode kernel at the engine's decode shapes (README.md).
 - "mosaic_full" (GPU, opt-in, for A/B runs): as "mosaic", and decode-shaped batches go to the Mosaic
-  GPU decode kernel when it supports them. That kernel has not run on a GPU yet (README.md).
-The KV write is an XLA scatter for every impl: in place when the cache is donated (bench/kernels.py
-measures it flat in the pool size).
+  GPU decode kernel when it supports them.
+The KV write is in place when the cache is donated (bench/kernels.py measures it flat in the pool size).
+It is XLA's scatter for every impl: in the H100 measurements it was as fast as the Pallas kernel
+`write_kv_pallas` (bench/README.md); JPAGED_KV_WRITE=pallas selects that kernel (the interpreter under
+impl="interpret") for A/B runs.
 """
 from __future__ import annotations
 
-from pallas_kernels.kv_write import write_kv_reference
+import os
+
+from pallas_kernels.kv_write import write_kv_pallas, write_kv_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
 # The module, not its function of the same name: `pallas_kernels.ragged_paged_attention_mgpu` stays the module.
@@ -28,13 +33,10 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
-def mosaic_takes(q, k_pages, page_table, *, sliding_window=None, soft_cap=None, impl="mosaic") -> bool:
-    """Whether `impl` ("mosaic" or "mosaic_full") sends this batch to the Mosaic GPU prefill kernel:
-    prefill-shaped (T > S) and supported. The kernel's window and soft-cap paths are CPU-checked only (not
-    yet run on a GPU): only the opt-in "mosaic_full" sends them there; "mosaic" keeps them on Triton."""
+def mosaic_takes(q, k_pages, page_table, *, sliding_window=None, soft_cap=None) -> bool:
+    """Whether "mosaic" and "mosaic_full" send this batch to the Mosaic GPU prefill kernel: prefill-shaped
+    (T > S) and supported."""
     prefill_shaped = q.shape[0] > page_table.shape[0]
-    if impl != "mosaic_full" and (sliding_window is not None or soft_cap is not None):
-        return False
     return prefill_shaped and _mgpu.unsupported_reason(q, k_pages, sliding_window=sliding_window,
                                                        soft_cap=soft_cap) is None
 
@@ -55,7 +57,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
             q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if impl in ("mosaic", "mosaic_full") and mosaic_takes(q, k_pages, page_table, sliding_window=sliding_window,
-                                                          soft_cap=soft_cap, impl=impl):
+                                                          soft_cap=soft_cap):
         return _mgpu.ragged_paged_attention_mgpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
                                                  num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
                                                  soft_cap=soft_cap)
@@ -71,8 +73,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, impl="reference"):
     """(k_pages, v_pages) with k[t], v[t] written at slot_mapping[t] (-1 = skip); donate the pages."""
     _check_impl(impl)
-    return write_kv_reference(k_pages, v_pages, k, v, slot_mapping)
+    if impl == "reference" or os.environ.get("JPAGED_KV_WRITE", "xla") != "pallas":
+        return write_kv_reference(k_pages, v_pages, k, v, slot_mapping)
+    return write_kv_pallas(k_pages, v_pages, k, v, slot_mapping, interpret=impl == "interpret")
 
 
 __all__ = ["ragged_paged_attention", "ragged_paged_attention_reference", "ragged_paged_attention_pallas",
-           "mosaic_takes", "mosaic_decode_takes", "write_kv", "write_kv_reference", "IMPLS"]
+           "mosaic_takes", "mosaic_decode_takes", "write_kv", "write_kv_reference", "write_kv_pallas", "IMPLS"]

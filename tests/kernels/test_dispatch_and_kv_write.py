@@ -1,12 +1,15 @@
 """The public dispatch in pallas_kernels and the KV write."""
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 import pallas_kernels
+from pallas_kernels.kv_write import write_kv_pallas
 
 
 def test_unknown_impl_is_rejected_by_name():
@@ -30,7 +33,7 @@ def test_write_kv_puts_rows_in_their_slots_and_skips_padding_in_place():
     k_pages = jnp.zeros((4, 2, 1, 3), jnp.float32)
     new = jnp.arange(9, dtype=jnp.float32).reshape(3, 1, 3) + 1
     slots = jnp.array([5, -1, 0], jnp.int32)
-    write = jax.jit(lambda kp, vp: pallas_kernels.write_kv(kp, vp, new, -new, slots, impl="pallas"),
+    write = jax.jit(lambda kp, vp: pallas_kernels.write_kv(kp, vp, new, -new, slots, impl="reference"),
                     donate_argnums=(0, 1))
     k_out, v_out = write(k_pages, jnp.zeros_like(k_pages))
     flat_k, flat_v = np.asarray(k_out).reshape(8, 3), np.asarray(v_out).reshape(8, 3)
@@ -38,6 +41,55 @@ def test_write_kv_puts_rows_in_their_slots_and_skips_padding_in_place():
     np.testing.assert_array_equal(flat_k[0], [7, 8, 9])
     np.testing.assert_array_equal(flat_v[0], [-7, -8, -9])
     assert (np.delete(flat_k, [0, 5], axis=0) == 0).all()
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_pallas_kv_write_equals_the_scatter_for_random_slots_padding_and_dtypes(data):
+    num_pages = data.draw(st.integers(1, 6), "num_pages")
+    page_size = data.draw(st.sampled_from([1, 4, 16]), "page_size")
+    num_kv_heads = data.draw(st.sampled_from([1, 2, 8]), "num_kv_heads")
+    head_dim = data.draw(st.sampled_from([3, 64, 128]), "head_dim")
+    num_slots = num_pages * page_size
+    num_tokens = data.draw(st.integers(1, min(num_slots, 40)), "num_tokens")
+    block_tokens = data.draw(st.sampled_from([1, 4, 16]), "block_tokens")
+    dtype = data.draw(st.sampled_from([jnp.float32, jnp.bfloat16]), "dtype")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), "seed"))
+    slots = rng.permutation(num_slots)[:num_tokens].astype(np.int32)
+    slots[rng.random(num_tokens) < 0.3] = -1          # padding tokens: never written
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    k_pages, v_pages = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((num_tokens, num_kv_heads, head_dim)), jnp.float32) for _ in range(2))
+    got = write_kv_pallas(k_pages, v_pages, k, v, jnp.asarray(slots), block_tokens=block_tokens, interpret=True)
+    want = pallas_kernels.write_kv_reference(k_pages, v_pages, k, v, jnp.asarray(slots))
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+def test_pallas_kv_write_names_the_argument_with_the_wrong_shape():
+    pages = jnp.zeros((2, 4, 2, 8))
+    k = jnp.zeros((3, 2, 8))
+    with pytest.raises(ValueError, match="slot_mapping must be"):
+        write_kv_pallas(pages, pages, k, k, jnp.zeros((4,), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="k and v must be"):
+        write_kv_pallas(pages, pages, k, jnp.zeros((3, 1, 8)), jnp.zeros((3,), jnp.int32), interpret=True)
+
+
+def test_kv_write_is_the_scatter_unless_the_env_selects_the_pallas_kernel(monkeypatch):
+    pages = jax.ShapeDtypeStruct((64, 16, 8, 128), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((32, 8, 128), jnp.bfloat16)
+    slots = jax.ShapeDtypeStruct((32,), jnp.int32)
+
+    def lowered():
+        fn = jax.jit(lambda *a: pallas_kernels.write_kv(*a, impl="mosaic"), donate_argnums=(0, 1))
+        return fn.trace(pages, pages, rows, rows, slots).lower(lowering_platforms=("cuda",)).as_text()
+
+    text = lowered()
+    assert "jpaged_kv_write" not in text and "scatter" in text
+    monkeypatch.setenv("JPAGED_KV_WRITE", "pallas")
+    text = lowered()
+    assert "jpaged_kv_write" in text and "scatter" not in text
 
 
 def _batch_shapes(num_tokens, num_slots, *, hq=32, d=128, dtype=jnp.bfloat16):
@@ -49,22 +101,16 @@ def _batch_shapes(num_tokens, num_slots, *, hq=32, d=128, dtype=jnp.bfloat16):
 def test_mosaic_impl_takes_supported_prefill_batches_only():
     assert pallas_kernels.mosaic_takes(*_batch_shapes(512, 4))
     assert not pallas_kernels.mosaic_takes(*_batch_shapes(4, 4)), "decode-shaped: Triton split-KV"
-    assert not pallas_kernels.mosaic_takes(*_batch_shapes(512, 4), sliding_window=128)
-    assert not pallas_kernels.mosaic_takes(*_batch_shapes(512, 4), soft_cap=30.0)
     assert not pallas_kernels.mosaic_takes(*_batch_shapes(512, 4, dtype=jnp.float32))
 
 
-def test_mosaic_full_impl_takes_windowed_and_soft_capped_prefill_batches():
-    """The prefill kernel's window / soft-cap paths are CPU-checked only: the opt-in impl alone takes them."""
+def test_mosaic_impls_take_windowed_and_soft_capped_prefill_batches():
     batch = _batch_shapes(512, 4)
-    assert pallas_kernels.mosaic_takes(*batch, sliding_window=128, impl="mosaic_full")
-    assert pallas_kernels.mosaic_takes(*batch, soft_cap=30.0, impl="mosaic_full")
-    assert pallas_kernels.mosaic_takes(*batch, sliding_window=4096, soft_cap=50.0, impl="mosaic_full")
-    assert not pallas_kernels.mosaic_takes(*batch, sliding_window=128, impl="mosaic")
-    assert not pallas_kernels.mosaic_takes(*batch, soft_cap=30.0, impl="mosaic")
-    assert not pallas_kernels.mosaic_takes(*_batch_shapes(4, 4), sliding_window=128, impl="mosaic_full")
-    assert not pallas_kernels.mosaic_takes(*_batch_shapes(512, 4, dtype=jnp.float32), soft_cap=30.0,
-                                           impl="mosaic_full")
+    assert pallas_kernels.mosaic_takes(*batch, sliding_window=128)
+    assert pallas_kernels.mosaic_takes(*batch, soft_cap=30.0)
+    assert pallas_kernels.mosaic_takes(*batch, sliding_window=4096, soft_cap=50.0)
+    assert not pallas_kernels.mosaic_takes(*_batch_shapes(4, 4), sliding_window=128)
+    assert not pallas_kernels.mosaic_takes(*_batch_shapes(512, 4, dtype=jnp.float32), soft_cap=30.0)
 
 
 @pytest.mark.parametrize("num_tokens,num_slots,backend", [(64, 2, "mosaic_gpu"), (4, 4, "triton")])
@@ -79,11 +125,11 @@ def test_mosaic_impl_lowers_prefill_to_mosaic_and_decode_to_triton(num_tokens, n
 
 
 @pytest.mark.parametrize("num_tokens,num_slots,window,soft_cap,impl,backend", [
-    (64, 2, 256, None, "mosaic", "triton"), (64, 2, None, 30.0, "mosaic", "triton"),
+    (64, 2, 256, None, "mosaic", "mosaic_gpu"), (64, 2, None, 30.0, "mosaic", "mosaic_gpu"),
     (64, 2, 256, None, "mosaic_full", "mosaic_gpu"), (64, 2, None, 30.0, "mosaic_full", "mosaic_gpu"),
     (64, 2, 8, 50.0, "mosaic_full", "mosaic_gpu")])
-def test_window_and_soft_cap_prefill_go_to_mosaic_only_under_mosaic_full(num_tokens, num_slots, window, soft_cap,
-                                                                         impl, backend):
+def test_window_and_soft_cap_prefill_go_to_the_mosaic_kernel(num_tokens, num_slots, window, soft_cap, impl,
+                                                             backend):
     q, k_pages, table = _batch_shapes(num_tokens, num_slots)
     ints = jax.ShapeDtypeStruct((num_slots,), jnp.int32)
     args = (q, k_pages, k_pages, ints, table, jax.ShapeDtypeStruct((num_slots + 1,), jnp.int32),
