@@ -43,14 +43,15 @@ def test_kernel_lowers_for_cuda_without_a_gpu(T, hq, hkv, d, page, config):
     assert "mosaic_gpu" in text
 
 
-def test_default_config_lowers_and_splits_like_the_triton_rule():
+def test_default_config_lowers_and_splits_only_to_fill_the_sms_once():
     fn = jax.jit(lambda *a: dec.paged_decode_mgpu(*a, sm_scale=0.1))
     text = fn.trace(*_shapes(16, 32, 8, 128, 16, P=512)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-    # 16 x 8k: 4 splits (Triton v4 too); 256 x 512: 1; 1 x 32k: enough to fill the SMs.
-    assert dec.choose_config(16, 16, 512, 32, 8, 16).num_kv_splits == 4
+    # The H100 sweep's picks: 16 x 8k -> 2 splits (256 CTAs), 256 x 512 -> 1, 1 x 32k -> 32 (256 CTAs of 8 blocks).
+    assert dec.choose_config(16, 16, 512, 32, 8, 16) == dec.DecodeConfig(block_kv=128, num_stages=2, num_kv_splits=2)
     assert dec.choose_config(256, 256, 32, 32, 8, 16).num_kv_splits == 1
-    assert dec.choose_config(1, 1, 2048, 32, 8, 16).num_kv_splits == 64   # 512 CTAs of 8 blocks
+    assert dec.choose_config(1, 1, 2048, 32, 8, 16).num_kv_splits == 32
+    assert dec.choose_config(1, 1, 4, 32, 8, 16).num_kv_splits == 1     # one block: nothing to split
 
 
 def test_q_rows_cover_every_group_inside_its_tile():
