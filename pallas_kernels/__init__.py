@@ -6,7 +6,7 @@
 - "interpret": the same kernel in Pallas' interpreter (CPU).
 - "mosaic" (GPU): prefill-shaped batches (T > S), sliding window and soft-cap included, go to the Mosaic
   GPU wgmma/TMA kernel when it supports the inputs; decode-shaped batches and the rest go to the Triton
-  kernel, which reads KV 3-6 % faster than the Mosaic decode kernel at the engine's decode shapes (README.md).
+  kernel, which reads KV 0-4 % faster than the Mosaic decode kernel at the engine's decode shapes (README.md).
 - "mosaic_full" (GPU, opt-in, for A/B runs): as "mosaic", and decode-shaped batches go to the Mosaic
   GPU decode kernel when it supports them.
 The KV write is in place when the cache is donated (bench/kernels.py measures it flat in the pool size).

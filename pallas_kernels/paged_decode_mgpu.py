@@ -1,10 +1,10 @@
 """Paged-attention decode (flash-decoding) as a Mosaic GPU kernel (Hopper: TMA + wgmma, warp specialisation).
 
 Status: passes every device check on the H100 (`bench/decode_mgpu.py --only check`, session 4) and
-matches the jnp reference in Mosaic GPU's interpreter on CPU. It reads KV 3-6 % slower than the Triton
-decode path at the engine's decode shapes (256 x 512: 212 vs 201 us) and faster at 16 x 512 (chained 1.23
-vs 0.97 TB/s), so only the opt-in `impl="mosaic_full"` routes to it; `impl="mosaic"`, the default on Hopper,
-sends decode batches to the Triton kernel (pallas_kernels/README.md, session 4).
+matches the jnp reference in Mosaic GPU's interpreter on CPU. With `choose_config`'s sweep-picked launch it
+reads KV at 0.96-1.00x the Triton decode path at the engine's decode shapes (256 x 512: 208 vs 201 us;
+256 x 1k: 382 both), so only the opt-in `impl="mosaic_full"` routes to it; `impl="mosaic"`, the default on
+Hopper, sends decode batches to the Triton kernel (pallas_kernels/README.md, session 4).
 
 One CTA = one token x one kv head x one kv split (grid `(T, Hkv, K)`), two warpgroups:
 - the memory warpgroup streams the split's kv blocks (`block_kv` tokens = `block_kv / page_size` pages)
