@@ -113,45 +113,37 @@ def test_mosaic_impls_take_windowed_and_soft_capped_prefill_batches():
     assert not pallas_kernels.mosaic_takes(*_batch_shapes(512, 4, dtype=jnp.float32), soft_cap=30.0)
 
 
+def _lowered_backend(num_tokens, num_slots, **kwargs) -> str:
+    """Which kernel backend a batch of this shape lowers to for CUDA ("mosaic_gpu" or "triton", exactly one)."""
+    q, k_pages, table = _batch_shapes(num_tokens, num_slots)
+    ints = jax.ShapeDtypeStruct((num_slots,), jnp.int32)
+    args = (q, k_pages, k_pages, ints, table, jax.ShapeDtypeStruct((num_slots + 1,), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1, **kwargs))
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    found = [backend for backend in ("mosaic_gpu", "triton") if backend in text]
+    assert len(found) == 1, found
+    return found[0]
+
+
 @pytest.mark.parametrize("num_tokens,num_slots,backend", [(64, 2, "mosaic_gpu"), (4, 4, "triton")])
 def test_mosaic_impl_lowers_prefill_to_mosaic_and_decode_to_triton(num_tokens, num_slots, backend):
-    q, k_pages, table = _batch_shapes(num_tokens, num_slots)
-    ints = jax.ShapeDtypeStruct((num_slots,), jnp.int32)
-    args = (q, k_pages, k_pages, ints, table, jax.ShapeDtypeStruct((num_slots + 1,), jnp.int32),
-            jax.ShapeDtypeStruct((), jnp.int32))
-    fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1, impl="mosaic"))
-    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert backend in text and ({"mosaic_gpu", "triton"} - {backend}).pop() not in text
+    assert _lowered_backend(num_tokens, num_slots, impl="mosaic") == backend
 
 
-@pytest.mark.parametrize("num_tokens,num_slots,window,soft_cap,impl,backend", [
-    (64, 2, 256, None, "mosaic", "mosaic_gpu"), (64, 2, None, 30.0, "mosaic", "mosaic_gpu"),
-    (64, 2, 256, None, "mosaic_full", "mosaic_gpu"), (64, 2, None, 30.0, "mosaic_full", "mosaic_gpu"),
-    (64, 2, 8, 50.0, "mosaic_full", "mosaic_gpu")])
-def test_window_and_soft_cap_prefill_go_to_the_mosaic_kernel(num_tokens, num_slots, window, soft_cap, impl,
-                                                             backend):
-    q, k_pages, table = _batch_shapes(num_tokens, num_slots)
-    ints = jax.ShapeDtypeStruct((num_slots,), jnp.int32)
-    args = (q, k_pages, k_pages, ints, table, jax.ShapeDtypeStruct((num_slots + 1,), jnp.int32),
-            jax.ShapeDtypeStruct((), jnp.int32))
-    fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1, sliding_window=window,
-                                                                  soft_cap=soft_cap, impl=impl))
-    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert backend in text and ({"mosaic_gpu", "triton"} - {backend}).pop() not in text
+@pytest.mark.parametrize("num_tokens,num_slots,window,soft_cap,impl", [
+    (64, 2, 256, None, "mosaic"), (64, 2, None, 30.0, "mosaic"), (64, 2, 256, None, "mosaic_full"),
+    (64, 2, None, 30.0, "mosaic_full"), (64, 2, 8, 50.0, "mosaic_full")])
+def test_window_and_soft_cap_prefill_go_to_the_mosaic_kernel(num_tokens, num_slots, window, soft_cap, impl):
+    assert _lowered_backend(num_tokens, num_slots, sliding_window=window, soft_cap=soft_cap,
+                            impl=impl) == "mosaic_gpu"
 
 
 @pytest.mark.parametrize("num_tokens,num_slots,window,backend", [
     (64, 2, None, "mosaic_gpu"), (4, 4, None, "mosaic_gpu"), (4, 4, 128, "triton")])
 def test_mosaic_full_impl_sends_decode_to_the_mosaic_decode_kernel_when_supported(num_tokens, num_slots, window,
                                                                                   backend):
-    q, k_pages, table = _batch_shapes(num_tokens, num_slots)
-    ints = jax.ShapeDtypeStruct((num_slots,), jnp.int32)
-    args = (q, k_pages, k_pages, ints, table, jax.ShapeDtypeStruct((num_slots + 1,), jnp.int32),
-            jax.ShapeDtypeStruct((), jnp.int32))
-    fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1, sliding_window=window,
-                                                                  impl="mosaic_full"))
-    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert backend in text and ({"mosaic_gpu", "triton"} - {backend}).pop() not in text
+    assert _lowered_backend(num_tokens, num_slots, sliding_window=window, impl="mosaic_full") == backend
 
 
 def test_auto_attention_impl_is_mosaic_on_hopper_pallas_on_other_gpus_reference_on_cpu():
