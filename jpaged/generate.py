@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jpaged.kv_cache import KVCache, StepInput
+from jpaged.kv_cache import MIN_STEP_TOKENS, KVCache, StepInput
 from jpaged.sampling import PAD_ID, SamplingTensors, sample
 from jpaged.sampling_params import SamplingParams
 
@@ -240,17 +240,24 @@ def _take_pages(s: _DecodeState, page_size, num_pages) -> _DecodeState:
 
 
 def _decode_step(s: _DecodeState, active, page_size) -> StepInput:
-    """One token per running row, packed in row order; finished rows are empty sequences (q_len 0)."""
+    """One token per running row, packed in row order; finished rows are empty sequences (q_len 0).
+
+    Fewer than MIN_STEP_TOKENS rows are padded with empty sequences up to it (tokens and sequence
+    slots alike, so the batch stays decode-shaped); logits come back for the real rows only.
+    """
     rows = s.page_table.shape[0]
+    t = max(rows, MIN_STEP_TOKENS)
     cu_q_lens = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(active)]).astype(jnp.int32)
-    at = jnp.where(active, cu_q_lens[:-1], rows)  # index of the row's token; rows = dropped
+    at = jnp.where(active, cu_q_lens[:-1], t)  # index of the row's token; t = dropped
     pos = s.cache_lens
     last_token = s.tokens[jnp.arange(rows), s.lengths - 1]
     slot = s.page_table[jnp.arange(rows), pos // page_size] * page_size + pos % page_size
+    pad = t - rows
     return StepInput(
-        token_ids=jnp.zeros((rows,), jnp.int32).at[at].set(last_token, mode="drop"),
-        positions=jnp.zeros((rows,), jnp.int32).at[at].set(pos, mode="drop"),
-        cu_q_lens=cu_q_lens, kv_lens=jnp.where(active, pos + 1, 0).astype(jnp.int32),
-        page_table=s.page_table,
-        slot_mapping=jnp.full((rows,), -1, jnp.int32).at[at].set(slot.astype(jnp.int32), mode="drop"),
+        token_ids=jnp.zeros((t,), jnp.int32).at[at].set(last_token, mode="drop"),
+        positions=jnp.zeros((t,), jnp.int32).at[at].set(pos, mode="drop"),
+        cu_q_lens=jnp.pad(cu_q_lens, (0, pad), mode="edge"),
+        kv_lens=jnp.pad(jnp.where(active, pos + 1, 0).astype(jnp.int32), (0, pad)),
+        page_table=jnp.pad(s.page_table, ((0, pad), (0, 0))),
+        slot_mapping=jnp.full((t,), -1, jnp.int32).at[at].set(slot.astype(jnp.int32), mode="drop"),
         logits_index=jnp.where(active, cu_q_lens[:-1], 0), num_seqs=jnp.array(rows, jnp.int32))

@@ -10,6 +10,13 @@ import jax.numpy as jnp
 from flax import struct
 
 
+# The fewest tokens a step runs (padding included). With one token, XLA on the GPU rewrites every
+# projection under 10M weights as an elementwise multiply + reduce that writes the product, the
+# weight's size, and reads it back: on the H200 a Llama-3-8B batch-1 step took 5.6 ms with one token
+# and 4.5 with 2 or 4 (bench/README.md "Session 5").
+MIN_STEP_TOKENS = 4
+
+
 @struct.dataclass
 class KVCache:
     """Per-layer page pools. k[l], v[l]: [N, page_size, Hkv, D]. Donate it into the step."""

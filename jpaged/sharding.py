@@ -322,6 +322,31 @@ def per_shard(attend: Callable) -> Callable:
     return checked
 
 
+def lookup_embedding(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """`table[ids]`: rows of a `[V, E]` embedding for token ids `[T]`, as `[T, E]`.
+
+    Under a mesh whose "model" axis splits the vocabulary (`embed_tokens.embedding` is `P("model", None)`),
+    each device looks the ids up in its own rows, zeroes the ids that fall outside them, and one
+    all-reduce of `[T, E]` adds the devices' rows together (Megatron's vocab-parallel embedding). Left to
+    XLA, the GPU partitioner all-gathers the whole table every step instead: 1 GB for Llama-3-8B, 0.98 ms
+    of a 7 ms TP-2 decode step on the H200. Without a mesh, or with a vocabulary the axis does not
+    divide (the table is then replicated), a plain gather.
+    """
+    mesh = _model_mesh()
+    if mesh is None or table.shape[0] % mesh.shape[MODEL]:
+        return jnp.take(table, ids, axis=0)
+
+    def local_rows(table, ids):
+        rows = table.shape[0]
+        local = ids - jax.lax.axis_index(MODEL) * rows
+        here = (local >= 0) & (local < rows)
+        found = jnp.take(table, jnp.where(here, local, 0), axis=0)
+        return jax.lax.psum(jnp.where(here[..., None], found, jnp.zeros((), table.dtype)), MODEL)
+
+    return jax.shard_map(local_rows, mesh=mesh, in_specs=(P(MODEL, None), P()), out_specs=P(),
+                         check_vma=False)(table, ids)
+
+
 # ---------------------------------------------------------------- loading straight into shards
 
 

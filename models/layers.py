@@ -55,6 +55,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+def embed(embedding: nnx.Embed, token_ids: jax.Array) -> jax.Array:
+    """token_ids [T] -> [T, E] in the embedding's dtype; split over the vocabulary under a mesh
+    (jpaged.sharding.lookup_embedding)."""
+    (table,) = embedding.promote_dtype((embedding.embedding[...],), dtype=embedding.dtype, inexact=False)
+    return sharding.lookup_embedding(table, token_ids)
+
+
 def paged_attention(
     q: jax.Array,        # [T, Hq, D]
     k: jax.Array,        # [T, Hkv, D]

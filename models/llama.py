@@ -12,7 +12,7 @@ from flax import nnx
 
 from jpaged.kv_cache import KVCache, StepInput
 from models.config import ModelConfig
-from models.layers import RMSNorm, apply_rope, paged_attention, rope_inv_freq
+from models.layers import RMSNorm, apply_rope, embed, paged_attention, rope_inv_freq
 
 
 def _linear(rngs, din, dout, dtype, bias=False):
@@ -150,7 +150,7 @@ class LlamaForCausalLM(nnx.Module):
         """Returns logits [len(step.logits_index), vocab] in float32 and the updated cache."""
         cfg = self.config
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        x = self.embed_tokens(step.token_ids)                                  # [T, E]
+        x = embed(self.embed_tokens, step.token_ids)                           # [T, E]
         new_k, new_v = [], []
         for layer, k_pages, v_pages in zip(self.layers, kv_cache.k, kv_cache.v):
             x, k_pages, v_pages = layer(x, inv_freq, k_pages, v_pages, step, attn_impl)

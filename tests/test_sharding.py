@@ -88,8 +88,9 @@ def test_parameter_and_cache_shardings_follow_the_specs():
 
 
 @on_cpu_devices(8)
-def test_attention_runs_per_shard_under_shard_map():
-    """The model's attention is a shard_map over the mesh (Pallas kernels cannot be auto-partitioned)."""
+def test_attention_and_embedding_run_per_shard_under_shard_map():
+    """The model's attention is a shard_map over the mesh (Pallas kernels cannot be auto-partitioned),
+    and so is the embedding lookup (left to XLA, the GPU partitioner all-gathers the whole table)."""
     import jax
     from flax import nnx
     from jax.sharding import PartitionSpec as P
@@ -103,9 +104,35 @@ def test_attention_runs_per_shard_under_shard_map():
     step = StepInput(**batch_step([list(p) for p in PROMPTS], [0, 0]))
     with jax.set_mesh(mesh):
         jaxpr = jax.make_jaxpr(lambda s, c, x: nnx.merge(graphdef, s)(c, x))(state, cache, step)
-    maps = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
-    assert len(maps) == model.config.num_layers
-    assert maps[0].params["in_specs"][3] == P(None, None, "model")
+    maps = [e.params["in_specs"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "shard_map"]
+    # First the vocab-parallel embedding lookup (table split over the vocabulary, ids whole), then
+    # one attention per layer on its own kv heads.
+    assert maps[0] == (P("model", None), P())
+    assert len(maps[1:]) == model.config.num_layers
+    assert all(spec[3] == P(None, None, "model") for spec in maps[1:])
+
+
+@on_cpu_devices(8)
+def test_embedding_lookup_split_over_the_vocabulary_equals_a_gather():
+    """Ids in every device's rows, on the shard boundaries and repeated; the table is never gathered."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jpaged import sharding
+    table = jax.random.normal(jax.random.key(0), (64, 16), jnp.float32)
+    ids = jnp.asarray([0, 7, 8, 15, 16, 31, 32, 63, 5, 5, 40], jnp.int32)
+    for tp, dp in ((2, 1), (4, 2), (8, 1)):
+        mesh = sharding.make_mesh(tp, dp)
+        split = jax.device_put(table, NamedSharding(mesh, P("model", None)))
+        with jax.set_mesh(mesh):
+            lookup = jax.jit(sharding.lookup_embedding)
+            got = lookup(split, ids)
+            hlo = lookup.lower(split, ids).compile().as_text()
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(table)[np.asarray(ids)], err_msg=f"tp={tp}")
+        assert "all-gather" not in hlo, f"tp={tp}: the table was gathered"
+    odd = jnp.ones((63, 16), jnp.float32)  # a vocabulary the axis does not divide stays replicated
+    with jax.set_mesh(sharding.make_mesh(2)):
+        np.testing.assert_array_equal(np.asarray(sharding.lookup_embedding(odd, ids[:7])), np.ones((7, 16)))
 
 
 @pytest.mark.slow

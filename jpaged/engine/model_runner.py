@@ -23,7 +23,7 @@ from flax import nnx
 
 from jpaged import sampling, sharding
 from jpaged.engine import packing
-from jpaged.kv_cache import KVCache, StepInput
+from jpaged.kv_cache import MIN_STEP_TOKENS, KVCache, StepInput
 from jpaged.sampling_params import SamplingParams
 
 
@@ -31,6 +31,24 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
     """The smallest power of two >= n (and >= minimum), capped at `maximum` when given."""
     b = max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
     return b if maximum is None else min(b, max(maximum, n))
+
+
+def token_buckets(max_num_batched_tokens: int) -> list[int]:
+    """The token counts a step is padded to: 4, 16, 64, 256, then powers of two, then the budget.
+
+    Each bucket costs a compile (~9 s for Llama-3-8B on the H100). Up to 256 tokens, powers of four:
+    padding a decode batch up to 4x costs little while the step is bound by reading the weights. Past
+    256 the GEMMs are compute-bound (an H100's ridge is ~300 rows), so padding costs its full FLOPs:
+    powers of two (with powers of four, 322 decodes ran 1024 rows, 30 ms a step). The smallest is
+    MIN_STEP_TOKENS (4), not 1 (see there) nor 16: each padding token costs a little in the attention and
+    in the per-layer all-reduces under tensor parallelism (H200, Llama-3-8B, batch 1: 4.50 ms a step at
+    TP 1 with 4 tokens against 4.85 with 16; 3.77 against 4.02 ms at TP 2).
+    """
+    buckets, t = [], MIN_STEP_TOKENS
+    while t < max_num_batched_tokens:
+        buckets.append(t)
+        t *= 4 if t < 256 else 2
+    return buckets + [max_num_batched_tokens]
 
 
 @dataclasses.dataclass
@@ -172,15 +190,7 @@ class ModelRunner:
     # -- the step --------------------------------------------------------------------------------
 
     def token_buckets(self) -> list[int]:
-        # Each bucket costs a compile (~9 s for Llama-3-8B on the H100). Up to 256 tokens, powers of
-        # four: padding a decode batch up to 4x costs little while the step is bound by reading the
-        # weights. Past 256 the GEMMs are compute-bound (an H100's ridge is ~300 rows), so padding costs
-        # its full FLOPs: powers of two (with powers of four, 322 decodes ran 1024 rows, 30 ms a step).
-        buckets, t = [], 16
-        while t < self.max_num_batched_tokens:
-            buckets.append(t)
-            t *= 4 if t < 256 else 2
-        return buckets + [self.max_num_batched_tokens]
+        return token_buckets(self.max_num_batched_tokens)
 
     def page_buckets(self) -> list[int]:
         # The kernels read only up to kv_lens, so P costs them nothing: one bucket. The jnp reference

@@ -20,12 +20,10 @@ def test_pack_round_trips_every_leaf_and_aligns_offsets():
         assert np.asarray(out[key]).dtype == np.asarray(value).dtype
 
 
-def test_token_buckets_are_powers_of_four_to_256_then_powers_of_two():
-    import types
+def test_token_buckets_are_powers_of_four_from_4_to_256_then_powers_of_two():
+    from jpaged.engine.model_runner import token_buckets
 
-    from jpaged.engine.model_runner import ModelRunner
-
-    buckets = lambda n: ModelRunner.token_buckets(types.SimpleNamespace(max_num_batched_tokens=n))  # noqa: E731
-    assert buckets(2048) == [16, 64, 256, 512, 1024, 2048]
-    assert buckets(64) == [16, 64]
-    assert buckets(300) == [16, 64, 256, 300]
+    assert token_buckets(2048) == [4, 16, 64, 256, 512, 1024, 2048]
+    assert token_buckets(64) == [4, 16, 64]
+    assert token_buckets(300) == [4, 16, 64, 256, 300]
+    assert token_buckets(3) == [3]
