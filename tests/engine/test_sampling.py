@@ -65,7 +65,7 @@ def test_top_k_top_p_keep_exactly_the_expected_support(seed, top_k, top_p):
     np.testing.assert_array_equal(out[np.isfinite(out)], logits[np.isfinite(out)])
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)  # an opt-in method (no faster on the H200): kept cheap in CI
 @given(seed=st.integers(0, 2**31 - 1), vocab=st.integers(2, 400), scale=st.floats(0.05, 30.0),
        masked=st.floats(0.0, 0.5))
 @example(seed=409, vocab=2, scale=1.0, masked=0.5)  # once made a NaN row out of [0.0, -inf]
