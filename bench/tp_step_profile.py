@@ -31,7 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench import multi_gpu as mg  # noqa: E402
+from bench import common, multi_gpu as mg  # noqa: E402
+from bench.trace_steps import merge_intervals  # noqa: E402
 from jpaged import sharding  # noqa: E402
 
 COLLECTIVE_NAMES = ("nccl", "all_reduce", "allreduce", "all-reduce", "all_gather", "collective")
@@ -51,7 +52,7 @@ def summarize_per_device(trace_path, steps: int, top: int = 14) -> dict:
             by_device[process[e["pid"]]].append(e)
     out = {}
     for device, evs in sorted(by_device.items()):
-        intervals = _merge([(e["ts"], e["ts"] + e["dur"]) for e in evs])
+        intervals = merge_intervals([(e["ts"], e["ts"] + e["dur"]) for e in evs])
         window = intervals[-1][1] - intervals[0][0]
         busy = sum(b - a for a, b in intervals)
         total, count = collections.Counter(), collections.Counter()
@@ -64,17 +65,6 @@ def summarize_per_device(trace_path, steps: int, top: int = 14) -> dict:
                            top_kernels=[(name, round(t / steps, 1), count[name] // steps)
                                         for name, t in total.most_common(top)])
     return out
-
-
-def _merge(intervals):
-    intervals = sorted(intervals)
-    merged = [list(intervals[0])]
-    for a, b in intervals[1:]:
-        if a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return merged
 
 
 def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, attn_impl: str, context: int) -> list:
@@ -124,7 +114,6 @@ def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, att
             for kernel in summary["top_kernels"]:
                 print("    ", kernel, flush=True)
         rows.append(row)
-        del held
     return rows
 
 
@@ -147,10 +136,7 @@ def main(argv=None):
     result = dict(bench="tp_step_profile", command="python " + " ".join(sys.argv),
                   xla_flags=os.environ.get("XLA_FLAGS", ""), device=jax.devices()[0].device_kind,
                   num_devices=jax.device_count(), jax=jax.__version__, rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    print(f"wrote {common.write_json(result, args.out, 'tp_step_profile')}")
 
 
 if __name__ == "__main__":

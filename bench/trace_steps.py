@@ -45,7 +45,7 @@ def summarize(trace_path: str | pathlib.Path, gap_us: float = 50.0) -> dict:
     gpu.sort(key=lambda e: e["ts"])
     out = dict(threads=threads)
     if gpu:
-        intervals = _merge([(e["ts"], e["ts"] + e["dur"]) for e in gpu])
+        intervals = merge_intervals([(e["ts"], e["ts"] + e["dur"]) for e in gpu])
         start, end = intervals[0][0], intervals[-1][1]
         gaps = [(b[0] - a[1], a[1]) for a, b in zip(intervals, intervals[1:]) if b[0] - a[1] > gap_us]
         busy = sum(b - a for a, b in intervals)
@@ -68,7 +68,8 @@ def summarize(trace_path: str | pathlib.Path, gap_us: float = 50.0) -> dict:
     return out
 
 
-def _merge(intervals):
+def merge_intervals(intervals):
+    """Overlapping [start, end) intervals merged, sorted."""
     intervals = sorted(intervals)
     merged = [list(intervals[0])]
     for a, b in intervals[1:]:
@@ -80,7 +81,7 @@ def _merge(intervals):
 
 
 def _union_length(intervals) -> float:
-    return sum(b - a for a, b in _merge(intervals)) if intervals else 0.0
+    return sum(b - a for a, b in merge_intervals(intervals)) if intervals else 0.0
 
 
 def main(argv=None) -> dict:

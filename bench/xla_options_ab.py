@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench import multi_gpu as mg  # noqa: E402
+from bench import common, multi_gpu as mg  # noqa: E402
 from jpaged import sharding  # noqa: E402
 
 DEFAULT_VARIANTS = {
@@ -86,10 +86,7 @@ def main(argv=None):
         rows += compare(args.model, tp, args.tokens, args.variants, args.attn_impl, args.context)
     result = dict(bench="xla_options_ab", command="python " + " ".join(sys.argv), device=jax.devices()[0].device_kind,
                   num_devices=jax.device_count(), jax=jax.__version__, rows=rows)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    print(f"wrote {common.write_json(result, args.out, 'xla_options_ab')}")
 
 
 if __name__ == "__main__":
