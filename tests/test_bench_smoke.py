@@ -95,3 +95,22 @@ def test_multi_gpu_help_runs_without_starting_jax():
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--engine-dp" in proc.stdout and "--no-tp-sweep" in proc.stdout
+
+
+def test_tp_step_profile_and_xla_options_ab_run_on_two_cpu_devices(tmp_path):
+    """The two TP-step tools of bench/README.md "Session 5", at the tiny shape with the jnp attention."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    tiny = ["--model", "tiny-kv8", "--tp", "1,2", "--attn-impl", "reference", "--context", "64"]
+    for script, extra in (("bench/tp_step_profile.py", ["--tokens", "4"]),
+                          ("bench/xla_options_ab.py", ["--variants", '{"default": {}, "min1": {"xla_gpu_graph_min_graph_size": 1}}'])):
+        out = tmp_path / "out.json"
+        proc = subprocess.run([sys.executable, script, *tiny, *extra, "--out", str(out)], cwd=common.REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = json.loads(out.read_text())["rows"]
+        assert {row["tp"] for row in rows} == {1, 2}
+        assert all(row.get("ms_per_step", row.get("ms_median", 0)) > 0 for row in rows)
