@@ -144,6 +144,14 @@ def make_decode(graphdef, treedef, attn_impl: str):
     return decode
 
 
+def random_decode(cfg: ModelConfig, mesh, dtype, attn_impl: str):
+    """(model, flat weights, unjitted decode(weights, kv_cache, step)) for random weights on `mesh`."""
+    model = random_model(cfg, mesh, dtype)
+    graphdef, state = nnx.split(model)
+    weights, treedef = jax.tree.flatten(state)
+    return model, weights, make_decode(graphdef, treedef, attn_impl)
+
+
 def local_bytes(tree) -> int:
     """Bytes of `tree` held by the first device (what that device reads when it reads all of it)."""
     dev = jax.devices()[0]
@@ -167,10 +175,8 @@ def time_steps(run, steps: int, repeats: int = 5) -> float:
 
 def bench_tp(cfg: ModelConfig, tp: int, batches, context: int, steps: int, dtype, attn_impl: str, bandwidth):
     mesh = sharding.make_mesh(tp)
-    model = random_model(cfg, mesh, dtype)
-    graphdef, state = nnx.split(model)
-    weights, treedef = jax.tree.flatten(state)
-    decode = jax.jit(make_decode(graphdef, treedef, attn_impl), donate_argnums=(1,))
+    model, weights, decode = random_decode(cfg, mesh, dtype, attn_impl)
+    decode = jax.jit(decode, donate_argnums=(1,))
     rows, first_logits = [], {}
     for batch in batches:
         cache = sharding.new_kv_cache(model, mesh, batch * -(-context // PAGE), PAGE)
@@ -205,11 +211,8 @@ def bench_dp(cfg: ModelConfig, replicas: int, batch: int, context: int, steps: i
 
     engines = []
     for sub in sharding.replica_meshes(mesh):
-        model = random_model(cfg, sub, dtype)
-        graphdef, state = nnx.split(model)
-        weights, treedef = jax.tree.flatten(state)
-        engines.append(dict(mesh=sub, weights=weights,
-                            decode=jax.jit(make_decode(graphdef, treedef, attn_impl), donate_argnums=(1,)),
+        model, weights, decode = random_decode(cfg, sub, dtype, attn_impl)
+        engines.append(dict(mesh=sub, weights=weights, decode=jax.jit(decode, donate_argnums=(1,)),
                             cache=sharding.new_kv_cache(model, sub, batch * -(-context // PAGE), PAGE),
                             step=sharding.replicate(decode_step_input(batch, context), sub)))
 
@@ -222,12 +225,10 @@ def bench_dp(cfg: ModelConfig, replicas: int, batch: int, context: int, steps: i
     out["per_replica_tokens_per_s"] = replicas * batch / time_steps(run_per_replica, steps)
     del engines
 
-    model = random_model(cfg, mesh, dtype)
-    graphdef, state = nnx.split(model)
-    weights, treedef = jax.tree.flatten(state)
+    model, weights, decode = random_decode(cfg, mesh, dtype, attn_impl)
     cache = sharding.new_replica_kv_cache(model, mesh, batch * -(-context // PAGE), PAGE)
     step = sharding.stack_replicas([decode_step_input(batch, context)] * replicas, mesh)
-    spmd = jax.jit(sharding.over_replicas(make_decode(graphdef, treedef, attn_impl)), donate_argnums=(1,))
+    spmd = jax.jit(sharding.over_replicas(decode), donate_argnums=(1,))
     holder = {"step": step, "cache": cache}
 
     def run_spmd():

@@ -29,7 +29,6 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (KINDS.md
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from bench import common, multi_gpu as mg  # noqa: E402
 from bench.trace_steps import merge_intervals  # noqa: E402
@@ -70,10 +69,8 @@ def summarize_per_device(trace_path, steps: int, top: int = 14) -> dict:
 def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, attn_impl: str, context: int) -> list:
     cfg = mg.load_config(model_name)
     mesh = sharding.make_mesh(tp)
-    model = mg.random_model(cfg, mesh, jnp.bfloat16)
-    graphdef, state = nnx.split(model)
-    weights, treedef = jax.tree.flatten(state)
-    decode = jax.jit(mg.make_decode(graphdef, treedef, attn_impl), donate_argnums=(1,))
+    model, weights, decode = mg.random_decode(cfg, mesh, jnp.bfloat16, attn_impl)
+    decode = jax.jit(decode, donate_argnums=(1,))
     rows = []
     for num_tokens in tokens:
         if num_tokens < batch:

@@ -22,7 +22,6 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (KINDS.md
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from bench import common, multi_gpu as mg  # noqa: E402
 from jpaged import sharding  # noqa: E402
@@ -39,10 +38,8 @@ def compare(model_name: str, tp: int, num_tokens: int, variants: dict, attn_impl
             rounds: int = 7, steps: int = 20) -> list[dict]:
     cfg = mg.load_config(model_name)
     mesh = sharding.make_mesh(tp)
-    model = mg.random_model(cfg, mesh, jnp.bfloat16)
-    graphdef, state = nnx.split(model)
-    weights, treedef = jax.tree.flatten(state)
-    step_fn = jax.jit(mg.make_decode(graphdef, treedef, attn_impl), donate_argnums=(1,))
+    model, weights, step_fn = mg.random_decode(cfg, mesh, jnp.bfloat16, attn_impl)
+    step_fn = jax.jit(step_fn, donate_argnums=(1,))
     compiled, held = {}, {}
     for name, options in variants.items():
         cache = sharding.new_kv_cache(model, mesh, -(-context // mg.PAGE), mg.PAGE)
