@@ -5,8 +5,11 @@
 - "pallas": the Pallas kernel, Triton lowering on GPU.
 - "interpret": the same kernel in Pallas' interpreter (CPU).
 - "mosaic" (GPU): prefill-shaped batches (T > S), sliding window and soft-cap included, go to the Mosaic
-  GPU wgmma/TMA kernel when it supports the inputs; decode-shaped batches and the rest go to the Triton
-  kernel, which reads KV 0-4 % faster than the Mosaic decode kernel at the engine's decode shapes (README.md).
+  GPU wgmma/TMA kernel when it supports the inputs, except their single-token sequences (the decodes of a
+  mixed batch), which go to the decode kernel in the same call (`mixed_batch.attend_mixed`;
+  SPLIT_MIXED_BATCHES = False sends them to the Mosaic kernel too, for A/B runs); decode-shaped batches
+  and the rest go to the Triton kernel, which reads KV 0-4 % faster than the Mosaic decode kernel at the
+  engine's decode shapes (README.md).
 - "mosaic_full" (GPU, opt-in, for A/B runs): as "mosaic", and decode-shaped batches go to the Mosaic
   GPU decode kernel when it supports them.
 The KV write is in place when the cache is donated (bench/kernels.py measures it flat in the pool size).
@@ -16,6 +19,7 @@ impl="interpret") for A/B runs.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from pallas_kernels.kv_write import write_kv_pallas, write_kv_reference
@@ -24,6 +28,10 @@ from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_
 # The module, not its function of the same name: `pallas_kernels.ragged_paged_attention_mgpu` stays the module.
 from pallas_kernels import ragged_paged_attention_mgpu as _mgpu
 from pallas_kernels import paged_decode_mgpu as _decode_mgpu
+from pallas_kernels.mixed_batch import attend_mixed
+
+# Read at trace time: whether "mosaic" splits a prefill-shaped batch's decodes off to the decode kernel.
+SPLIT_MIXED_BATCHES = True
 
 IMPLS = ("reference", "pallas", "interpret", "mosaic", "mosaic_full")
 
@@ -56,11 +64,19 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    semantics = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if impl in ("mosaic", "mosaic_full") and mosaic_takes(q, k_pages, page_table, sliding_window=sliding_window,
                                                           soft_cap=soft_cap):
-        return _mgpu.ragged_paged_attention_mgpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
-                                                 num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
-                                                 soft_cap=soft_cap)
+        if not SPLIT_MIXED_BATCHES:
+            return _mgpu.ragged_paged_attention_mgpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
+                                                     num_seqs, **semantics)
+
+        def prefill(*args):
+            *args, exclude = args
+            return _mgpu.ragged_paged_attention_mgpu(*args, **semantics, exclude=exclude)
+
+        return attend_mixed(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, prefill=prefill,
+                            decode=functools.partial(ragged_paged_attention, **semantics, impl=impl))
     if impl == "mosaic_full" and mosaic_decode_takes(q, k_pages, page_table, sliding_window=sliding_window,
                                                      soft_cap=soft_cap):
         return _decode_mgpu.paged_decode_mgpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,

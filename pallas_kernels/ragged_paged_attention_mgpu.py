@@ -117,18 +117,21 @@ def max_work_items(num_tokens: int, num_slots: int, tokens_per_item: int) -> int
 
 
 def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, num_tokens: int,
-               tokens_per_item: int, sliding_window: int | None = None) -> jax.Array:
+               tokens_per_item: int, sliding_window: int | None = None,
+               exclude: jax.Array | None = None) -> jax.Array:
     """items[W, 5] int32 = (seq, first token, seq start a, seq end b, kv_len), heaviest first.
 
     Each interval [a, b) of q rows (each real sequence, then the padding [cu_q_lens[num_seqs], T) with
     seq = -1) is covered by items starting at a rounded down to ROW_ALIGN, `tokens_per_item` apart.
     Items past the last one are (-1, 0, 0, 0, 0): they store nothing. kv_len rides along so that a
     CTA's first page-table load does not wait for a second dependent load. With a window, an item's
-    cost (its kv range) is capped at the window plus its tokens.
+    cost (its kv range) is capped at the window plus its tokens. Sequences marked in `exclude` [S] get
+    no items: their rows are left for another kernel (mixed_batch.attend_mixed).
     """
     num_slots = cu_q_lens.shape[0] - 1
     slot = jnp.arange(num_slots, dtype=jnp.int32)
-    q_lens = jnp.where(slot < num_seqs, cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    included = slot < num_seqs if exclude is None else (slot < num_seqs) & ~exclude
+    q_lens = jnp.where(included, cu_q_lens[1:] - cu_q_lens[:-1], 0)
     real_end = jnp.minimum(cu_q_lens[jnp.minimum(num_seqs, num_slots)], num_tokens)
     a = jnp.concatenate([cu_q_lens[:-1], real_end[None]])                       # [S + 1]
     b = jnp.concatenate([cu_q_lens[:-1] + q_lens, jnp.full((1,), num_tokens, jnp.int32)])
@@ -441,6 +444,7 @@ def ragged_paged_attention_mgpu(
     soft_cap: float | None = None,
     config: MosaicConfig | None = None,
     interpret: bool = False,
+    exclude: jax.Array | None = None,
 ) -> jax.Array:
     """Ragged paged attention (semantics in `ragged_paged_attention.py`) as a Mosaic GPU kernel.
 
@@ -460,6 +464,8 @@ def ragged_paged_attention_mgpu(
         casts are dropped, and q / the pool get the zero padding that TMA's out-of-bounds fill gives
         on the device. Everything else (work list, page-table TMAs, barriers, masks, stores) is the
         kernel that runs on the GPU.
+      exclude: None, or [S] bool: sequences the kernel skips; their rows of o are left undefined
+        (mixed_batch.attend_mixed fills them from the decode kernel).
 
     Returns:
       o: [T, Hq, D] in q's dtype; padding rows are zeros.
@@ -472,11 +478,8 @@ def ragged_paged_attention_mgpu(
     num_tokens, num_q_heads, _ = q.shape
     _, _, block_t = tile_shape(num_q_heads, k_pages.shape[2])
     tokens_per_item = NUM_COMPUTE_WGS * block_t
-    if sliding_window is None:
-        items = work_items(cu_q_lens, jnp.reshape(num_seqs, ()), kv_lens, num_tokens, tokens_per_item)
-    else:
-        items = work_items(cu_q_lens, jnp.reshape(num_seqs, ()), kv_lens, num_tokens, tokens_per_item,
-                           sliding_window)
+    items = work_items(cu_q_lens, jnp.reshape(num_seqs, ()), kv_lens, num_tokens, tokens_per_item,
+                       sliding_window, exclude)
     return launch(items, page_table, q, k_pages, v_pages, sm_scale=sm_scale, config=config, interpret=interpret,
                   sliding_window=sliding_window, soft_cap=soft_cap)
 

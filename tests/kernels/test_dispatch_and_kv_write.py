@@ -113,37 +113,42 @@ def test_mosaic_impls_take_windowed_and_soft_capped_prefill_batches():
     assert not pallas_kernels.mosaic_takes(*_batch_shapes(512, 4, dtype=jnp.float32), soft_cap=30.0)
 
 
-def _lowered_backend(num_tokens, num_slots, **kwargs) -> str:
-    """Which kernel backend a batch of this shape lowers to for CUDA ("mosaic_gpu" or "triton", exactly one)."""
+def _lowered_backends(num_tokens, num_slots, **kwargs) -> set[str]:
+    """The kernel backends ("mosaic_gpu", "triton") a batch of this shape lowers to for CUDA."""
     q, k_pages, table = _batch_shapes(num_tokens, num_slots)
     ints = jax.ShapeDtypeStruct((num_slots,), jnp.int32)
     args = (q, k_pages, k_pages, ints, table, jax.ShapeDtypeStruct((num_slots + 1,), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32))
     fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1, **kwargs))
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    found = [backend for backend in ("mosaic_gpu", "triton") if backend in text]
-    assert len(found) == 1, found
-    return found[0]
+    return {backend for backend in ("mosaic_gpu", "triton") if backend in text}
 
 
-@pytest.mark.parametrize("num_tokens,num_slots,backend", [(64, 2, "mosaic_gpu"), (4, 4, "triton")])
-def test_mosaic_impl_lowers_prefill_to_mosaic_and_decode_to_triton(num_tokens, num_slots, backend):
-    assert _lowered_backend(num_tokens, num_slots, impl="mosaic") == backend
+@pytest.mark.parametrize("num_tokens,num_slots,backends", [
+    (64, 2, {"mosaic_gpu", "triton"}),      # prefill chunks to Mosaic, the batch's decodes to Triton
+    (4, 4, {"triton"})])
+def test_mosaic_impl_lowers_prefill_to_mosaic_and_decode_to_triton(num_tokens, num_slots, backends):
+    assert _lowered_backends(num_tokens, num_slots, impl="mosaic") == backends
+
+
+def test_mosaic_impl_without_the_mixed_split_lowers_prefill_to_mosaic_alone(monkeypatch):
+    monkeypatch.setattr(pallas_kernels, "SPLIT_MIXED_BATCHES", False)
+    assert _lowered_backends(64, 2, impl="mosaic") == {"mosaic_gpu"}
 
 
 @pytest.mark.parametrize("num_tokens,num_slots,window,soft_cap,impl", [
     (64, 2, 256, None, "mosaic"), (64, 2, None, 30.0, "mosaic"), (64, 2, 256, None, "mosaic_full"),
     (64, 2, None, 30.0, "mosaic_full"), (64, 2, 8, 50.0, "mosaic_full")])
 def test_window_and_soft_cap_prefill_go_to_the_mosaic_kernel(num_tokens, num_slots, window, soft_cap, impl):
-    assert _lowered_backend(num_tokens, num_slots, sliding_window=window, soft_cap=soft_cap,
-                            impl=impl) == "mosaic_gpu"
+    assert "mosaic_gpu" in _lowered_backends(num_tokens, num_slots, sliding_window=window, soft_cap=soft_cap,
+                                             impl=impl)
 
 
-@pytest.mark.parametrize("num_tokens,num_slots,window,backend", [
-    (64, 2, None, "mosaic_gpu"), (4, 4, None, "mosaic_gpu"), (4, 4, 128, "triton")])
+@pytest.mark.parametrize("num_tokens,num_slots,window,backends", [
+    (64, 2, None, {"mosaic_gpu"}), (4, 4, None, {"mosaic_gpu"}), (4, 4, 128, {"triton"})])
 def test_mosaic_full_impl_sends_decode_to_the_mosaic_decode_kernel_when_supported(num_tokens, num_slots, window,
-                                                                                  backend):
-    assert _lowered_backend(num_tokens, num_slots, sliding_window=window, impl="mosaic_full") == backend
+                                                                                  backends):
+    assert _lowered_backends(num_tokens, num_slots, sliding_window=window, impl="mosaic_full") == backends
 
 
 def test_auto_attention_impl_is_mosaic_on_hopper_pallas_on_other_gpus_reference_on_cpu():

@@ -41,20 +41,23 @@ work_items = jax.jit(mgpu.work_items, static_argnums=(3, 4))
 
 @SETTINGS
 @given(q_lens=st.lists(st.integers(0, 70), min_size=MAX_SEQS, max_size=MAX_SEQS),
-       num_seqs=st.integers(0, MAX_SEQS), group_p=st.sampled_from([1, 2, 4, 8]))
-def test_work_items_store_every_row_once_with_its_sequence(q_lens, num_seqs, group_p):
+       num_seqs=st.integers(0, MAX_SEQS), group_p=st.sampled_from([1, 2, 4, 8]),
+       exclude=st.none() | st.lists(st.booleans(), min_size=MAX_SEQS, max_size=MAX_SEQS))
+def test_work_items_store_every_row_once_with_its_sequence(q_lens, num_seqs, group_p, exclude):
+    """...and store no row of an excluded sequence (mixed batches: those rows come from the decode kernel)."""
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)   # padding: cu[num_seqs] .. NUM_TOKENS
     block_t = mgpu.ROWS // group_p
     kv_lens = jnp.asarray(np.array(q_lens) + 5, jnp.int32)
     items = np.asarray(work_items(jnp.asarray(cu), jnp.asarray(num_seqs, jnp.int32), kv_lens, NUM_TOKENS,
-                                  2 * block_t))
+                                  2 * block_t, None, None if exclude is None else jnp.asarray(exclude)))
     assert items.shape[0] == mgpu.max_work_items(NUM_TOKENS, MAX_SEQS, 2 * block_t)
     assert (items[:, 1] % mgpu.ROW_ALIGN == 0).all(), "q TMA rows must start on an 8-row tile"
     rows = stored_rows(items, block_t)
-    assert sorted(rows) == list(range(NUM_TOKENS)), "every output row is written exactly once"
+    owners = np.searchsorted(cu[1:], np.arange(NUM_TOKENS), side="right")
+    skipped = [t for t, owner in enumerate(owners) if exclude is not None and owner < num_seqs and exclude[owner]]
+    assert sorted(rows) == sorted(set(range(NUM_TOKENS)) - set(skipped)), "every other row written exactly once"
     for t, seq in rows.items():
-        owner = int(np.searchsorted(cu[1:], t, side="right"))
-        assert seq == (owner if owner < num_seqs else -1)
+        assert seq == (owners[t] if owners[t] < num_seqs else -1)
 
 
 def test_work_items_put_the_longest_kv_ranges_first():
