@@ -139,7 +139,10 @@ def make_llm(model, dtype_name: str, *, max_model_len: int, max_num_seqs: int, m
 
 
 def engine_kwargs(args, max_model_len: int, **overrides) -> dict:
-    """make_llm keyword arguments from the shared engine flags."""
+    """make_llm keyword arguments from the shared engine flags (and --no-mixed-split applied)."""
+    if getattr(args, "no_mixed_split", False):
+        import pallas_kernels
+        pallas_kernels.SPLIT_MIXED_BATCHES = False
     return dict(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                 attn_impl=args.attn_impl) | overrides
@@ -381,6 +384,9 @@ def add_engine_flags(parser, *, max_num_seqs: int, max_num_batched_tokens: int =
     parser.add_argument("--model", default="llama3-8b", help="configs/ preset or config.json path")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--attn-impl", default="auto", help="'auto' or a pallas_kernels.IMPLS name")
+    parser.add_argument("--no-mixed-split", action="store_true",
+                        help="A/B: the Mosaic prefill kernel also takes a mixed batch's decodes "
+                             "(pallas_kernels.SPLIT_MIXED_BATCHES = False)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int, default=max_num_batched_tokens)

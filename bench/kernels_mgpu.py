@@ -9,8 +9,9 @@ pages wholly before each sequence's window freed: NaN in the pool, garbage in th
 alone and with a window (WINDOW_CHECKS). Timing (median over rounds of the mean of
 back-to-back calls): causal prefill 4 x 4096 (32 q / 8 kv heads, D 128, page 16) for a few launch
 configs, against jpaged's Triton kernel, JAX `attention_mgpu` (contiguous) and PyTorch SDPA (contiguous),
-a 4 x 4096 prefill with window 1024 (section "window"), and engine-shaped batches (a 512-token chunk at ctx 2k alone and beside 64 decodes, 8 x 1024), each also
-as the kernel alone on a precomputed work list. Prints as it goes; writes JSON after every section, so a
+a 4 x 4096 prefill with window 1024 (section "window"), and engine-shaped batches (a 512-token chunk at ctx 2k alone and beside 64 decodes, 8 x 1024, the 8B throughput
+run's mixed step), each also as the kernel alone on a precomputed work list and with the batch's decodes
+split off to the decode kernel (impl="mosaic"); the split is also checked against the reference. Prints as it goes; writes JSON after every section, so a
 run cut short keeps what it measured.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import pallas_kernels
 from bench import kernels as kernels_bench
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
@@ -110,6 +112,16 @@ CHECKS = [
     ("head_dim 64", [90, 200], [90, 333], dict(d=64)),
     ("mixed: 64 decodes + one chunk", [1] * 64 + [120], [512] * 64 + [1500], {}),
 ]
+# Through the public dispatch (impl="mosaic": a mixed batch's decodes go to the Triton decode kernel, the
+# rest to the Mosaic kernel, mixed_batch.attend_mixed), with decodes between, before and after the chunks.
+SPLIT_CHECKS = [
+    ("split: decodes + chunks + padding", [1, 1, 37, 1, 300, 1, 1, 130, 5, 1],
+     [900, 17, 337, 64, 300, 1, 2000, 130, 17, 33], dict(pad_tokens=21, extra_slots=3)),
+    ("split: 200 decodes + a chunk at ctx 2k", [1] * 100 + [500] + [1] * 100, [640] * 100 + [2000] + [700] * 100,
+     {}),
+    ("split: chunks only, no decodes", [37, 300, 5], [337, 300, 17], {}),
+    ("split: window 256, decodes + chunk", [1, 1, 300, 1], [3000, 100, 3300, 257], dict(window=256)),
+]
 
 
 def open_result(path: str, device, **fields):
@@ -185,6 +197,15 @@ def run_checks(result: dict, save) -> None:
         save()
     result["window_checks_ok"] = all(r.get("ok") for r in result["checks"] if "sliding_window" in r)
     print(f"window / soft-cap checks all ok: {result['window_checks_ok']}", flush=True)
+    dispatch = functools.partial(pallas_kernels.ragged_paged_attention, impl="mosaic")
+    for i, (name, q_lens, kv_lens, kw) in enumerate(SPLIT_CHECKS):
+        window = kw.get("window")
+        row = dict(case=name, q_lens=q_lens[:8], kv_lens=kv_lens[:8], sliding_window=window)
+        args = paged_batch(200 + i, q_lens, kv_lens, **kw)
+        result["checks"].append(check_case(row, args, dispatch, width=40, sliding_window=window))
+        save()
+    result["split_checks_ok"] = all(r.get("ok") for r in result["checks"] if r["case"].startswith("split"))
+    print(f"mixed-split checks all ok: {result['split_checks_ok']}", flush=True)
 
 
 def bench_prefill(result: dict, save, batch=4, seq=4096) -> None:
@@ -297,20 +318,54 @@ def bench_torch_sdpa(row, batch, seq, flops) -> None:
     print(f"torch sdpa: {row.get('torch_sdpa_tflops')}", flush=True)
 
 
+# The engine's mixed step in the 1000 x 512/256 run (bench/README.md): ~221 decodes at ctx ~640 beside a
+# 2,048-token budget's prefill chunks (three whole 512-token prompts and the start of a fourth), 256 slots.
+ENGINE_MIXED = ([1] * 221 + [512] * 3 + [291], [640] * 221 + [512] * 3 + [291], dict(extra_slots=31))
+
+
+def _split_dispatch(split: bool, sm_scale: float):
+    """impl="mosaic" with the mixed-batch split on or off (a trace-time switch: one jit per setting)."""
+    def fn(*args):
+        saved = pallas_kernels.SPLIT_MIXED_BATCHES
+        pallas_kernels.SPLIT_MIXED_BATCHES = split
+        try:
+            return pallas_kernels.ragged_paged_attention(*args, sm_scale=sm_scale, impl="mosaic")
+        finally:
+            pallas_kernels.SPLIT_MIXED_BATCHES = saved
+    return jax.jit(fn)
+
+
 def bench_mixed(result: dict, save) -> None:
-    """Shapes the engine sends: a 512-token chunk at ctx 2k alone, and beside 64 decodes at ctx 2k."""
+    """Shapes the engine sends: a 512-token chunk at ctx 2k alone and beside 64 decodes at ctx 2k, 8 x 1024, and
+    the throughput run's mixed step; the Mosaic kernel alone, with the decodes split off, and Triton; the
+    decodes alone through the decode kernel (what the split adds)."""
     sm_scale = 1 / math.sqrt(D)
     rows = {}
-    for name, q_lens, kv_lens in (("chunk512_ctx2k", [512], [2048]),
-                                  ("64dec2k_plus_chunk512", [1] * 64 + [512], [2048] * 65),
-                                  ("8x1024_prefill", [1024] * 8, [1024] * 8)):
-        args = paged_batch(3, q_lens, kv_lens, poison=False)
+    for name, q_lens, kv_lens, kw in (("chunk512_ctx2k", [512], [2048], {}),
+                                      ("64dec2k_plus_chunk512", [1] * 64 + [512], [2048] * 65, {}),
+                                      ("8x1024_prefill", [1024] * 8, [1024] * 8, {}),
+                                      ("engine_221dec640_plus_chunks", *ENGINE_MIXED)):
+        args = paged_batch(3, q_lens, kv_lens, poison=False, **kw)
         row = {}
-        for impl, fn in (("mosaic", ragged_paged_attention_mgpu), ("triton", ragged_paged_attention_pallas)):
+        variants = (("mosaic", jax.jit(functools.partial(ragged_paged_attention_mgpu, sm_scale=sm_scale))),
+                    ("mosaic_split", _split_dispatch(True, sm_scale)),
+                    ("triton", jax.jit(functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale))))
+        for impl, fn in variants:
             try:
-                row[f"{impl}_us"] = timeit(jax.jit(functools.partial(fn, sm_scale=sm_scale)), *args, reps=20) * 1e6
+                row[f"{impl}_us"] = timeit(fn, *args, reps=20) * 1e6
             except Exception as e:
                 row[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        num_dec = sum(1 for n in q_lens if n == 1)
+        if num_dec:  # the decodes alone, decode-shaped (one row per slot, the others empty): the split's part
+            q, k, v, kv_l, table, cu, ns = args
+            dec = np.asarray([n == 1 for n in q_lens] + [False] * (table.shape[0] - len(q_lens)))
+            q_dec = q[jnp.minimum(cu[:-1], q.shape[0] - 1)]
+            dec_args = (q_dec, k, v, jnp.where(jnp.asarray(dec), kv_l, 0), table,
+                        jnp.arange(table.shape[0] + 1, dtype=jnp.int32), ns)
+            fn = jax.jit(functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale))
+            row["decodes_alone_us"] = timeit(fn, *dec_args, reps=20) * 1e6
+            kv_bytes = sum(kv for n, kv in zip(q_lens, kv_lens) if n == 1) * HKV * D * 2 * 2
+            row["decodes_alone_kv_tb_s"] = kv_bytes / row["decodes_alone_us"] / 1e6
         try:  # the kernel on a precomputed work list: what the list costs inside the call
             q, k, v, kv_l, table, cu, ns = args
             items = work_items(cu, ns, kv_l, q.shape[0], NUM_COMPUTE_WGS * tile_shape(HQ, HKV)[2])
@@ -318,8 +373,9 @@ def bench_mixed(result: dict, save) -> None:
             row["mosaic_kernel_only_us"] = timeit(alone, items, table, q, k, v, reps=20) * 1e6
         except Exception as e:
             row["mosaic_kernel_only_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        if "mosaic_us" in row and "triton_us" in row:
-            row["triton_over_mosaic"] = row["triton_us"] / row["mosaic_us"]
+        for impl in ("triton", "mosaic_split"):
+            if "mosaic_us" in row and f"{impl}_us" in row:
+                row[f"{impl}_over_mosaic"] = row[f"{impl}_us"] / row["mosaic_us"]
         rows[name] = row
         print(f"mixed {name}: {row}", flush=True)
         result["mixed"] = rows

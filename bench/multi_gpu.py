@@ -118,18 +118,33 @@ def decode_step_input(batch: int, context: int, num_tokens: int | None = None) -
     into a multiply + reduce that writes and re-reads a product the size of the weight.
     """
     num_tokens = num_tokens or next(b for b in token_buckets(1 << 20) if b >= batch)
-    pages = -(-context // PAGE)
-    table = np.zeros((num_tokens, pages), np.int32)
+    return ragged_step_input([1] * batch, [context] * batch, num_tokens, num_tokens)
+
+
+def ragged_step_input(q_lens, kv_lens, num_tokens: int, num_slots: int) -> StepInput:
+    """Host arrays of a ragged batch: sequence s's q_lens[s] new tokens end its kv_lens[s] context, its
+    pages are contiguous after sequence s - 1's, and the tokens and slots past the real ones are padding
+    (no KV written, empty kv range), as the serving engine pads a step."""
+    q_lens, kv_lens = np.asarray(q_lens, np.int32), np.asarray(kv_lens, np.int32)
+    real, batch = int(q_lens.sum()), len(q_lens)
+    if real > num_tokens or batch > num_slots:
+        raise ValueError(f"{real} tokens / {batch} sequences do not fit {num_tokens} tokens / {num_slots} slots")
+    pages = -(-int(kv_lens.max()) // PAGE)
+    table = np.zeros((num_slots, pages), np.int32)
     table[:batch] = np.arange(batch)[:, None] * pages + np.arange(pages)
-    kv_lens = np.zeros(num_tokens, np.int32)
-    kv_lens[:batch] = context
+    cu = np.full(num_slots + 1, real, np.int32)
+    cu[:batch + 1] = np.concatenate([[0], np.cumsum(q_lens)])
+    seq = np.repeat(np.arange(batch), q_lens)
+    positions = np.zeros(num_tokens, np.int32)
+    positions[:real] = kv_lens[seq] - q_lens[seq] + np.arange(real) - cu[seq]
     slots = np.full(num_tokens, -1, np.int32)
-    slots[:batch] = table[:batch, -1] * PAGE + (context - 1) % PAGE
+    slots[:real] = table[seq, positions[:real] // PAGE] * PAGE + positions[:real] % PAGE
+    all_kv = np.zeros(num_slots, np.int32)
+    all_kv[:batch] = kv_lens
     return StepInput(
-        token_ids=np.arange(num_tokens, dtype=np.int32) % 100, positions=np.maximum(kv_lens - 1, 0),
-        cu_q_lens=np.minimum(np.arange(num_tokens + 1), batch).astype(np.int32), kv_lens=kv_lens,
-        page_table=table, slot_mapping=slots, logits_index=np.arange(batch, dtype=np.int32),
-        num_seqs=np.asarray(batch, np.int32))
+        token_ids=np.arange(num_tokens, dtype=np.int32) % 100, positions=positions, cu_q_lens=cu,
+        kv_lens=all_kv, page_table=table, slot_mapping=slots,
+        logits_index=np.minimum(cu[1:] - 1, max(real - 1, 0)).astype(np.int32), num_seqs=np.asarray(batch, np.int32))
 
 
 def make_decode(graphdef, treedef, attn_impl: str):
@@ -145,8 +160,12 @@ def make_decode(graphdef, treedef, attn_impl: str):
 
 
 def random_decode(cfg: ModelConfig, mesh, dtype, attn_impl: str):
-    """(model, flat weights, unjitted decode(weights, kv_cache, step)) for random weights on `mesh`."""
+    """(model, flat weights, unjitted decode(weights, kv_cache, step)) for random weights on `mesh`.
+    On one device the projections are fused, as the serving engine fuses them (ModelRunner); split, XLA's
+    dot merger concatenates the q/k/v weights at every step (bench/README.md, session 6)."""
     model = random_model(cfg, mesh, dtype)
+    if mesh.size == 1:
+        model.fuse_projections()
     graphdef, state = nnx.split(model)
     weights, treedef = jax.tree.flatten(state)
     return model, weights, make_decode(graphdef, treedef, attn_impl)

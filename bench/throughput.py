@@ -143,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model=args.model, model_shape=common.model_shape(cfg, args.dtype), model_build_s=build_s,
         engine=dict(attn_impl=llm.engine.runner.attn_impl, block_size=args.block_size,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    max_model_len=max_len, num_kv_pages=llm.engine.runner.num_pages, prefix_caching=True),
+                    mixed_split=not args.no_mixed_split, max_model_len=max_len,
+                    num_kv_pages=llm.engine.runner.num_pages, prefix_caching=True),
         results={w: run_workload(llm, w, args, cfg.vocab_size) for w in args.workloads},
         baselines=dict(hf_transformers=hf) if hf else {})
     if hf and "fixed" in result["results"]:

@@ -4,6 +4,8 @@ time in collectives, the longest kernels).
 
   PYTHONPATH=. python bench/tp_step_profile.py --model llama3-8b --tp 1,2 --tokens 2,4,8,16 \\
       --out bench/results/tp_step_profile.json
+  PYTHONPATH=. python bench/tp_step_profile.py --tp 1 --batch 221 --context 640 --prefill 512,512,512,291 \\
+      --tokens 2048 --slots 256 --mixed-split both      # the 8B throughput run's mixed step, one GPU
 
 Weights are random, drawn on the devices under their shardings (bench/multi_gpu.py). `--tokens` pads a
 batch the way the serving engine pads it (jpaged.engine.model_runner.token_buckets); the trace is taken
@@ -66,51 +68,67 @@ def summarize_per_device(trace_path, steps: int, top: int = 14) -> dict:
     return out
 
 
-def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, attn_impl: str, context: int) -> list:
+def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, attn_impl: str, context: int,
+            prefill=(), slots: int | None = None, splits=(True,), top: int = 14) -> list:
+    """Rows of ms/step, launch time and (at `trace_tokens`) the trace summary: `batch` decodes at `context`,
+    plus whole prompts of the `prefill` lengths (a mixed step), padded to each of `tokens` tokens and
+    `slots` sequence rows (default: as many as tokens); once per mixed-batch split setting in `splits`."""
+    import pallas_kernels
+
     cfg = mg.load_config(model_name)
     mesh = sharding.make_mesh(tp)
-    model, weights, decode = mg.random_decode(cfg, mesh, jnp.bfloat16, attn_impl)
-    decode = jax.jit(decode, donate_argnums=(1,))
+    model, weights, decode_fn = mg.random_decode(cfg, mesh, jnp.bfloat16, attn_impl)
+    q_lens, kv_lens = [1] * batch + list(prefill), [context] * batch + list(prefill)
+    pages = len(q_lens) * -(-max(kv_lens) // mg.PAGE)
     rows = []
-    for num_tokens in tokens:
-        if num_tokens < batch:
-            continue
-        held = {"cache": sharding.new_kv_cache(model, mesh, batch * -(-context // mg.PAGE), mg.PAGE),
-                "step": sharding.replicate(mg.decode_step_input(batch, context, num_tokens), mesh)}
+    for split in splits:
+        pallas_kernels.SPLIT_MIXED_BATCHES = split     # read when the step is traced: one jit per setting,
+        # of a fresh function (jax.jit(decode_fn) again would reuse the first setting's trace)
+        decode = jax.jit(lambda *args: decode_fn(*args), donate_argnums=(1,))
+        for num_tokens in tokens:
+            if num_tokens < sum(q_lens):
+                continue
+            step = mg.ragged_step_input(q_lens, kv_lens, num_tokens, slots or num_tokens)
+            held = {"cache": sharding.new_kv_cache(model, mesh, pages, mg.PAGE),
+                    "step": sharding.replicate(step, mesh)}
 
-        def run():
-            with jax.set_mesh(mesh):
-                held["step"], held["cache"], logits = decode(weights, held["cache"], held["step"])
-            return logits
+            def run():
+                with jax.set_mesh(mesh):
+                    held["step"], held["cache"], logits = decode(weights, held["cache"], held["step"])
+                return logits
 
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        compile_s = time.perf_counter() - start
-        seconds = mg.time_steps(run, 20)
-        launch = []
-        for _ in range(10):
-            jax.block_until_ready(held["step"])
             start = time.perf_counter()
-            run()
-            launch.append(time.perf_counter() - start)
-        row = dict(model=model_name, tp=tp, batch=batch, num_tokens=num_tokens, context=context,
-                   attn_impl=attn_impl, compile_s=compile_s, ms_per_step=1e3 * seconds,
-                   launch_ms_median=1e3 * float(np.median(launch)), weight_bytes_per_device=mg.local_bytes(weights))
-        if num_tokens == trace_tokens:
-            with tempfile.TemporaryDirectory() as trace_dir:
-                with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-                    for _ in range(8):
-                        logits = run()
-                    jax.block_until_ready(logits)
-                path = sorted(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"))[-1]
-                row["trace"] = summarize_per_device(path, 8)
-        print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
-        for device, summary in row.get("trace", {}).items():
-            print(f"  {device}: busy {summary['busy_fraction']:.2f}, {summary['busy_us_per_step']:.0f} us/step, "
-                  f"collectives {summary['collective_us_per_step']:.0f} us/step", flush=True)
-            for kernel in summary["top_kernels"]:
-                print("    ", kernel, flush=True)
-        rows.append(row)
+            jax.block_until_ready(run())
+            compile_s = time.perf_counter() - start
+            seconds = mg.time_steps(run, 20)
+            launch = []
+            for _ in range(10):
+                jax.block_until_ready(held["step"])
+                start = time.perf_counter()
+                run()
+                launch.append(time.perf_counter() - start)
+            row = dict(model=model_name, tp=tp, batch=batch, prefill=list(prefill), num_tokens=num_tokens,
+                       num_slots=slots or num_tokens, context=context, attn_impl=attn_impl, mixed_split=split,
+                       compile_s=compile_s, ms_per_step=1e3 * seconds,
+                       launch_ms_median=1e3 * float(np.median(launch)),
+                       weight_bytes_per_device=mg.local_bytes(weights))
+            if num_tokens == trace_tokens:
+                with tempfile.TemporaryDirectory() as trace_dir:
+                    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                        for _ in range(8):
+                            logits = run()
+                        jax.block_until_ready(logits)
+                    path = sorted(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"))[-1]
+                    row["trace"] = summarize_per_device(path, 8, top)
+            print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
+            for device, summary in row.get("trace", {}).items():
+                print(f"  {device}: busy {summary['busy_fraction']:.2f}, {summary['busy_us_per_step']:.0f} us/step, "
+                      f"collectives {summary['collective_us_per_step']:.0f} us/step", flush=True)
+                for kernel in summary["top_kernels"]:
+                    print("    ", kernel, flush=True)
+            rows.append(row)
+            del held
+    pallas_kernels.SPLIT_MIXED_BATCHES = True
     return rows
 
 
@@ -123,13 +141,21 @@ def main(argv=None):
     p.add_argument("--trace-tokens", type=int, help="the padding traced (default the first)")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--attn-impl", default="mosaic")
+    p.add_argument("--prefill", default="", help="comma-separated prompt lengths prefilled in the same step "
+                   "(a mixed step, e.g. 512,512,512,291 beside --batch 221 --context 640)")
+    p.add_argument("--slots", type=int, help="sequence rows of the step (default: as many as tokens)")
+    p.add_argument("--mixed-split", default="on", choices=("on", "off", "both"),
+                   help="pallas_kernels.SPLIT_MIXED_BATCHES for the step; both: one run each, same weights")
+    p.add_argument("--top", type=int, default=14, help="kernels listed per device")
     p.add_argument("--out", default="bench/results/tp_step_profile.json")
     args = p.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
     rows = []
     for tp in (int(t) for t in args.tp.split(",")):
         rows += profile(args.model, tp, args.batch, tokens, args.trace_tokens or tokens[0], args.attn_impl,
-                        args.context)
+                        args.context, prefill=[int(n) for n in args.prefill.split(",") if n], slots=args.slots,
+                        splits={"on": (True,), "off": (False,), "both": (True, False)}[args.mixed_split],
+                        top=args.top)
     result = dict(bench="tp_step_profile", command="python " + " ".join(sys.argv),
                   xla_flags=os.environ.get("XLA_FLAGS", ""), device=jax.devices()[0].device_kind,
                   num_devices=jax.device_count(), jax=jax.__version__, rows=rows)

@@ -114,3 +114,21 @@ def test_tp_step_profile_and_xla_options_ab_run_on_two_cpu_devices(tmp_path):
         rows = json.loads(out.read_text())["rows"]
         assert {row["tp"] for row in rows} == {1, 2}
         assert all(row.get("ms_per_step", row.get("ms_median", 0)) > 0 for row in rows)
+
+
+def test_step_profile_times_a_mixed_step_with_and_without_the_split(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "bench/tp_step_profile.py", "--model", "tiny-kv8", "--tp", "1",
+                           "--attn-impl", "reference", "--batch", "3", "--context", "40", "--prefill", "9,5",
+                           "--tokens", "32", "--slots", "8", "--mixed-split", "both", "--out", str(out)],
+                          cwd=common.REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["mixed_split"], row["num_tokens"], row["num_slots"]) for row in rows] == [(True, 32, 8),
+                                                                                        (False, 32, 8)]
+    assert rows[0]["prefill"] == [9, 5] and "trace" in rows[0]
