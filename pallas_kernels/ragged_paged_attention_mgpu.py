@@ -111,9 +111,14 @@ def smem_bytes(head_dim: int, itemsize: int, config: MosaicConfig) -> int:
 # --- work list ---------------------------------------------------------------------------------------
 
 def max_work_items(num_tokens: int, num_slots: int, tokens_per_item: int) -> int:
-    """Static bound on the items of `work_items`: intervals (sequences + padding) each add < 2 partial items."""
+    """Static bound on the items of `work_items`. A non-empty interval (a sequence or the padding) of L
+    rows starting r < ROW_ALIGN rows past an 8-row boundary takes ceil((L + r) / tokens_per_item) <=
+    (L + ROW_ALIGN - 1 + tokens_per_item - 1) / tokens_per_item items, and at most min(S + 1, T) intervals
+    are non-empty. Every item past the live ones is still a CTA per kv head (~2.8 µs each on the H100,
+    README "Dead work items"), so the bound is kept tight: 369 items at 2,048 tokens and 256 slots (the
+    looser `cdiv(T, tpi) + 2 (S + 1)` gave 578)."""
     intervals = min(num_slots + 1, num_tokens)
-    return pl.cdiv(num_tokens, tokens_per_item) + 2 * intervals
+    return (num_tokens + intervals * (tokens_per_item + ROW_ALIGN - 2)) // tokens_per_item
 
 
 def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, num_tokens: int,
