@@ -13,7 +13,7 @@ from hypothesis import given
 
 from pallas_kernels.mixed_batch import attend_mixed, decode_slots
 from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
-from tests.kernels.test_ragged_paged_attention import CASES, NUM_PAGES, SETTINGS, TOL, make_batch, reference
+from tests.kernels.test_ragged_paged_attention import CASES, NUM_PAGES, SETTINGS, TOL, draw_mixed_batch, reference
 
 
 def test_decode_slots_are_the_real_sequences_with_one_new_token():
@@ -36,14 +36,9 @@ def _poisoning_prefill(semantics):
 @SETTINGS
 @given(data=st.data())
 def test_decodes_split_off_to_the_decode_kernel_match_the_reference(case, data):
-    _, hq, hkv, d, page_size, dtype, window, cap = case
-    pages_per_seq = max(2, 96 // page_size)
-    q_lens = data.draw(st.lists(st.sampled_from([0, 1, 1, 1, 2, 9, 17]), min_size=5, max_size=5))
-    kv_extra = data.draw(st.lists(st.integers(0, 60), min_size=5, max_size=5))
-    num_seqs = data.draw(st.integers(1, 5))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
-    args = make_batch(rng, q_lens, kv_extra, num_tokens=64, pages_per_seq=pages_per_seq, page_size=page_size,
-                      hq=hq, hkv=hkv, d=d, dtype=dtype, num_seqs_real=num_seqs)
+    _, _, _, d, _, dtype, window, cap = case
+    args = draw_mixed_batch(data, case, num_slots=5, q_len_choices=[0, 1, 1, 1, 2, 9, 17], kv_extra_max=60,
+                            num_tokens=64)
     q, k, v, kv_lens, table, cu, ns = args
     semantics = dict(sm_scale=d ** -0.5, sliding_window=window, soft_cap=cap)
     # The reference gathers every table entry: clip the garbage past each sequence's pages.

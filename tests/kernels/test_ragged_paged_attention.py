@@ -86,18 +86,24 @@ CASES = [
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
+def draw_mixed_batch(data, case, *, num_slots: int, q_len_choices, kv_extra_max: int, num_tokens: int):
+    """A `make_batch` batch of the case's shape with hypothesis-drawn q lengths, prefixes and num_seqs."""
+    _, hq, hkv, d, page_size, dtype, _, _ = case
+    q_lens = data.draw(st.lists(st.sampled_from(q_len_choices), min_size=num_slots, max_size=num_slots))
+    kv_extra = data.draw(st.lists(st.integers(0, kv_extra_max), min_size=num_slots, max_size=num_slots))
+    num_seqs = data.draw(st.integers(1, num_slots))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
+    return make_batch(rng, q_lens, kv_extra, num_tokens=num_tokens, pages_per_seq=max(2, 96 // page_size),
+                      page_size=page_size, hq=hq, hkv=hkv, d=d, dtype=dtype, num_seqs_real=num_seqs)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @SETTINGS
 @given(data=st.data())
 def test_mixed_prefill_and_decode_batch_matches_reference(case, data):
-    _, hq, hkv, d, page_size, dtype, window, cap = case
-    pages_per_seq = max(2, 96 // page_size)
-    q_lens = data.draw(st.lists(st.sampled_from([0, 1, 1, 2, 5, 9, 17]), min_size=4, max_size=4))
-    kv_extra = data.draw(st.lists(st.integers(0, 70), min_size=4, max_size=4))
-    num_seqs = data.draw(st.integers(1, 4))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**31)))
-    args = make_batch(rng, q_lens, kv_extra, num_tokens=72, pages_per_seq=pages_per_seq,
-                      page_size=page_size, hq=hq, hkv=hkv, d=d, dtype=dtype, num_seqs_real=num_seqs)
+    _, _, _, d, _, dtype, window, cap = case
+    args = draw_mixed_batch(data, case, num_slots=4, q_len_choices=[0, 1, 1, 2, 5, 9, 17], kv_extra_max=70,
+                            num_tokens=72)
     config = TuningConfig(block_q=4, pages_per_block=2)
     check_against_reference(args, sm_scale=d ** -0.5, sliding_window=window, soft_cap=cap, config=config,
                             tol=TOL[dtype])
