@@ -127,7 +127,6 @@ def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, att
                 for kernel in summary["top_kernels"]:
                     print("    ", kernel, flush=True)
             rows.append(row)
-            del held
     pallas_kernels.SPLIT_MIXED_BATCHES = True
     return rows
 
