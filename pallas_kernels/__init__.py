@@ -70,12 +70,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
         if not SPLIT_MIXED_BATCHES:
             return _mgpu.ragged_paged_attention_mgpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
                                                      num_seqs, **semantics)
-
-        def prefill(*args):
-            *args, exclude = args
-            return _mgpu.ragged_paged_attention_mgpu(*args, **semantics, exclude=exclude)
-
-        return attend_mixed(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, prefill=prefill,
+        return attend_mixed(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
+                            prefill=functools.partial(_mgpu.ragged_paged_attention_mgpu, **semantics),
                             decode=functools.partial(ragged_paged_attention, **semantics, impl=impl))
     if impl == "mosaic_full" and mosaic_decode_takes(q, k_pages, page_table, sliding_window=sliding_window,
                                                      soft_cap=soft_cap):

@@ -30,7 +30,7 @@ def attend_mixed(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, 
                  prefill: Callable, decode: Callable) -> jax.Array:
     """o[T, Hq, D] of a ragged batch: `decode` for its single-token sequences, `prefill` for the rest.
 
-    `prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, exclude)` must return every
+    `prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, exclude=)` must return every
     row of the sequences not in `exclude` [S] bool and the padding rows (zeros); the rows of excluded
     sequences may hold anything. `decode(q_dec, k_pages, v_pages, kv_lens_dec, page_table, cu_dec,
     num_seqs)` gets a decode-shaped batch: one row per slot (row s = sequence s's first new token) and
@@ -44,7 +44,7 @@ def attend_mixed(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, 
     kv_lens_dec = jnp.where(is_decode, kv_lens, 0)
     cu_dec = jnp.arange(num_slots + 1, dtype=jnp.int32)
     o_dec = decode(q_dec, k_pages, v_pages, kv_lens_dec, page_table, cu_dec, num_seqs)
-    o = prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, is_decode)
+    o = prefill(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, exclude=is_decode)
     # Distinct targets (the non-decode slots each get their own row past T, dropped), so the scatter
     # may assume unique indices.
     rows = jnp.where(is_decode, first_row, num_tokens + jnp.arange(num_slots, dtype=jnp.int32))
