@@ -27,9 +27,12 @@ RESULTS = REPO / "bench" / "results"
 
 
 def prepare_memory(with_torch: bool) -> None:
-    """Before JAX touches the device: when torch shares the process, JAX must not grab 75% of it."""
+    """Before JAX touches the device: when torch shares the process, JAX must not grab 75% of it; alone,
+    it takes 95% (the default 75% leaves the 8B run's KV pool ~370 sequences of 768 tokens, not 512)."""
     if with_torch:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    else:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -139,10 +142,13 @@ def make_llm(model, dtype_name: str, *, max_model_len: int, max_num_seqs: int, m
 
 
 def engine_kwargs(args, max_model_len: int, **overrides) -> dict:
-    """make_llm keyword arguments from the shared engine flags (and --no-mixed-split applied)."""
+    """make_llm keyword arguments from the shared engine flags (--no-mixed-split and --no-fused-swiglu
+    applied)."""
+    import pallas_kernels
     if getattr(args, "no_mixed_split", False):
-        import pallas_kernels
         pallas_kernels.SPLIT_MIXED_BATCHES = False
+    if getattr(args, "no_fused_swiglu", False):
+        pallas_kernels.FUSED_SWIGLU = False
     return dict(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                 attn_impl=args.attn_impl) | overrides
@@ -387,6 +393,9 @@ def add_engine_flags(parser, *, max_num_seqs: int, max_num_batched_tokens: int =
     parser.add_argument("--no-mixed-split", action="store_true",
                         help="A/B: the Mosaic prefill kernel also takes a mixed batch's decodes "
                              "(pallas_kernels.SPLIT_MIXED_BATCHES = False)")
+    parser.add_argument("--no-fused-swiglu", action="store_true",
+                        help="A/B: the MLP's gate/up GEMM in XLA, then the SwiGLU as its own fusion "
+                             "(pallas_kernels.FUSED_SWIGLU = False)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int, default=max_num_batched_tokens)

@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
 from jpaged.kv_cache import KVCache, StepInput
 from models.config import ModelConfig
 from models.layers import RMSNorm, apply_rope, embed, paged_attention, rope_inv_freq
+from pallas_kernels.matmul_mgpu import interleave_gate_up
 
 
 def _linear(rngs, din, dout, dtype, bias=False):
@@ -37,6 +39,13 @@ def _fused_linear(linears) -> _FusedLinear:
     kernel = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)
     bias = None if linears[0].bias is None else jnp.concatenate([lin.bias[...] for lin in linears])
     return _FusedLinear(kernel, bias)
+
+
+def _gate_up_linear(gate, up) -> _FusedLinear:
+    """gate and up as one [E, 2F] weight, their columns interleaved in groups
+    (pallas_kernels.matmul_mgpu.interleave_gate_up) so that a GEMM tile holds both halves of the SwiGLU."""
+    assert gate.bias is None and up.bias is None, "the Llama family's gate/up projections have no bias"
+    return _FusedLinear(interleave_gate_up(gate.kernel[...], up.kernel[...]), None)
 
 
 class Attention(nnx.Module):
@@ -89,18 +98,18 @@ class MLP(nnx.Module):
         self.down_proj = _linear(rngs, cfg.intermediate_size, cfg.hidden_size, dtype)
 
     def fuse(self) -> None:
-        """One [E, 2 F] projection for gate and up (see LlamaForCausalLM.fuse_projections)."""
+        """One [E, 2 F] projection for gate and up, columns interleaved (see LlamaForCausalLM.fuse_projections)."""
         if self.gate_proj is None:
             return
-        self.gate_up_proj = _fused_linear([self.gate_proj, self.up_proj])
+        self.gate_up_proj = _gate_up_linear(self.gate_proj, self.up_proj)
         self.gate_proj = self.up_proj = None
 
-    def __call__(self, x):
+    def __call__(self, x, impl: str = "reference"):
         if getattr(self, "gate_up_proj", None) is not None:
-            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+            h = pallas_kernels.gate_up_swiglu(x, self.gate_up_proj.kernel[...], impl=impl)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(jax.nn.silu(gate) * up)
+            h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(h)
 
 
 class DecoderLayer(nnx.Module):
@@ -114,7 +123,7 @@ class DecoderLayer(nnx.Module):
         h, k_pages, v_pages = self.self_attn(self.input_layernorm(x), inv_freq, k_pages, v_pages,
                                              step, attn_impl)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), attn_impl)
         return x, k_pages, v_pages
 
 

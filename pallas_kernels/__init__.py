@@ -12,6 +12,8 @@
   engine's decode shapes (README.md).
 - "mosaic_full" (GPU, opt-in, for A/B runs): as "mosaic", and decode-shaped batches go to the Mosaic
   GPU decode kernel when it supports them.
+The MLP's gate/up GEMM goes through `gate_up_swiglu`: under "mosaic"/"mosaic_full" the Mosaic GPU GEMM
+with its SwiGLU epilogue (`matmul_mgpu.py`) where it takes the shapes (rows a multiple of 256), else XLA.
 The KV write is in place when the cache is donated (bench/kernels.py measures it flat in the pool size).
 It is XLA's scatter for every impl: in the H100 measurements it was as fast as the Pallas kernel
 `write_kv_pallas` (bench/README.md); JPAGED_KV_WRITE=pallas selects that kernel (the interpreter under
@@ -22,6 +24,8 @@ from __future__ import annotations
 import functools
 import os
 
+import jax.numpy as jnp
+
 from pallas_kernels.kv_write import write_kv_pallas, write_kv_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
@@ -29,9 +33,12 @@ from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_
 from pallas_kernels import ragged_paged_attention_mgpu as _mgpu
 from pallas_kernels import paged_decode_mgpu as _decode_mgpu
 from pallas_kernels.mixed_batch import attend_mixed
+from pallas_kernels import matmul_mgpu as _matmul_mgpu
 
-# Read at trace time: whether "mosaic" splits a prefill-shaped batch's decodes off to the decode kernel.
+# Read at trace time: whether "mosaic" splits a prefill-shaped batch's decodes off to the decode kernel,
+# and whether it runs the MLP's gate/up GEMM as the Mosaic GEMM with the SwiGLU epilogue (A/B switches).
 SPLIT_MIXED_BATCHES = True
+FUSED_SWIGLU = True
 
 IMPLS = ("reference", "pallas", "interpret", "mosaic", "mosaic_full")
 
@@ -82,6 +89,17 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
         sliding_window=sliding_window, soft_cap=soft_cap, interpret=impl == "interpret")
 
 
+def gate_up_swiglu(x, w_gate_up, *, impl="reference"):
+    """h [M, F] = silu(gate) * up for x [M, E] and the fused weight [E, 2F] laid out by
+    `matmul_mgpu.interleave_gate_up`: the Mosaic GPU GEMM with its SwiGLU epilogue under "mosaic" and
+    "mosaic_full" where it takes the shapes, else x @ w in XLA and then the SwiGLU."""
+    _check_impl(impl)
+    if (impl in ("mosaic", "mosaic_full") and FUSED_SWIGLU
+            and _matmul_mgpu.unsupported_reason(x, w_gate_up, epilogue="swiglu") is None):
+        return _matmul_mgpu.matmul_mgpu(x, w_gate_up, epilogue="swiglu")
+    return _matmul_mgpu.swiglu(*_matmul_mgpu.split_gate_up(jnp.dot(x, w_gate_up)))
+
+
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, impl="reference"):
     """(k_pages, v_pages) with k[t], v[t] written at slot_mapping[t] (-1 = skip); donate the pages."""
     _check_impl(impl)
@@ -90,5 +108,5 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, impl="reference"):
     return write_kv_pallas(k_pages, v_pages, k, v, slot_mapping, interpret=impl == "interpret")
 
 
-__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference", "ragged_paged_attention_pallas",
+__all__ = ["ragged_paged_attention", "gate_up_swiglu", "ragged_paged_attention_reference", "ragged_paged_attention_pallas",
            "mosaic_takes", "mosaic_decode_takes", "write_kv", "write_kv_reference", "write_kv_pallas", "IMPLS"]
