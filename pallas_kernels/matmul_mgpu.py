@@ -7,14 +7,16 @@ computes a [256, 128] tile whose columns are 64 of gate and the same 64 of up (`
 the epilogue has both in registers and writes the [256, 64] tile of h = silu(gate) * up: the product
 never reaches HBM. Numbers and the versions measured: pallas_kernels/README.md "GEMMs".
 
-Layout. x [M, K] and w [K, N] row-major, bf16; the accumulator is float32. A CTA owns rows [m0, m0 + 256)
-and columns [n0, n0 + 128) of x @ w; compute warpgroup g takes rows [m0 + 128 g, m0 + 128 g + 128). The
-K loop streams [256, 64] tiles of x and [64, 128] tiles of w through `num_stages` SMEM slots. The CTA
-index runs over M fastest, so the CTAs resident at once share their w tiles in L2.
+Layout. x [M, K] and w [K, N] row-major, bf16; the accumulator is float32. Tile (i, j) is rows
+[256 i, 256 i + 256) and columns [128 j, 128 j + 128) of x @ w; compute warpgroup g takes its rows
+[128 g, 128 g + 128). Tiles are numbered with i fastest. The CTAs are persistent, one per SM: CTA c
+takes tiles c, c + num_ctas, ..., so the CTAs resident at once share their w tiles in L2, and its
+memory warpgroup streams all their K steps ([256, 64] of x, [64, 128] of w) through `num_stages` SMEM
+slots as one sequence, loading the next tile while the compute warpgroups run this one's epilogue.
 
 The reference beside it is `matmul_reference` (plain jnp, the same interleaved layout). On the CPU the
 kernel runs in Mosaic GPU's interpreter (`interpret=True`), where the wgmma is a `lax.dot` on the same
-SMEM tiles (jax 0.10's interpreter has no run_state); on the GPU `bench/kernels_mgpu.py` checks it
+SMEM tiles (jax 0.10's interpreter has no run_state); on the GPU `bench/matmul_mgpu.py` checks it
 against the reference.
 """
 from __future__ import annotations
