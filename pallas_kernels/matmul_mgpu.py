@@ -103,7 +103,6 @@ def _check_epilogue(epilogue: str) -> None:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
 
 
-STAGE_BYTES = (CTA_M * TILE_K + TILE_K * TILE_N) * 2   # one slot of bf16 x and w tiles
 MAX_STAGES = 4
 DEFAULT_NUM_SMS = 132                                  # H100 SXM, when the device does not say
 
