@@ -79,7 +79,7 @@ def run_workload(llm, name: str, args, vocab: int) -> dict:
         recorder.close()
     print(f"{name}: {len(inputs)} requests in {run['seconds']:.1f} s", file=sys.stderr, flush=True)
     ttft = run.pop("ttft_s")
-    run["step_breakdown"] = step_breakdown(recorder.records)
+    run["step_breakdown"] = step_breakdown(recorder.records, llm.engine.runner.token_buckets())
     return dict(
         workload=dict(name=name, num_requests=len(inputs), input_len_mean=float(np.mean(inputs)),
                       output_len_mean=float(np.mean(outputs)), warmup_requests=warm),
@@ -98,10 +98,11 @@ def phase_recorder(engine) -> common.StepRecorder:
     return recorder
 
 
-def step_breakdown(records) -> dict:
+def step_breakdown(records, buckets=None) -> dict:
     """Seconds summed over the timed run's steps, split into pure-decode and mixed (prefill) steps.
     With async scheduling, fetch_wait is the time the host had nothing to do: if it is small, the
-    host, not the device, sets the pace."""
+    host, not the device, sets the pace. Given the runner's token `buckets`, the decode steps are also
+    split by the bucket they were padded to: {bucket: [steps, mean sequences, mean ms]}."""
     out = {}
     for kind, steps in (("decode", [r for r in records if r.is_decode]),
                         ("mixed", [r for r in records if r.num_entries and not r.is_decode])):
@@ -112,6 +113,14 @@ def step_breakdown(records) -> dict:
                          mean_tokens=float(np.mean([r.num_tokens for r in steps])) if steps else 0.0,
                          mean_seqs=float(np.mean([r.num_entries for r in steps])) if steps else 0.0,
                          host_busy_fraction=1 - phases["fetch_wait_s"] / total if total else 0.0, **phases)
+    if buckets:
+        by_bucket = {}
+        for r in (r for r in records if r.is_decode):
+            b = next((b for b in buckets if b >= r.num_tokens), r.num_tokens)
+            by_bucket.setdefault(b, []).append(r)
+        out["decode"]["by_bucket"] = {
+            str(b): [len(rs), float(np.mean([r.num_entries for r in rs])), 1e3 * float(np.mean([r.seconds for r in rs]))]
+            for b, rs in sorted(by_bucket.items())}
     return out
 
 
@@ -144,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model=args.model, model_shape=common.model_shape(cfg, args.dtype), model_build_s=build_s,
         engine=dict(attn_impl=llm.engine.runner.attn_impl, block_size=args.block_size,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    mixed_split=not args.no_mixed_split, fused_swiglu=not args.no_fused_swiglu,
+                    max_num_prefill_seqs=args.max_num_prefill_seqs or None, mixed_split=not args.no_mixed_split, fused_swiglu=not args.no_fused_swiglu,
                     max_model_len=max_len,
                     num_kv_pages=llm.engine.runner.num_pages, prefix_caching=True),
         results={w: run_workload(llm, w, args, cfg.vocab_size) for w in args.workloads},

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import gzip
 import json
 import os
@@ -69,10 +70,12 @@ def summarize_per_device(trace_path, steps: int, top: int = 14) -> dict:
 
 
 def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, attn_impl: str, context: int,
-            prefill=(), slots: int | None = None, splits=(True,), top: int = 14) -> list:
+            prefill=(), slots: int | None = None, splits=(True,), top: int = 14,
+            max_prefill_seqs: int | None = None) -> list:
     """Rows of ms/step, launch time and (at `trace_tokens`) the trace summary: `batch` decodes at `context`,
     plus whole prompts of the `prefill` lengths (a mixed step), padded to each of `tokens` tokens and
-    `slots` sequence rows (default: as many as tokens); once per mixed-batch split setting in `splits`."""
+    `slots` sequence rows (default: as many as tokens); once per mixed-batch split setting in `splits`.
+    `max_prefill_seqs`: the static bound the engine's scheduler puts in its steps (StepInput)."""
     import pallas_kernels
 
     cfg = mg.load_config(model_name)
@@ -88,7 +91,8 @@ def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, att
         for num_tokens in tokens:
             if num_tokens < sum(q_lens):
                 continue
-            step = mg.ragged_step_input(q_lens, kv_lens, num_tokens, slots or num_tokens)
+            step = dataclasses.replace(mg.ragged_step_input(q_lens, kv_lens, num_tokens, slots or num_tokens),
+                                       max_prefill_seqs=max_prefill_seqs)
             held = {"cache": sharding.new_kv_cache(model, mesh, pages, mg.PAGE),
                     "step": sharding.replicate(step, mesh)}
 
@@ -109,6 +113,7 @@ def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, att
                 launch.append(time.perf_counter() - start)
             row = dict(model=model_name, tp=tp, batch=batch, prefill=list(prefill), num_tokens=num_tokens,
                        num_slots=slots or num_tokens, context=context, attn_impl=attn_impl, mixed_split=split,
+                       max_prefill_seqs=max_prefill_seqs,
                        compile_s=compile_s, ms_per_step=1e3 * seconds,
                        launch_ms_median=1e3 * float(np.median(launch)),
                        weight_bytes_per_device=mg.local_bytes(weights))
@@ -145,6 +150,8 @@ def main(argv=None):
     p.add_argument("--slots", type=int, help="sequence rows of the step (default: as many as tokens)")
     p.add_argument("--mixed-split", default="on", choices=("on", "off", "both"),
                    help="pallas_kernels.SPLIT_MIXED_BATCHES for the step; both: one run each, same weights")
+    p.add_argument("--max-prefill-seqs", type=int, help="StepInput.max_prefill_seqs (the engine's default "
+                   "is 16; default here: none)")
     p.add_argument("--top", type=int, default=14, help="kernels listed per device")
     p.add_argument("--out", default="bench/results/tp_step_profile.json")
     args = p.parse_args(argv)
@@ -154,7 +161,7 @@ def main(argv=None):
         rows += profile(args.model, tp, args.batch, tokens, args.trace_tokens or tokens[0], args.attn_impl,
                         args.context, prefill=[int(n) for n in args.prefill.split(",") if n], slots=args.slots,
                         splits={"on": (True,), "off": (False,), "both": (True, False)}[args.mixed_split],
-                        top=args.top)
+                        top=args.top, max_prefill_seqs=args.max_prefill_seqs)
     result = dict(bench="tp_step_profile", command="python " + " ".join(sys.argv),
                   xla_flags=os.environ.get("XLA_FLAGS", ""), device=jax.devices()[0].device_kind,
                   num_devices=jax.device_count(), jax=jax.__version__, rows=rows)

@@ -11,6 +11,8 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    max_num_prefill_seqs: int | None = 16   # most sequences with > 1 new token in a step (None: no cap); the
+                                            # Mosaic prefill kernel's work list is sized by it
     max_model_len: int | None = None        # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -37,6 +39,8 @@ class EngineConfig:
         check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         check(self.max_num_batched_tokens >= self.max_num_seqs or self.max_num_batched_tokens >= 16,
               f"max_num_batched_tokens must be >= 16, got {self.max_num_batched_tokens}")
+        check(self.max_num_prefill_seqs is None or self.max_num_prefill_seqs >= 1,
+              f"max_num_prefill_seqs must be >= 1 or None, got {self.max_num_prefill_seqs}")
         check(self.max_model_len is None or self.max_model_len >= 1,
               f"max_model_len must be >= 1 or None, got {self.max_model_len}")
         check(self.num_kv_blocks is None or self.num_kv_blocks >= 1,

@@ -64,6 +64,9 @@ class StepInput:
     slot_mapping: jax.Array  # [T] int32, page * page_size + offset of each new token; -1 = padding
     logits_index: jax.Array  # [S] int32, token whose hidden state gives each sequence's logits
     num_seqs: jax.Array      # [] int32, sequences that are real; the rest is padding
+    # Static (part of the tree structure, so a jit cache key): a bound on the sequences with more than one
+    # new token, which the engine's scheduler guarantees; the Mosaic prefill kernel sizes its work list by it.
+    max_prefill_seqs: int | None = struct.field(pytree_node=False, default=None)
 
     @property
     def num_tokens(self) -> int:

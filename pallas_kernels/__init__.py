@@ -64,8 +64,13 @@ def mosaic_decode_takes(q, k_pages, page_table, *, sliding_window=None, soft_cap
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
-                           sm_scale, sliding_window=None, soft_cap=None, impl="reference"):
-    """o[T, Hq, D]; semantics in `ragged_paged_attention.py`, shapes in its reference's signature."""
+                           sm_scale, sliding_window=None, soft_cap=None, impl="reference",
+                           max_prefill_seqs=None):
+    """o[T, Hq, D]; semantics in `ragged_paged_attention.py`, shapes in its reference's signature.
+
+    `max_prefill_seqs`: None, or a static bound on the sequences with more than one new token, which the
+    caller guarantees (the engine's scheduler does: EngineConfig.max_num_prefill_seqs). The mixed split
+    sizes the Mosaic kernel's work list by it; every other path ignores it."""
     _check_impl(impl)
     if impl == "reference":
         return ragged_paged_attention_reference(
@@ -78,7 +83,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
             return _mgpu.ragged_paged_attention_mgpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens,
                                                      num_seqs, **semantics)
         return attend_mixed(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                            prefill=functools.partial(_mgpu.ragged_paged_attention_mgpu, **semantics),
+                            prefill=functools.partial(_mgpu.ragged_paged_attention_mgpu, **semantics,
+                                                      max_seqs=max_prefill_seqs),
                             decode=functools.partial(ragged_paged_attention, **semantics, impl=impl))
     if impl == "mosaic_full" and mosaic_decode_takes(q, k_pages, page_table, sliding_window=sliding_window,
                                                      soft_cap=soft_cap):

@@ -123,7 +123,7 @@ def max_work_items(num_tokens: int, num_slots: int, tokens_per_item: int) -> int
 
 def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, num_tokens: int,
                tokens_per_item: int, sliding_window: int | None = None,
-               exclude: jax.Array | None = None) -> jax.Array:
+               exclude: jax.Array | None = None, max_seqs: int | None = None) -> jax.Array:
     """items[W, 5] int32 = (seq, first token, seq start a, seq end b, kv_len), heaviest first.
 
     Each interval [a, b) of q rows (each real sequence, then the padding [cu_q_lens[num_seqs], T) with
@@ -131,7 +131,11 @@ def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, nu
     Items past the last one are (-1, 0, 0, 0, 0): they store nothing. kv_len rides along so that a
     CTA's first page-table load does not wait for a second dependent load. With a window, an item's
     cost (its kv range) is capped at the window plus its tokens. Sequences marked in `exclude` [S] get
-    no items: their rows are left for another kernel (mixed_batch.attend_mixed).
+    no items: their rows are left for another kernel (mixed_batch.attend_mixed). `max_seqs`, when given,
+    is the caller's static bound on the sequences that get items (real, not excluded, at least one new
+    token): the list is then sized for that many intervals instead of S + 1 (at 2,048 tokens and 512
+    slots, 84 items for 16 sequences instead of 673). Items past the bound would be dropped, so the
+    bound must hold; the engine's scheduler guarantees it (EngineConfig.max_num_prefill_seqs).
     """
     num_slots = cu_q_lens.shape[0] - 1
     slot = jnp.arange(num_slots, dtype=jnp.int32)
@@ -145,7 +149,8 @@ def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, nu
     count = jnp.where(b > a, (b - base + tokens_per_item - 1) // tokens_per_item, 0)
     ends = jnp.cumsum(count)
 
-    item = jnp.arange(max_work_items(num_tokens, num_slots, tokens_per_item), dtype=jnp.int32)
+    bound = num_slots if max_seqs is None else min(num_slots, max_seqs)
+    item = jnp.arange(max_work_items(num_tokens, bound, tokens_per_item), dtype=jnp.int32)
     # compare_all: one fused op; the default binary search is a device loop (README, v1 -> v2).
     interval = jnp.searchsorted(ends, item, side="right", method="compare_all").astype(jnp.int32)
     interval = jnp.minimum(interval, num_slots)
@@ -434,7 +439,8 @@ def _store_rows(o_tile, o_ref, h, t0, lo, n_rows, *, group: int, block_t: int):
             size //= 2
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "config", "interpret",
+                                             "max_seqs"))
 def ragged_paged_attention_mgpu(
     q: jax.Array,           # [T, Hq, D]
     k_pages: jax.Array,     # [N, page_size, Hkv, D]
@@ -450,6 +456,7 @@ def ragged_paged_attention_mgpu(
     config: MosaicConfig | None = None,
     interpret: bool = False,
     exclude: jax.Array | None = None,
+    max_seqs: int | None = None,
 ) -> jax.Array:
     """Ragged paged attention (semantics in `ragged_paged_attention.py`) as a Mosaic GPU kernel.
 
@@ -471,6 +478,8 @@ def ragged_paged_attention_mgpu(
         kernel that runs on the GPU.
       exclude: None, or [S] bool: sequences the kernel skips; their rows of o are left undefined
         (mixed_batch.attend_mixed fills them from the decode kernel).
+      max_seqs: None, or a static bound on the sequences the kernel computes (real, not excluded, with
+        new tokens), which shortens the work list (`work_items`); the caller guarantees it.
 
     Returns:
       o: [T, Hq, D] in q's dtype; padding rows are zeros.
@@ -484,7 +493,7 @@ def ragged_paged_attention_mgpu(
     _, _, block_t = tile_shape(num_q_heads, k_pages.shape[2])
     tokens_per_item = NUM_COMPUTE_WGS * block_t
     items = work_items(cu_q_lens, jnp.reshape(num_seqs, ()), kv_lens, num_tokens, tokens_per_item,
-                       sliding_window, exclude)
+                       sliding_window, exclude, max_seqs)
     return launch(items, page_table, q, k_pages, v_pages, sm_scale=sm_scale, config=config, interpret=interpret,
                   sliding_window=sliding_window, soft_cap=soft_cap)
 

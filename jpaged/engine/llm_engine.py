@@ -100,7 +100,8 @@ class Engine:
         self.runner = ModelRunner(
             model, num_pages=num_pages, page_size=config.block_size, max_model_len=self.max_model_len,
             max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-            num_host_pages=config.num_host_kv_blocks, attn_impl=resolve_attn_impl(config.attn_impl),
+            max_prefill_seqs=config.max_num_prefill_seqs, num_host_pages=config.num_host_kv_blocks,
+            attn_impl=resolve_attn_impl(config.attn_impl),
             seed=config.seed, tensor_parallel_size=config.tensor_parallel_size,
             fuse_projections=config.fuse_projections, devices=devices)
         self.runner.eos_token_ids = tuple(self.eos_token_ids)  # the sampler bars them before min_tokens

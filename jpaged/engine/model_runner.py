@@ -109,7 +109,8 @@ def _write_pages(kv_cache: KVCache, pages: jax.Array, k_data, v_data) -> KVCache
 
 class ModelRunner:
     def __init__(self, model, *, num_pages: int, page_size: int, max_model_len: int,
-                 max_num_batched_tokens: int, max_num_seqs: int, num_host_pages: int = 0,
+                 max_num_batched_tokens: int, max_num_seqs: int, max_prefill_seqs: int | None = None,
+                 num_host_pages: int = 0,
                  attn_impl: str = "reference", kv_dtype=None, seed: int = 0, tensor_parallel_size: int = 1,
                  fuse_projections: bool = True, devices=None):
         # Tensor parallel: weights and pages split over a "model" mesh axis, attention per shard
@@ -127,6 +128,9 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        # The scheduler's cap on sequences with > 1 new token per step, carried to the kernels as a static
+        # bound (StepInput.max_prefill_seqs); build_step_input checks every batch against it.
+        self.max_prefill_seqs = max_prefill_seqs
         self.attn_impl = attn_impl
         self.base_key = jax.random.PRNGKey(seed)
         graphdef, state = nnx.split(model)
@@ -221,7 +225,8 @@ class ModelRunner:
                     token_ids=np.zeros(t, np.int32), positions=np.zeros(t, np.int32),
                     cu_q_lens=np.zeros(s + 1, np.int32), kv_lens=np.zeros(s, np.int32),
                     page_table=np.zeros((s, p), np.int32), slot_mapping=np.full(t, -1, np.int32),
-                    logits_index=np.zeros(s, np.int32), num_seqs=np.int32(0))
+                    logits_index=np.zeros(s, np.int32), num_seqs=np.int32(0),
+                    max_prefill_seqs=self.max_prefill_seqs)
                 self.fetch(self._dispatch(step, [], 0, []))
 
     def build_step_input(self, entries, sample_rows: list[SampleRow], pending=None) -> tuple[StepInput, np.ndarray]:
@@ -239,6 +244,9 @@ class ModelRunner:
         num_tokens = int(offsets[-1])
         max_pages = int((-(-ends // ps)).max()) if n_e else 1
         t, s, p = self.shape_for(num_tokens, max(n_e, len(sample_rows)), max_pages)
+        if self.max_prefill_seqs is not None and int((counts > 1).sum()) > self.max_prefill_seqs:
+            raise ValueError(f"the batch has {int((counts > 1).sum())} sequences with more than one new token, "
+                             f"more than max_prefill_seqs ({self.max_prefill_seqs})")
 
         token_ids = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
@@ -273,7 +281,7 @@ class ModelRunner:
         logits_index[:len(sample_rows)] = [row.token_index for row in sample_rows]
         step = StepInput(token_ids=token_ids, positions=positions, cu_q_lens=cu_q_lens, kv_lens=kv_lens,
                          page_table=page_table, slot_mapping=slot_mapping, logits_index=logits_index,
-                         num_seqs=np.int32(len(entries)))
+                         num_seqs=np.int32(len(entries)), max_prefill_seqs=self.max_prefill_seqs)
         return step, token_src
 
     def execute(self, entries, sample_rows: list[SampleRow], step_counter: int):

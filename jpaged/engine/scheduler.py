@@ -4,7 +4,8 @@ Where it sits: `Engine.step()` calls `schedule()` -> the runner performs the bat
 order swap_out, swap_in, copy_pages, then runs the step over `entries` -> `postprocess(batch, sampled)`
 records progress -> the engine checks stop conditions and calls `finish(seq, reason)`.
 
-One step under `max_num_batched_tokens` tokens and `max_num_seqs` sequences:
+One step under `max_num_batched_tokens` tokens, `max_num_seqs` sequences and `max_num_prefill_seqs`
+sequences with more than one new token (a chunk of more would wait for the next step):
 1. running sequences, decodes (one token left) first, then prefill chunks of admitted prompts;
    a chunk is cut to the remaining budget (chunked prefill), so decodes never wait for a long prompt;
 2. swapped sequences, swapped back in when their pages fit;
@@ -143,6 +144,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         self._budget = self.config.max_num_batched_tokens
+        self._num_prefills = 0  # entries with more than one token
         self._in_batch: set[int] = set()
         running = [s for s in self.running if not self._ends_with_pending(s)]
         decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
@@ -166,8 +168,12 @@ class Scheduler:
         return self._budget == 0 or len(batch.entries) >= self.config.max_num_seqs
 
     def _chunk(self, seq: Sequence, start: int) -> int:
-        """Tokens of seq to compute this step from `start` (0: wait for a step with more budget)."""
+        """Tokens of seq to compute this step from `start` (0: wait for a step with more budget, or with
+        room for one more prefill chunk)."""
         remaining = seq.num_tokens - start
+        cap = self.config.max_num_prefill_seqs
+        if remaining > 1 and self._budget > 1 and cap is not None and self._num_prefills >= cap:
+            return 0
         if remaining <= self._budget:
             return remaining
         # Without chunked prefill a prompt waits for a whole budget; a recompute longer than any
@@ -181,6 +187,7 @@ class Scheduler:
         batch.copy_pages += self.block_manager.grow(seq, start + n)
         batch.entries.append(ScheduledSeq(seq, start, n, sample=start + n == seq.num_tokens))
         self._budget -= n
+        self._num_prefills += n > 1
         self._in_batch.add(seq.seq_id)
 
     def _schedule_running(self, seq: Sequence, batch: ScheduledBatch) -> None:
@@ -362,6 +369,8 @@ class Scheduler:
     def _check_batch(self, batch: ScheduledBatch) -> None:
         assert batch.num_tokens <= self.config.max_num_batched_tokens, batch.num_tokens
         assert len(batch.entries) <= self.config.max_num_seqs
+        cap = self.config.max_num_prefill_seqs
+        assert cap is None or sum(e.num_tokens > 1 for e in batch.entries) <= cap, "too many prefill chunks"
         slots = set()
         for e in batch.entries:
             ps, table = self.page_size, e.seq.block_table

@@ -58,7 +58,7 @@ def test_greedy_equals_hf_under_preemption_chunking_and_prefix_caching(tiny_llam
     prompts, expected = reference
     # 160 pages hold ~2.5k tokens: far less than the 32 prompts need at once, so sequences get preempted.
     engine = make_engine(model, byte_tokenizer, num_kv_blocks=160, preemption_mode=mode,
-                         num_host_kv_blocks=160 if mode == "swap" else 0)
+                         num_host_kv_blocks=160 if mode == "swap" else 0, max_num_prefill_seqs=3)
     outs = run_engine(engine, prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == expected
     stats = engine.stats()
@@ -71,7 +71,7 @@ def test_greedy_equals_hf_with_everything_off(tiny_llama, byte_tokenizer, refere
     _, model = tiny_llama
     prompts, expected = reference
     engine = make_engine(model, byte_tokenizer, enable_chunked_prefill=False, enable_prefix_caching=False,
-                         max_num_batched_tokens=1024, num_kv_blocks=2048)
+                         max_num_batched_tokens=1024, num_kv_blocks=2048, max_num_prefill_seqs=None)
     outs = run_engine(engine, prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert engine.stats()["num_preemptions"] == 0

@@ -108,6 +108,19 @@ def test_max_num_seqs_caps_running_sequences_and_batch_rows():
         assert len(batch.entries) <= 2 and sched.num_running <= 2
 
 
+def test_max_num_prefill_seqs_caps_the_prefill_chunks_of_a_step_but_not_its_decodes():
+    sched = make_scheduler(max_num_batched_tokens=64, max_num_prefill_seqs=2)
+    model = FakeModel(sched)
+    for i in range(5):
+        sched.add(seq(i, 6, max_tokens=4, first=10 * i + 1))
+    batches = model.run()
+    assert [[(e.seq.seq_id, e.num_tokens) for e in b.entries] for b in batches[:3]] == [
+        [(0, 6), (1, 6)],
+        [(0, 1), (1, 1), (2, 6), (3, 6)],     # the cap counts prefill chunks only
+        [(0, 1), (1, 1), (2, 1), (3, 1), (4, 6)]]
+    assert all(sum(e.num_tokens > 1 for e in b.entries) <= 2 for b in batches)
+
+
 def test_empty_batch_when_nothing_can_run():
     sched = make_scheduler()
     batch = sched.schedule()
@@ -303,11 +316,13 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @initialize(mode=st.sampled_from(["recompute", "swap"]), policy=st.sampled_from(["fcfs", "priority"]),
                 prefix_caching=st.booleans(), chunked=st.booleans(), window=st.sampled_from([None, 16]),
-                num_blocks=st.integers(6, 12), budget=st.sampled_from([16, 32]))
-    def setup(self, mode, policy, prefix_caching, chunked, window, num_blocks, budget):
+                num_blocks=st.integers(6, 12), budget=st.sampled_from([16, 32]),
+                prefill_cap=st.sampled_from([None, 1, 2]))
+    def setup(self, mode, policy, prefix_caching, chunked, window, num_blocks, budget, prefill_cap):
         self.sched = make_scheduler(
             num_blocks=num_blocks, max_model_len=64, sliding_window=window, max_num_batched_tokens=budget,
-            max_num_seqs=4, preemption_mode=mode, num_host_kv_blocks=6 if mode == "swap" else 0,
+            max_num_seqs=4, max_num_prefill_seqs=prefill_cap,
+            preemption_mode=mode, num_host_kv_blocks=6 if mode == "swap" else 0,
             scheduling_policy=policy, enable_prefix_caching=prefix_caching, enable_chunked_prefill=chunked)
         self.model = FakeModel(self.sched)
         self.next_id = 0

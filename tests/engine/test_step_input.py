@@ -3,6 +3,7 @@ unchanged and starts on a 256-byte boundary: Mosaic GPU kernels reject operands 
 unaligned slices), padded to a small set of token buckets."""
 import jax
 import numpy as np
+import pytest
 
 from jpaged.engine import packing
 
@@ -27,3 +28,26 @@ def test_token_buckets_are_powers_of_four_from_4_to_256_then_powers_of_two():
     assert token_buckets(64) == [4, 16, 64]
     assert token_buckets(300) == [4, 16, 64, 256, 300]
     assert token_buckets(3) == [3]
+
+
+def test_the_prefill_cap_rides_in_the_step_layout_and_an_over_cap_batch_is_refused(tiny_llama):
+    """StepInput.max_prefill_seqs is static: it survives pack/unpack (a jit cache key, no buffer element)."""
+    from jpaged.engine.model_runner import ModelRunner, SampleRow
+    from jpaged.engine.scheduler import ScheduledSeq
+    from jpaged.engine.sequence import Sequence
+    from jpaged.sampling_params import SamplingParams
+
+    _, model = tiny_llama
+    runner = ModelRunner(model, num_pages=32, page_size=16, max_model_len=128, max_num_batched_tokens=64,
+                         max_num_seqs=8, max_prefill_seqs=2)
+    seqs = [Sequence(i, f"r{i}", list(range(1, 6)), SamplingParams()) for i in range(3)]
+    for i, seq in enumerate(seqs):
+        seq.block_table = [i]
+    entries = [ScheduledSeq(seq, 0, 5, sample=True) for seq in seqs]
+    rows = [SampleRow(5 * i + 4, seq) for i, seq in enumerate(seqs)]
+    step, _ = runner.build_step_input(entries[:2], rows[:2])
+    assert step.max_prefill_seqs == 2
+    int_buf, float_buf, layout = packing.pack(step)
+    assert jax.jit(packing.unpack, static_argnums=2)(int_buf, float_buf, layout).max_prefill_seqs == 2
+    with pytest.raises(ValueError, match="max_prefill_seqs"):
+        runner.build_step_input(entries, rows)

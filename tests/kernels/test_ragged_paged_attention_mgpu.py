@@ -36,21 +36,25 @@ def stored_rows(items: np.ndarray, block_t: int) -> dict[int, int]:
 
 
 MAX_SEQS, NUM_TOKENS = 6, 448           # fixed shapes: one compile of the work list per tile size
-work_items = jax.jit(mgpu.work_items, static_argnums=(3, 4))
+work_items = jax.jit(mgpu.work_items, static_argnums=(3, 4, 7))
 
 
 @SETTINGS
 @given(q_lens=st.lists(st.integers(0, 70), min_size=MAX_SEQS, max_size=MAX_SEQS),
        num_seqs=st.integers(0, MAX_SEQS), group_p=st.sampled_from([1, 2, 4, 8]),
-       exclude=st.none() | st.lists(st.booleans(), min_size=MAX_SEQS, max_size=MAX_SEQS))
-def test_work_items_store_every_row_once_with_its_sequence(q_lens, num_seqs, group_p, exclude):
-    """...and store no row of an excluded sequence (mixed batches: those rows come from the decode kernel)."""
+       exclude=st.none() | st.lists(st.booleans(), min_size=MAX_SEQS, max_size=MAX_SEQS),
+       bounded=st.booleans())
+def test_work_items_store_every_row_once_with_its_sequence(q_lens, num_seqs, group_p, exclude, bounded):
+    """...and store no row of an excluded sequence (mixed batches: those rows come from the decode kernel),
+    also when the list is sized by the tightest bound on the computed sequences (`max_seqs`)."""
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)   # padding: cu[num_seqs] .. NUM_TOKENS
     block_t = mgpu.ROWS // group_p
     kv_lens = jnp.asarray(np.array(q_lens) + 5, jnp.int32)
+    computed = sum(q_lens[s] > 0 and not (exclude and exclude[s]) for s in range(num_seqs))
+    max_seqs = computed if bounded else None
     items = np.asarray(work_items(jnp.asarray(cu), jnp.asarray(num_seqs, jnp.int32), kv_lens, NUM_TOKENS,
-                                  2 * block_t, None, None if exclude is None else jnp.asarray(exclude)))
-    assert items.shape[0] == mgpu.max_work_items(NUM_TOKENS, MAX_SEQS, 2 * block_t)
+                                  2 * block_t, None, None if exclude is None else jnp.asarray(exclude), max_seqs))
+    assert items.shape[0] == mgpu.max_work_items(NUM_TOKENS, computed if bounded else MAX_SEQS, 2 * block_t)
     assert (items[:, 1] % mgpu.ROW_ALIGN == 0).all(), "q TMA rows must start on an 8-row tile"
     rows = stored_rows(items, block_t)
     owners = np.searchsorted(cu[1:], np.arange(NUM_TOKENS), side="right")
@@ -106,6 +110,17 @@ def test_kernel_lowers_for_cuda_with_window_and_soft_cap(T, hq, hkv, d, page, bl
     fn = jax.jit(lambda *a: mgpu.ragged_paged_attention_mgpu(*a, sm_scale=0.1, sliding_window=window,
                                                              soft_cap=cap, config=config))
     text = fn.trace(*_shapes(T, hq, hkv, d, page)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_the_mixed_split_lowers_for_cuda_with_a_static_prefill_bound():
+    """The engine's mixed step: decodes to the decode kernel, the rest to the Mosaic kernel, whose work
+    list is sized by StepInput.max_prefill_seqs (a static argument all the way down)."""
+    import pallas_kernels
+
+    fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1, impl="mosaic",
+                                                                  max_prefill_seqs=2))
+    text = fn.trace(*_shapes(64, 32, 8, 128, 16)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
 
