@@ -14,7 +14,6 @@ import time
 import jax
 import numpy as np
 
-import pallas_kernels
 from jpaged import sharding
 from jpaged.config import EngineConfig
 from jpaged.engine import beam_search

@@ -225,7 +225,7 @@ def test_async_scheduling_gives_the_same_outputs_as_sync(tiny_llama, byte_tokeni
         assert stats["num_used_pages"] == 0 and stats["num_free_pages"] == 24
         return [done[str(i)] for i in range(len(prompts))], stats, in_flight
 
-    (sync, sync_stats, sync_in_flight), (overlapped, stats, in_flight) = run(False), run(True)
+    (sync, _, sync_in_flight), (overlapped, stats, in_flight) = run(False), run(True)
     assert sync_in_flight == 0 and in_flight > 0
     assert stats["num_preemptions"] > 0
     assert {o.finish_reason for o in sync} >= {"stop", "length"}
