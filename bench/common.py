@@ -143,7 +143,7 @@ def make_llm(model, dtype_name: str, *, max_model_len: int, max_num_seqs: int, m
 
 def engine_kwargs(args, max_model_len: int, **overrides) -> dict:
     """make_llm keyword arguments from the shared engine flags (--no-mixed-split and --no-fused-swiglu
-    applied)."""
+    applied; --max-num-prefill-seqs 0 = no cap)."""
     import pallas_kernels
     if getattr(args, "no_mixed_split", False):
         pallas_kernels.SPLIT_MIXED_BATCHES = False
@@ -151,7 +151,7 @@ def engine_kwargs(args, max_model_len: int, **overrides) -> dict:
         pallas_kernels.FUSED_SWIGLU = False
     return dict(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                attn_impl=args.attn_impl, max_num_prefill_seqs=getattr(args, "max_num_prefill_seqs", 16) or None) | overrides
+                attn_impl=args.attn_impl, max_num_prefill_seqs=args.max_num_prefill_seqs or None) | overrides
 
 
 def random_prompts(rng, lengths: Sequence[int], vocab_size: int) -> list[list[int]]:
@@ -399,6 +399,8 @@ def add_engine_flags(parser, *, max_num_seqs: int, max_num_batched_tokens: int =
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int, default=max_num_batched_tokens)
-    parser.add_argument("--max-num-prefill-seqs", type=int, default=16,
+    from jpaged.config import EngineConfig
+
+    parser.add_argument("--max-num-prefill-seqs", type=int, default=EngineConfig.max_num_prefill_seqs,
                         help="prefill chunks per step (EngineConfig.max_num_prefill_seqs; 0: no cap)")
     parser.add_argument("--out", help="JSON path (default bench/results/<name>_<device>.json)")

@@ -66,12 +66,15 @@ def _serve(args: argparse.Namespace) -> None:
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     """EngineConfig fields as flags (names match, so the server's engine_config picks them up)."""
+    from jpaged.config import EngineConfig
+
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter dtype (default bfloat16)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    p.add_argument("--max-num-prefill-seqs", type=int, default=16, help="most sequences with more than one "
-                   "new token (prefill chunks) in one step; sizes the Mosaic prefill kernel's work list")
+    p.add_argument("--max-num-prefill-seqs", type=int, default=EngineConfig.max_num_prefill_seqs,
+                   help="most sequences with more than one new token (prefill chunks) in one step; sizes the "
+                   "Mosaic prefill kernel's work list")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pages in the pool (default: sized "
                    "from free device memory)")

@@ -11,7 +11,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    max_num_prefill_seqs: int | None = 16   # most sequences with > 1 new token in a step (None: no cap); the
+    max_num_prefill_seqs: int | None = 32   # most sequences with > 1 new token in a step (None: no cap); the
                                             # Mosaic prefill kernel's work list is sized by it
     max_model_len: int | None = None        # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
