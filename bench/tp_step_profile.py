@@ -150,8 +150,8 @@ def main(argv=None):
     p.add_argument("--slots", type=int, help="sequence rows of the step (default: as many as tokens)")
     p.add_argument("--mixed-split", default="on", choices=("on", "off", "both"),
                    help="pallas_kernels.SPLIT_MIXED_BATCHES for the step; both: one run each, same weights")
-    p.add_argument("--max-prefill-seqs", type=int, help="StepInput.max_prefill_seqs (the engine's default "
-                   "is 16; default here: none)")
+    p.add_argument("--max-prefill-seqs", type=int, help="StepInput.max_prefill_seqs (the engine passes "
+                   "EngineConfig.max_num_prefill_seqs; default here: none)")
     p.add_argument("--top", type=int, default=14, help="kernels listed per device")
     p.add_argument("--out", default="bench/results/tp_step_profile.json")
     args = p.parse_args(argv)

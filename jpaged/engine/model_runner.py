@@ -244,8 +244,9 @@ class ModelRunner:
         num_tokens = int(offsets[-1])
         max_pages = int((-(-ends // ps)).max()) if n_e else 1
         t, s, p = self.shape_for(num_tokens, max(n_e, len(sample_rows)), max_pages)
-        if self.max_prefill_seqs is not None and int((counts > 1).sum()) > self.max_prefill_seqs:
-            raise ValueError(f"the batch has {int((counts > 1).sum())} sequences with more than one new token, "
+        num_prefills = int((counts > 1).sum())
+        if self.max_prefill_seqs is not None and num_prefills > self.max_prefill_seqs:
+            raise ValueError(f"the batch has {num_prefills} sequences with more than one new token, "
                              f"more than max_prefill_seqs ({self.max_prefill_seqs})")
 
         token_ids = np.zeros(t, np.int32)
