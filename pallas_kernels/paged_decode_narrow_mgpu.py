@@ -1,0 +1,349 @@
+"""Paged-attention decode on a few SMs: a persistent, swap-AB Mosaic GPU kernel (Hopper: TMA + wgmma).
+
+Why: the engine's mixed step runs the decode rows' attention (memory-bound, ~340 us a layer at 373
+sequences x ctx 640 on the H100) after the prefill rows' GEMMs (compute-bound). Run side by side on
+disjoint SMs (XLA command buffers in CONCURRENT mode, the GEMM on 132 - k CTAs), the attention must read
+KV at ~100+ GB/s per SM on k ~ 16-24 SMs: 5x what `paged_decode_mgpu` does per SM (its compute
+warpgroup pads the group's 4 q rows to wgmma's M = 64, so each 64-token block costs ~1 us of MMA and
+softmax). A TMA stream on 16 CTAs reads 1.8 TB/s (session 9's probe, bench/README.md).
+
+Swap AB: the kv tokens are wgmma's M and the q rows its N (N = 16 >= group, padded):
+    S^T [B, N] = K [B, D] . Q^T [D, N]          (K from SMEM as the A operand, q tile transposed as B)
+    softmax over axis 0 (the tokens) per column (q head)
+    O^T [D, N] += V^T [D, B] . P^T [B, N]       (V's SMEM tile transposed as A, P^T stored to SMEM)
+4x fewer MMA rows than the padded M = 64 form at GQA 4, and 16 exps per token instead of 64. wgmma
+requires A and B of one product to share a swizzle: P^T's rows are N * 2 = 32 bytes, so V's and P^T's
+SMEM tiles use the 32-byte swizzle ((8, 16) tiles), K and q the 128-byte one.
+
+Persistent: `num_ctas` CTAs, each takes work items (token, kv head) w = cta, cta + num_ctas, ...; the
+memory warpgroup streams every item's q tile and kv blocks through one ring of `num_stages` slots with no
+gap between items, the compute warpgroup consumes them and writes each item's O^T [D, N] (bf16) with one
+TMA. A jnp epilogue picks the group's columns and transposes them into o [T, Hq, D] (~4x the output's
+bytes, ~1 % of the KV bytes at the engine's shapes).
+
+Same semantics as `paged_decode_mgpu` (decode-shaped batches, T <= S; `token_info` gives each token its
+slot and kv range end; padding tokens store zeros; pages at or past the range are fetched as the
+out-of-bounds page, which TMA fills with zeros; V rows past kv_hi in the last block are zeroed in SMEM).
+Supported: bf16/f16, head_dim 64/128, page_size a power of two in [8, 64], q heads per kv head <= 8
+(and 16 with Hq % 8 == 0); no sliding window or soft-cap (NotImplementedError, `unsupported_reason`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mgpu_common import (LOG2E, MASK_VALUE, ROW_ALIGN, SMEM_BYTES, check_lowering,
+                                        compiler_params, interpret_params, layout_cast, tiled_smem)
+from pallas_kernels.paged_decode_mgpu import token_info
+from pallas_kernels.ragged_paged_attention_kernel import static_validate_inputs
+
+NUM_SMS = 132          # H100 / H200 SXM
+N_COLS = 16            # q rows per work item: wgmma's N (32-byte rows of P^T in bf16)
+BLOCK_KV = 64          # kv tokens per pipeline step: wgmma's M of S^T
+
+
+@dataclasses.dataclass(frozen=True)
+class NarrowDecodeConfig:
+    """Static launch shape: persistent CTAs (None = one per SM), ring slots, lowering semantics."""
+
+    num_ctas: int | None = None
+    num_stages: int = 5
+    lowering: str | None = "lane"
+
+    def __post_init__(self):
+        if self.num_ctas is not None and self.num_ctas < 1:
+            raise ValueError(f"num_ctas must be >= 1 or None, got {self.num_ctas}")
+        if self.num_stages < 2:
+            raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
+        check_lowering(self.lowering)
+
+
+def swizzle32_smem(shape, dtype):
+    """SMEM in (8, 32-byte) tiles with the 32-byte swizzle: the layout of V and P^T (wgmma needs A and B
+    of one product in the same swizzle, and P^T's rows are 32 bytes)."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((ROW_ALIGN, 32 // jnp.dtype(dtype).itemsize)),
+                                                plgpu.SwizzleTransform(32)))
+
+
+def smem_bytes(head_dim: int, itemsize: int, config: NarrowDecodeConfig) -> int:
+    ring = 2 * config.num_stages * BLOCK_KV * head_dim * itemsize
+    q = 2 * N_COLS * head_dim * itemsize
+    p = BLOCK_KV * N_COLS * itemsize
+    o = head_dim * N_COLS * itemsize
+    return ring + q + p + o + 8 * (4 + 4 * config.num_stages) + 2048
+
+
+def unsupported_reason(q, k_pages, page_table=None, *, sliding_window=None, soft_cap=None,
+                       config: NarrowDecodeConfig | None = None) -> str | None:
+    """Why this kernel cannot take these inputs (None when it can); shapes and dtypes only."""
+    config = config or NarrowDecodeConfig()
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_pages.shape
+    if sliding_window is not None:
+        return "sliding_window is not supported by the narrow decode kernel"
+    if soft_cap is not None:
+        return "soft_cap is not supported by the narrow decode kernel"
+    if page_table is not None and num_tokens > page_table.shape[0]:
+        return f"prefill-shaped batch (T={num_tokens} > S={page_table.shape[0]}): the decode kernels take T <= S"
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k_pages.dtype != q.dtype:
+        return f"dtype must be bf16 or f16 for q and pages alike, got {q.dtype} and {k_pages.dtype}"
+    if head_dim not in (64, 128):
+        return f"head_dim must be 64 or 128, got {head_dim}"
+    if page_size < ROW_ALIGN or page_size & (page_size - 1) or BLOCK_KV % page_size:
+        return f"page_size must be a power of two in [8, {BLOCK_KV}], got {page_size}"
+    if num_q_heads % num_kv_heads or q_offset_bound(num_q_heads, num_kv_heads) > N_COLS:
+        return (f"q heads per kv head must fit {N_COLS} columns from an 8-aligned row, got "
+                f"{num_q_heads}/{num_kv_heads}")
+    if (smem := smem_bytes(head_dim, jnp.dtype(q.dtype).itemsize, config)) > SMEM_BYTES:
+        return f"{config} needs {smem} bytes of SMEM at head_dim {head_dim}, more than {SMEM_BYTES}"
+    return None
+
+
+def q_offset_bound(num_q_heads: int, num_kv_heads: int) -> int:
+    """The largest (first row of a group inside its 8-aligned q tile) + group, over all tokens and heads."""
+    group = num_q_heads // num_kv_heads
+    if num_q_heads % ROW_ALIGN == 0:
+        return max((h * group) % ROW_ALIGN for h in range(num_kv_heads)) + group
+    return ROW_ALIGN - 1 + group
+
+
+# --- kernel ------------------------------------------------------------------------------------------
+
+def _kernel(info_ref, page_table_ref, q_ref, k_pages_ref, v_pages_ref,   # inputs
+            o_ref,                                                       # output [W, D, N]
+            q_smem, k_smem, v_smem, p_smem, o_smem,                      # scratch
+            q_bar, q_free, k_bar, v_bar, k_free, v_free,
+            *, sm_scale: float, num_q_heads: int, group: int, num_stages: int, num_ctas: int,
+            num_items: int, oob_page: int, interpret: bool):
+    cta = lax.axis_index("c")
+    wg = lax.axis_index("wg")
+    num_kv_heads = k_pages_ref.shape[2]
+    page_size = k_pages_ref.shape[1]
+    pages_per_seq = page_table_ref.shape[1]
+    pages_per_block = BLOCK_KV // page_size
+    head_dim = q_ref.shape[1]
+    dtype = q_ref.dtype
+    my_items = (num_items - cta + num_ctas - 1) // num_ctas
+
+    def item(i):
+        """Work item i of this CTA: (token, kv head, slot, kv_hi, blocks)."""
+        w = cta + i * num_ctas
+        t, h = w // num_kv_heads, w % num_kv_heads
+        kv_hi = info_ref[t, 1]
+        return w, t, h, info_ref[t, 0], kv_hi, (kv_hi + BLOCK_KV - 1) // BLOCK_KV
+
+    def q_base(t, h):
+        first_row = t * num_q_heads + h * group
+        return first_row // ROW_ALIGN * ROW_ALIGN
+
+    @pl.when(wg == 1)
+    def _memory():
+        def copy_block(pages_ref, smem, bar, pages, slot, h):
+            for j, page in enumerate(pages):
+                plgpu.copy_gmem_to_smem(pages_ref.at[page, :, h, :],
+                                        smem.at[slot, pl.ds(j * page_size, page_size)], bar.at[slot])
+
+        def item_body(i, g):
+            _, t, h, s, kv_hi, n_blocks = item(i)
+            qs = lax.rem(i, 2)
+            pl.when(i >= 2)(lambda: plgpu.barrier_wait(q_free.at[qs]))
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_base(t, h), N_COLS)], q_smem.at[qs], q_bar.at[qs])
+            pages_in_range = (kv_hi + page_size - 1) // page_size
+
+            def block_body(b, g):
+                slot = lax.rem(g, num_stages)
+                reuse = g >= num_stages
+                pages = []
+                for j in range(pages_per_block):
+                    idx = b * pages_per_block + j
+                    page = page_table_ref[s, jnp.minimum(idx, pages_per_seq - 1)]
+                    pages.append(jnp.where(idx < pages_in_range, page, oob_page))
+                pl.when(reuse)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+                copy_block(k_pages_ref, k_smem, k_bar, pages, slot, h)
+                pl.when(reuse)(lambda: plgpu.barrier_wait(v_free.at[slot]))
+                copy_block(v_pages_ref, v_smem, v_bar, pages, slot, h)
+                return g + 1
+
+            return lax.fori_loop(0, n_blocks, block_body, g)
+
+        g_end = lax.fori_loop(0, my_items, item_body, jnp.int32(0))
+
+        # Observe the last releases too (the interpreter checks that every phase was waited for).
+        @pl.loop(jnp.maximum(g_end - num_stages, 0), g_end)
+        def _drain(g):
+            slot = lax.rem(g, num_stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+        @pl.loop(jnp.maximum(my_items - 2, 0), my_items)
+        def _drain_q(i):
+            plgpu.barrier_wait(q_free.at[lax.rem(i, 2)])
+
+    @pl.when(wg == 0)
+    def _compute():
+        scale = sm_scale * LOG2E
+
+        def item_body(i, g):
+            w, t, h, _, kv_hi, n_blocks = item(i)
+            qs = lax.rem(i, 2)
+            plgpu.barrier_wait(q_bar.at[qs])
+            acc = layout_cast(jnp.zeros((head_dim, N_COLS), jnp.float32), plgpu.Layout.WGMMA, interpret)
+            m_i = layout_cast(jnp.full((N_COLS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(0),
+                              interpret)
+            l_i = layout_cast(jnp.zeros((N_COLS,), jnp.float32), plgpu.Layout.WGMMA.reduce(0), interpret)
+
+            def block_body(b, carry):
+                g, acc, m_i, l_i = carry
+                slot = lax.rem(g, num_stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.at[qs].T)
+                    return acc_ref[...]
+
+                if interpret:
+                    s_t = lax.dot_general(k_smem[slot], q_smem[qs], (((1,), (1,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
+                else:
+                    s_t = pl.run_scoped(qk, plgpu.ACC((BLOCK_KV, N_COLS), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                s_t = s_t * scale                                           # [B, N], base-2 logits
+                if interpret:
+                    tok = lax.broadcasted_iota(jnp.int32, s_t.shape, 0)
+                else:
+                    tok = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 0, layout=plgpu.Layout.WGMMA)
+                s_t = jnp.where(tok + b * BLOCK_KV < kv_hi, s_t, MASK_VALUE)
+                m_next = jnp.maximum(m_i, s_t.max(axis=0))
+                alpha = jnp.exp2(m_i - m_next)
+                p_t = jnp.exp2(s_t - lax.broadcast_in_dim(m_next, s_t.shape, [1]))
+                l_i = l_i * alpha + p_t.sum(axis=0)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+                p_smem[...] = p_t.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.barrier_wait(v_bar.at[slot])
+
+                @pl.when((b + 1) * BLOCK_KV > kv_hi)
+                def _zero_stale_v():   # V rows past kv_hi may hold NaN; 0 * NaN = NaN in P.V
+                    for d0 in range(0, head_dim, N_COLS):
+                        cols = v_smem.at[slot, :, pl.ds(d0, N_COLS)]
+                        v = cols[...]
+                        if interpret:
+                            row = lax.broadcasted_iota(jnp.int32, v.shape, 0)
+                        else:
+                            row = plgpu.broadcasted_iota(jnp.int32, v.shape, 0, layout=plgpu.Layout.WGMMA)
+                        cols[...] = jnp.where(row + b * BLOCK_KV < kv_hi, v, jnp.zeros_like(v))
+                    plgpu.commit_smem()
+
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, v_smem.at[slot].T, p_smem)
+
+                if interpret:
+                    acc = acc + lax.dot_general(v_smem[slot], p_smem[...], (((0,), (0,)), ((), ())),
+                                                preferred_element_type=jnp.float32)
+                else:
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return g + 1, acc, m_next, l_i
+
+            g, acc, m_i, l_i = lax.fori_loop(0, n_blocks, block_body, (g, acc, m_i, l_i))
+            plgpu.barrier_arrive(q_free.at[qs])
+            inv_l = 1.0 / jnp.maximum(l_i, 1e-30)      # empty ranges: acc == 0, l == 0 -> zeros
+            out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [1])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)     # the previous item's store left o_smem
+            o_smem[...] = out.astype(o_ref.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[w])
+            return g
+
+        lax.fori_loop(0, my_items, item_body, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _gather_groups(o_t, num_tokens: int, num_q_heads: int, num_kv_heads: int, dtype) -> jax.Array:
+    """o_t [T * Hkv, D, N] -> o [T, Hq, D]: each item's group columns start at its row's offset in the
+    8-aligned q tile."""
+    head_dim = o_t.shape[1]
+    group = num_q_heads // num_kv_heads
+    o_t = o_t.reshape(num_tokens, num_kv_heads, head_dim, N_COLS)
+    t = jnp.arange(num_tokens, dtype=jnp.int32)[:, None, None, None]
+    h = jnp.arange(num_kv_heads, dtype=jnp.int32)[None, :, None, None]
+    g = jnp.arange(group, dtype=jnp.int32)[None, None, None, :]
+    cols = (t * num_q_heads + h * group) % ROW_ALIGN + g                      # [T, Hkv, 1, group]
+    out = jnp.take_along_axis(o_t, cols, axis=3)                              # [T, Hkv, D, group]
+    return jnp.swapaxes(out, 2, 3).reshape(num_tokens, num_q_heads, head_dim).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "config", "interpret"))
+def paged_decode_narrow(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float,
+                        sliding_window: int | None = None, soft_cap: float | None = None,
+                        config: NarrowDecodeConfig | None = None, interpret: bool = False) -> jax.Array:
+    """Ragged paged attention for decode-shaped batches (T <= S) on `config.num_ctas` persistent CTAs.
+
+    Same signature and semantics as `ragged_paged_attention_pallas` (see `ragged_paged_attention.py`):
+    q [T, Hq, D]; k_pages, v_pages [N, page_size, Hkv, D]; kv_lens [S]; page_table [S, P];
+    cu_q_lens [S + 1]; num_seqs []. Returns o [T, Hq, D] in q's dtype, padding rows zeros.
+    `interpret=True` runs Mosaic GPU's interpreter (CPU): the wgmmas become `lax.dot_general` on the same
+    SMEM tiles and layout casts are dropped; barriers, TMAs, masks and stores are the device kernel's."""
+    static_validate_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
+    config = config or NarrowDecodeConfig()
+    reason = unsupported_reason(q, k_pages, page_table, sliding_window=sliding_window, soft_cap=soft_cap,
+                                config=config)
+    if reason is not None:
+        raise NotImplementedError(reason)
+    num_tokens = q.shape[0]
+    if num_tokens == 0:
+        return jnp.zeros(q.shape, q.dtype)
+    num_slots, pages_per_seq = page_table.shape
+    info = token_info(cu_q_lens, num_seqs, kv_lens, num_tokens, pages_per_seq * k_pages.shape[1])
+    return launch(info, page_table, q, k_pages, v_pages, sm_scale=sm_scale, config=config, interpret=interpret)
+
+
+def launch(info, page_table, q, k_pages, v_pages, *, sm_scale: float, config: NarrowDecodeConfig,
+           interpret: bool = False) -> jax.Array:
+    """The kernel and the group gather over precomputed `token_info` (inputs already validated)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    num_items = num_tokens * num_kv_heads
+    num_ctas = min(config.num_ctas or NUM_SMS, num_items)
+    stages = config.num_stages
+    flat_rows = num_tokens * num_q_heads
+    q2 = q.reshape(flat_rows, head_dim)
+    # Every q tile is N_COLS rows from an 8-aligned row: pad so that the last one is in bounds.
+    q2 = jnp.pad(q2, ((0, pl.cdiv(flat_rows, ROW_ALIGN) * ROW_ALIGN + N_COLS - flat_rows), (0, 0)))
+    if interpret:   # the interpreter raises on out-of-bounds TMA boxes where the device fills zeros
+        k_pages = jnp.pad(k_pages, ((0, 1), (0, 0), (0, 0), (0, 0)))
+        v_pages = jnp.pad(v_pages, ((0, 1), (0, 0), (0, 0), (0, 0)))
+    scratch = (
+        tiled_smem((2, N_COLS, head_dim), q.dtype),
+        tiled_smem((stages, BLOCK_KV, head_dim), k_pages.dtype),
+        swizzle32_smem((stages, BLOCK_KV, head_dim), v_pages.dtype),
+        swizzle32_smem((BLOCK_KV, N_COLS), q.dtype),
+        plgpu.SMEM((head_dim, N_COLS), q.dtype),
+        plgpu.Barrier(num_arrivals=1, num_barriers=2),                          # q loaded
+        plgpu.Barrier(num_arrivals=1, num_barriers=2),                          # q slot free
+        plgpu.Barrier(num_arrivals=BLOCK_KV // page_size, num_barriers=stages),  # K block loaded
+        plgpu.Barrier(num_arrivals=BLOCK_KV // page_size, num_barriers=stages),  # V block loaded
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),                      # K slot free
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages),                      # V slot free
+    )
+    kernel = functools.partial(_kernel, sm_scale=sm_scale, num_q_heads=num_q_heads,
+                               group=num_q_heads // num_kv_heads, num_stages=stages, num_ctas=num_ctas,
+                               num_items=num_items, oob_page=num_pages, interpret=interpret)
+    o_t = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((num_items, head_dim, N_COLS), q.dtype),
+        scratch_types=scratch,
+        grid=(num_ctas,),
+        grid_names=("c",),
+        num_threads=2,
+        thread_name="wg",
+        compiler_params=compiler_params(config.lowering),
+        interpret=interpret_params() if interpret else None,
+    )(info, page_table, q2, k_pages, v_pages)
+    return _gather_groups(o_t, num_tokens, num_q_heads, num_kv_heads, q.dtype)

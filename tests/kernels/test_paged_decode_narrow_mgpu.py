@@ -1,0 +1,116 @@
+"""The narrow (persistent, swap-AB) Mosaic GPU decode kernel on CPU: its lowering for CUDA, its limits, and
+the kernel in Mosaic GPU's interpreter against the jnp reference.
+
+The interpreter's cost grows with the CTAs, so the cases run 2-3 persistent CTAs over many work items
+(token x kv head): items follow each other through one ring of SMEM slots, which is what the device
+kernel does at 16-132 CTAs. bench/decode_narrow.py checks the same kernel on the GPU, bigger.
+"""
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from pallas_kernels import paged_decode_narrow_mgpu as nd
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
+from tests.kernels.test_paged_decode_mgpu import _shapes
+from tests.kernels.test_ragged_paged_attention import NUM_PAGES, make_batch
+
+
+@pytest.mark.parametrize("T,hq,hkv,d,page,config", [
+    (64, 32, 8, 128, 16, nd.NarrowDecodeConfig()),                      # the engine's shape, one CTA per SM
+    (64, 32, 8, 128, 16, nd.NarrowDecodeConfig(num_ctas=16, num_stages=6)),  # beside a GEMM
+    (9, 64, 8, 64, 16, nd.NarrowDecodeConfig(num_ctas=4)),              # GQA 8, head_dim 64
+    (5, 6, 2, 128, 8, nd.NarrowDecodeConfig(num_ctas=3, num_stages=2)),  # group 3, Hq % 8 != 0, page 8
+    (7, 8, 8, 128, 64, nd.NarrowDecodeConfig(num_ctas=5)),              # MHA, page 64 = one block
+])
+def test_kernel_lowers_for_cuda_without_a_gpu(T, hq, hkv, d, page, config):
+    fn = jax.jit(lambda *a: nd.paged_decode_narrow(*a, sm_scale=0.1, config=config))
+    text = fn.trace(*_shapes(T, hq, hkv, d, page)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sliding_window=64), "sliding_window"),
+    (dict(soft_cap=30.0), "soft_cap"),
+    (dict(dtype=jnp.float32), "dtype"),
+    (dict(d=256), "head_dim"),
+    (dict(page=128), "page_size"),
+    (dict(T=9), "prefill-shaped"),
+    (dict(hq=32, hkv=1), "q heads per kv head"),
+    (dict(hq=12, hkv=1), "q heads per kv head"),       # group 12 from an offset up to 7: 19 > 16 columns
+    (dict(config=nd.NarrowDecodeConfig(num_stages=7)), "SMEM"),
+])
+def test_unsupported_inputs_raise_not_implemented(kwargs, match):
+    shape = dict(T=8, hq=8, hkv=2, d=128, page=16, S=8, dtype=jnp.bfloat16)
+    kwargs = dict(kwargs)
+    call = {k: kwargs.pop(k) for k in ("sliding_window", "soft_cap", "config") if k in kwargs}
+    shape.update(kwargs)
+    args = [jnp.zeros(s.shape, s.dtype) for s in _shapes(**shape)]
+    with pytest.raises(NotImplementedError, match=match):
+        nd.paged_decode_narrow(*args, sm_scale=0.1, **call)
+
+
+def test_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="num_ctas"):
+        nd.NarrowDecodeConfig(num_ctas=0)
+    with pytest.raises(ValueError, match="num_stages"):
+        nd.NarrowDecodeConfig(num_stages=1)
+
+
+def check_interpreted(seed, q_lens, kv_extra, *, num_tokens, pages_per_seq, page_size, hq, hkv, d,
+                      num_seqs_real, config, tol=3e-2):
+    """The kernel in the interpreter against the f32 reference on a NaN-poisoned, shuffled pool with
+    garbage table entries past each sequence's pages; padding rows must be exact zeros."""
+    args = make_batch(np.random.default_rng(seed), q_lens, kv_extra, num_tokens=num_tokens,
+                      pages_per_seq=pages_per_seq, page_size=page_size, hq=hq, hkv=hkv, d=d,
+                      dtype=jnp.bfloat16, num_seqs_real=num_seqs_real)
+    q, k, v, kv_lens, table, cu, num_seqs = args
+    sm_scale = 1 / np.sqrt(d)
+    out = np.asarray(nd.paged_decode_narrow(*args, sm_scale=sm_scale, config=config, interpret=True),
+                     np.float32)
+    ref = ragged_paged_attention_reference(jnp.nan_to_num(q).astype(jnp.float32), k.astype(jnp.float32),
+                                           v.astype(jnp.float32), kv_lens, jnp.clip(table, 0, NUM_PAGES - 1),
+                                           cu, num_seqs, sm_scale=sm_scale)
+    assert np.isfinite(out).all()
+    real = int(cu[int(num_seqs)])
+    assert (out[real:] == 0).all(), "padding tokens must come out as exact zeros"
+    np.testing.assert_allclose(out, np.asarray(ref), rtol=tol, atol=tol)
+
+
+def test_interpreted_q_len_mix_with_a_chunk_and_padding_on_two_ctas():
+    # slots: q_len 1 (kv 46), 0, 2 (a chunk ending at 100: 2 blocks of 64, the second masked), padding;
+    # 4 tokens = 3 real + 1 padding over 2 CTAs, 2 slots in the ring (wraps within and across items).
+    check_interpreted(1, [1, 0, 2, 0], [45, 9, 98, 3], num_tokens=4, pages_per_seq=7, page_size=16,
+                      hq=4, hkv=1, d=64, num_seqs_real=3, config=nd.NarrowDecodeConfig(num_ctas=2, num_stages=2))
+
+
+def test_interpreted_group3_columns_off_the_8_row_grid_page8():
+    # Hq 6 / Hkv 2: group 3, items' q columns start at tile offsets 0, 3, 6, 1, ... (Hq % 8 != 0).
+    check_interpreted(3, [1, 1, 1], [20, 70, 33], num_tokens=3, pages_per_seq=9, page_size=8, hq=6, hkv=2,
+                      d=64, num_seqs_real=3, config=nd.NarrowDecodeConfig(num_ctas=2, num_stages=3))
+
+
+SETTINGS = settings(max_examples=4, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@SETTINGS
+@given(data=st.data())
+def test_interpreted_random_decode_batches_match_reference(data):
+    """Random GQA ratio, page size, kv lengths (off the page grid), padding slots and tokens, CTAs, stages."""
+    hq, hkv = data.draw(st.sampled_from([(4, 1), (8, 2), (2, 2), (16, 2)]))
+    page = data.draw(st.sampled_from([8, 16, 32]))
+    slots = data.draw(st.integers(1, 3))
+    kv_extra = data.draw(st.lists(st.integers(0, 8 * page - 2), min_size=slots, max_size=slots))  # <= 8 pages
+    num_seqs = data.draw(st.integers(1, slots))
+    pad = data.draw(st.integers(0, 1))
+    config = nd.NarrowDecodeConfig(num_ctas=data.draw(st.integers(1, 3)), num_stages=data.draw(st.integers(2, 4)))
+    # a padding token needs a slot of its own (T <= S): an empty one past the real sequences
+    check_interpreted(data.draw(st.integers(0, 2**31)), [1] * slots + [0] * pad, kv_extra + [0] * pad,
+                      num_tokens=slots + pad,
+                      pages_per_seq=8, page_size=page, hq=hq, hkv=hkv, d=64,
+                      num_seqs_real=num_seqs, config=config)
