@@ -49,6 +49,7 @@ from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 SHAPES = ((373, 640), (256, 512), (256, 1024), (64, 2048), (16, 8192))
 CHAIN_MAX_TOKENS = 256 * 1024
+VARIANTS = ()   # --variants: (ctas, stages, probe) ablations of the narrow kernel in the decode section
 INTERPRET = False
 
 
@@ -84,18 +85,24 @@ def _time(fn, args, tokens):
 def bench_decode(result, save, shapes, ctas_list) -> None:
     result["decode"] = []
     key = jax.random.key(0)
-    for batch, ctx in shapes:
+    for batch, ctx, *page in shapes:
+        page = page[0] if page else PAGE
         key, sub = jax.random.split(key)
-        args = kernels_bench.paged_batch(sub, [1] * batch, [ctx] * batch, num_pages_extra=0, poison=False)
+        args = kernels_bench.paged_batch(sub, [1] * batch, [ctx] * batch, num_pages_extra=0, poison=False,
+                                         page=page)
         _, _, _, _, table, _, _ = args
         kv_bytes = 2 * batch * ctx * HKV * D * 2
         sm_scale = 1 / math.sqrt(D)
-        row = dict(batch=batch, ctx=ctx, kv_bytes=kv_bytes)
+        row = dict(batch=batch, ctx=ctx, page_size=page, kv_bytes=kv_bytes)
         impls = [("triton", functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale)),
                  ("mosaic", functools.partial(paged_decode_mgpu, sm_scale=sm_scale,
-                                              config=choose_config(batch, batch, table.shape[1], HQ, HKV, PAGE)))]
+                                              config=choose_config(batch, batch, table.shape[1], HQ, HKV, page)))]
         impls += [(f"narrow{c}", functools.partial(paged_decode_narrow, sm_scale=sm_scale,
                                                    config=NarrowDecodeConfig(num_ctas=c))) for c in ctas_list]
+        for c, stages, probe, block_kv in VARIANTS:
+            impls.append((f"narrow{c}_s{stages}_kv{block_kv}_{probe}", functools.partial(
+                paged_decode_narrow, sm_scale=sm_scale, config=NarrowDecodeConfig(
+                    num_ctas=c, num_stages=stages, probe=probe, block_kv=block_kv))))
         ref = None
         for name, fn in impls:
             fn = jax.jit(functools.partial(fn, interpret=INTERPRET))
@@ -103,14 +110,14 @@ def bench_decode(result, save, shapes, ctas_list) -> None:
                 out = jax.block_until_ready(fn(*args))
                 if ref is None:
                     ref = out
-                else:
+                elif not name.endswith("_stream"):
                     row[f"{name}_vs_triton_rel_err"] = compare(out, ref, batch)["rel_err"]
                 t, timer = _time(fn, args, batch * ctx)
                 row.update({f"{name}_us": t * 1e6, f"{name}_tbps": kv_bytes / t / 1e12, "timer": timer})
             except Exception as e:
                 traceback.print_exc()
                 row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:800]}"
-        print(f"decode {batch}x{ctx} ({row.get('timer')}): " + " ".join(
+        print(f"decode {batch}x{ctx} page {page} ({row.get('timer')}): " + " ".join(
             f"{k[:-5]}={v:.2f}" for k, v in row.items() if k.endswith("_tbps")), flush=True)
         result["decode"].append(row)
         save()
@@ -180,21 +187,29 @@ def main() -> int:
     parser.add_argument("--tag", default="")
     parser.add_argument("--ctas", default="16,24,32,66,132")
     parser.add_argument("--overlap-ctas", default="16,24,32")
+    parser.add_argument("--variants", default="", help="decode: ablations ctas:stages:probe[:block_kv], e.g. 16:2:full,16:5:stream,16:3:full:128")
+    parser.add_argument("--check-ctas", default="all,16,3", help="CTA counts of the checks (all = one per SM)")
     parser.add_argument("--shapes", default="")
     parser.add_argument("--xla-concurrent", action="store_true", help="(read before jax starts; see above)")
     parser.add_argument("--interpret", action="store_true", help="a CPU dry run on tiny shapes")
     a = parser.parse_args()
     INTERPRET = a.interpret
+    global VARIANTS
+    VARIANTS = tuple((int(c), int(st), pr, int(kv[0]) if kv else 64)
+                     for c, st, pr, *kv in (v.split(":") for v in a.variants.split(",") if v))
     ctas = [int(c) for c in a.ctas.split(",")]
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else SHAPES
+    # B x ctx, optionally "pPAGE": 373x640p64
+    shapes = ([tuple(int(v) for v in s.replace("p", "x").split("x")) for s in a.shapes.split(",")]
+              if a.shapes else SHAPES)
     if INTERPRET:
-        ctas, shapes = [2], [(3, 70)]
+        ctas, shapes = [2], [(3, 70), (2, 70, 32)]
     device = jax.devices()[0]
     os.makedirs(a.out, exist_ok=True)
     result, save = open_result(os.path.join(a.out, f"decode_narrow{a.tag}.json"), device)
     only = a.only.split(",")
     if "check" in only:
-        run_checks(result, save, [None, 16, 3] if not INTERPRET else [2])
+        run_checks(result, save, [None if c == "all" else int(c) for c in a.check_ctas.split(",")]
+                   if not INTERPRET else [2])
     if "decode" in only:
         bench_decode(result, save, shapes, ctas)
     if "overlap" in only:

@@ -25,7 +25,8 @@ Same semantics as `paged_decode_mgpu` (decode-shaped batches, T <= S; `token_inf
 slot and kv range end; padding tokens store zeros; pages at or past the range are fetched as the
 out-of-bounds page, which TMA fills with zeros; V rows past kv_hi in the last block are zeroed in SMEM).
 Supported: bf16/f16, head_dim 64/128, page_size a power of two in [8, 64], q heads per kv head <= 8
-(and 16 with Hq % 8 == 0); no sliding window or soft-cap (NotImplementedError, `unsupported_reason`).
+(and 16 with Hq % 8 == 0), page tables whose two descriptor rows fit in SMEM beside the ring; no sliding
+window or soft-cap (NotImplementedError, `unsupported_reason`).
 """
 from __future__ import annotations
 
@@ -45,7 +46,6 @@ from pallas_kernels.ragged_paged_attention_kernel import static_validate_inputs
 
 NUM_SMS = 132          # H100 / H200 SXM
 N_COLS = 16            # q rows per work item: wgmma's N (32-byte rows of P^T in bf16)
-BLOCK_KV = 64          # kv tokens per pipeline step: wgmma's M of S^T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +54,22 @@ class NarrowDecodeConfig:
 
     num_ctas: int | None = None
     num_stages: int = 5
+    block_kv: int = 64       # kv tokens per pipeline step: wgmma's M of S^T (64 or 128)
     lowering: str | None = "lane"
+    # Ablation for bench/decode_narrow.py: "stream" keeps the memory warpgroup and the barriers but the
+    # compute warpgroup does no math (the output is zeros): the rate of the data movement alone.
+    probe: str = "full"
 
     def __post_init__(self):
         if self.num_ctas is not None and self.num_ctas < 1:
             raise ValueError(f"num_ctas must be >= 1 or None, got {self.num_ctas}")
+        if self.block_kv not in (64, 128):
+            raise ValueError(f"block_kv must be 64 or 128, got {self.block_kv}")
         if self.num_stages < 2:
             raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
         check_lowering(self.lowering)
+        if self.probe not in ("full", "stream"):
+            raise ValueError(f"probe must be 'full' or 'stream', got {self.probe!r}")
 
 
 def swizzle32_smem(shape, dtype):
@@ -71,12 +79,21 @@ def swizzle32_smem(shape, dtype):
                                                 plgpu.SwizzleTransform(32)))
 
 
-def smem_bytes(head_dim: int, itemsize: int, config: NarrowDecodeConfig) -> int:
-    ring = 2 * config.num_stages * BLOCK_KV * head_dim * itemsize
+def desc_width(pages_per_seq: int, page_size: int, block_kv: int) -> int:
+    """Columns of `item_descriptors`: 4 + the pages rounded up to whole blocks, the row rounded up to 128
+    bytes (Mosaic GPU's copies move a multiple of the warpgroup size in bytes)."""
+    per_block = block_kv // page_size
+    return -(-(4 + -(-pages_per_seq // per_block) * per_block) // 32) * 32
+
+
+def smem_bytes(head_dim: int, itemsize: int, config: NarrowDecodeConfig, pages_per_seq: int = 0,
+               page_size: int = 16) -> int:
+    desc = 2 * desc_width(pages_per_seq, page_size, config.block_kv) * 4
+    ring = 2 * config.num_stages * config.block_kv * head_dim * itemsize
     q = 2 * N_COLS * head_dim * itemsize
-    p = BLOCK_KV * N_COLS * itemsize
+    p = config.block_kv * N_COLS * itemsize
     o = head_dim * N_COLS * itemsize
-    return ring + q + p + o + 8 * (4 + 4 * config.num_stages) + 2048
+    return ring + q + p + o + desc + 8 * (6 + 4 * config.num_stages) + 2048
 
 
 def unsupported_reason(q, k_pages, page_table=None, *, sliding_window=None, soft_cap=None,
@@ -95,12 +112,13 @@ def unsupported_reason(q, k_pages, page_table=None, *, sliding_window=None, soft
         return f"dtype must be bf16 or f16 for q and pages alike, got {q.dtype} and {k_pages.dtype}"
     if head_dim not in (64, 128):
         return f"head_dim must be 64 or 128, got {head_dim}"
-    if page_size < ROW_ALIGN or page_size & (page_size - 1) or BLOCK_KV % page_size:
-        return f"page_size must be a power of two in [8, {BLOCK_KV}], got {page_size}"
+    if page_size < ROW_ALIGN or page_size & (page_size - 1) or config.block_kv % page_size:
+        return f"page_size must be a power of two in [8, {config.block_kv}], got {page_size}"
     if num_q_heads % num_kv_heads or q_offset_bound(num_q_heads, num_kv_heads) > N_COLS:
         return (f"q heads per kv head must fit {N_COLS} columns from an 8-aligned row, got "
                 f"{num_q_heads}/{num_kv_heads}")
-    if (smem := smem_bytes(head_dim, jnp.dtype(q.dtype).itemsize, config)) > SMEM_BYTES:
+    pages_per_seq = 0 if page_table is None else page_table.shape[1]
+    if (smem := smem_bytes(head_dim, jnp.dtype(q.dtype).itemsize, config, pages_per_seq, page_size)) > SMEM_BYTES:
         return f"{config} needs {smem} bytes of SMEM at head_dim {head_dim}, more than {SMEM_BYTES}"
     return None
 
@@ -115,28 +133,41 @@ def q_offset_bound(num_q_heads: int, num_kv_heads: int) -> int:
 
 # --- kernel ------------------------------------------------------------------------------------------
 
-def _kernel(info_ref, page_table_ref, q_ref, k_pages_ref, v_pages_ref,   # inputs
-            o_ref,                                                       # output [W, D, N]
-            q_smem, k_smem, v_smem, p_smem, o_smem,                      # scratch
-            q_bar, q_free, k_bar, v_bar, k_free, v_free,
+def item_descriptors(info: jax.Array, page_table: jax.Array, *, page_size: int, block_kv: int,
+                     oob_page: int) -> jax.Array:
+    """desc[T, 4 + P'] int32: (slot, kv_hi, 0, 0, the slot's pages) per token, the pages at or past the
+    kv range (and the padding up to P', `desc_width`) set to `oob_page`.
+
+    One contiguous row per token, so that the memory warpgroup fetches an item's whole page list with one
+    bulk copy, a work item ahead, and reads its page numbers from SMEM: per-block scalar loads of the page
+    table from GMEM put a ~1 us round trip on every block (v1 of this kernel: ~30 GB/s per CTA)."""
+    num_tokens = info.shape[0]
+    pages_per_seq = page_table.shape[1]
+    width = desc_width(pages_per_seq, page_size, block_kv) - 4
+    pages = jnp.pad(page_table[info[:, 0]], ((0, 0), (0, width - pages_per_seq)))
+    in_range = jnp.arange(width, dtype=jnp.int32)[None, :] < (info[:, 1:2] + page_size - 1) // page_size
+    pages = jnp.where(in_range, pages, oob_page)
+    return jnp.concatenate([info, jnp.zeros((num_tokens, 2), jnp.int32), pages], axis=1).astype(jnp.int32)
+
+
+def _kernel(info_ref, desc_ref, q_ref, k_pages_ref, v_pages_ref,     # inputs
+            o_ref,                                                   # output [W, D, N]
+            q_smem, k_smem, v_smem, p_smem, o_smem, desc_smem,       # scratch
+            q_bar, q_free, k_bar, v_bar, k_free, v_free, desc_bar,
             *, sm_scale: float, num_q_heads: int, group: int, num_stages: int, num_ctas: int,
-            num_items: int, oob_page: int, interpret: bool):
+            num_items: int, page_size: int, block_kv: int, interpret: bool, probe: str = "full"):
     cta = lax.axis_index("c")
     wg = lax.axis_index("wg")
     num_kv_heads = k_pages_ref.shape[2]
-    page_size = k_pages_ref.shape[1]
-    pages_per_seq = page_table_ref.shape[1]
-    pages_per_block = BLOCK_KV // page_size
+    pages_per_block = block_kv // page_size
     head_dim = q_ref.shape[1]
     dtype = q_ref.dtype
     my_items = (num_items - cta + num_ctas - 1) // num_ctas
 
-    def item(i):
-        """Work item i of this CTA: (token, kv head, slot, kv_hi, blocks)."""
+    def coords(i):
+        """Work item i of this CTA: (w, token, kv head)."""
         w = cta + i * num_ctas
-        t, h = w // num_kv_heads, w % num_kv_heads
-        kv_hi = info_ref[t, 1]
-        return w, t, h, info_ref[t, 0], kv_hi, (kv_hi + BLOCK_KV - 1) // BLOCK_KV
+        return w, w // num_kv_heads, w % num_kv_heads
 
     def q_base(t, h):
         first_row = t * num_q_heads + h * group
@@ -144,33 +175,40 @@ def _kernel(info_ref, page_table_ref, q_ref, k_pages_ref, v_pages_ref,   # input
 
     @pl.when(wg == 1)
     def _memory():
+        def fetch_desc(i):
+            _, t, _ = coords(i)
+            ds = lax.rem(i, 2)
+            plgpu.copy_gmem_to_smem(desc_ref.at[t], desc_smem.at[ds], desc_bar.at[ds],
+                                    **({} if interpret else dict(oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)))
+
+        pl.when(my_items > 0)(lambda: fetch_desc(0))
+
         def copy_block(pages_ref, smem, bar, pages, slot, h):
             for j, page in enumerate(pages):
                 plgpu.copy_gmem_to_smem(pages_ref.at[page, :, h, :],
                                         smem.at[slot, pl.ds(j * page_size, page_size)], bar.at[slot])
 
         def item_body(i, g):
-            _, t, h, s, kv_hi, n_blocks = item(i)
-            qs = lax.rem(i, 2)
-            pl.when(i >= 2)(lambda: plgpu.barrier_wait(q_free.at[qs]))
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_base(t, h), N_COLS)], q_smem.at[qs], q_bar.at[qs])
-            pages_in_range = (kv_hi + page_size - 1) // page_size
+            _, t, h = coords(i)
+            ds = lax.rem(i, 2)
+            pl.when(i >= 2)(lambda: plgpu.barrier_wait(q_free.at[ds]))
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_base(t, h), N_COLS)], q_smem.at[ds], q_bar.at[ds])
+            plgpu.barrier_wait(desc_bar.at[ds])
+            # Slot 1 - ds held item i - 1's descriptor, read above in program order: the next one goes there.
+            pl.when(i + 1 < my_items)(lambda: fetch_desc(i + 1))
+            kv_hi = desc_smem[ds, 1]
 
             def block_body(b, g):
                 slot = lax.rem(g, num_stages)
                 reuse = g >= num_stages
-                pages = []
-                for j in range(pages_per_block):
-                    idx = b * pages_per_block + j
-                    page = page_table_ref[s, jnp.minimum(idx, pages_per_seq - 1)]
-                    pages.append(jnp.where(idx < pages_in_range, page, oob_page))
+                pages = [desc_smem[ds, 4 + b * pages_per_block + j] for j in range(pages_per_block)]
                 pl.when(reuse)(lambda: plgpu.barrier_wait(k_free.at[slot]))
                 copy_block(k_pages_ref, k_smem, k_bar, pages, slot, h)
                 pl.when(reuse)(lambda: plgpu.barrier_wait(v_free.at[slot]))
                 copy_block(v_pages_ref, v_smem, v_bar, pages, slot, h)
                 return g + 1
 
-            return lax.fori_loop(0, n_blocks, block_body, g)
+            return lax.fori_loop(0, (kv_hi + block_kv - 1) // block_kv, block_body, g)
 
         g_end = lax.fori_loop(0, my_items, item_body, jnp.int32(0))
 
@@ -189,8 +227,14 @@ def _kernel(info_ref, page_table_ref, q_ref, k_pages_ref, v_pages_ref,   # input
     def _compute():
         scale = sm_scale * LOG2E
 
-        def item_body(i, g):
-            w, t, h, _, kv_hi, n_blocks = item(i)
+        def kv_hi_of(i):   # a GMEM load issued an item ahead of its use
+            _, t, _ = coords(jnp.minimum(i, jnp.maximum(my_items - 1, 0)))
+            return info_ref[t, 1]
+
+        def item_body(i, carry):
+            g, kv_hi = carry
+            kv_hi_next = kv_hi_of(i + 1)
+            w, _, _ = coords(i)
             qs = lax.rem(i, 2)
             plgpu.barrier_wait(q_bar.at[qs])
             acc = layout_cast(jnp.zeros((head_dim, N_COLS), jnp.float32), plgpu.Layout.WGMMA, interpret)
@@ -202,6 +246,11 @@ def _kernel(info_ref, page_table_ref, q_ref, k_pages_ref, v_pages_ref,   # input
                 g, acc, m_i, l_i = carry
                 slot = lax.rem(g, num_stages)
                 plgpu.barrier_wait(k_bar.at[slot])
+                if probe == "stream":
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return g + 1, acc, m_i, l_i
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.at[qs].T)
@@ -211,14 +260,14 @@ def _kernel(info_ref, page_table_ref, q_ref, k_pages_ref, v_pages_ref,   # input
                     s_t = lax.dot_general(k_smem[slot], q_smem[qs], (((1,), (1,)), ((), ())),
                                           preferred_element_type=jnp.float32)
                 else:
-                    s_t = pl.run_scoped(qk, plgpu.ACC((BLOCK_KV, N_COLS), jnp.float32))
+                    s_t = pl.run_scoped(qk, plgpu.ACC((block_kv, N_COLS), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
                 s_t = s_t * scale                                           # [B, N], base-2 logits
                 if interpret:
                     tok = lax.broadcasted_iota(jnp.int32, s_t.shape, 0)
                 else:
                     tok = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 0, layout=plgpu.Layout.WGMMA)
-                s_t = jnp.where(tok + b * BLOCK_KV < kv_hi, s_t, MASK_VALUE)
+                s_t = jnp.where(tok + b * block_kv < kv_hi, s_t, MASK_VALUE)
                 m_next = jnp.maximum(m_i, s_t.max(axis=0))
                 alpha = jnp.exp2(m_i - m_next)
                 p_t = jnp.exp2(s_t - lax.broadcast_in_dim(m_next, s_t.shape, [1]))
@@ -228,7 +277,7 @@ def _kernel(info_ref, page_table_ref, q_ref, k_pages_ref, v_pages_ref,   # input
                 plgpu.commit_smem()
                 plgpu.barrier_wait(v_bar.at[slot])
 
-                @pl.when((b + 1) * BLOCK_KV > kv_hi)
+                @pl.when((b + 1) * block_kv > kv_hi)
                 def _zero_stale_v():   # V rows past kv_hi may hold NaN; 0 * NaN = NaN in P.V
                     for d0 in range(0, head_dim, N_COLS):
                         cols = v_smem.at[slot, :, pl.ds(d0, N_COLS)]
@@ -237,7 +286,7 @@ def _kernel(info_ref, page_table_ref, q_ref, k_pages_ref, v_pages_ref,   # input
                             row = lax.broadcasted_iota(jnp.int32, v.shape, 0)
                         else:
                             row = plgpu.broadcasted_iota(jnp.int32, v.shape, 0, layout=plgpu.Layout.WGMMA)
-                        cols[...] = jnp.where(row + b * BLOCK_KV < kv_hi, v, jnp.zeros_like(v))
+                        cols[...] = jnp.where(row + b * block_kv < kv_hi, v, jnp.zeros_like(v))
                     plgpu.commit_smem()
 
                 def pv(acc_ref):
@@ -251,6 +300,7 @@ def _kernel(info_ref, page_table_ref, q_ref, k_pages_ref, v_pages_ref,   # input
                 plgpu.barrier_arrive(v_free.at[slot])
                 return g + 1, acc, m_next, l_i
 
+            n_blocks = (kv_hi + block_kv - 1) // block_kv
             g, acc, m_i, l_i = lax.fori_loop(0, n_blocks, block_body, (g, acc, m_i, l_i))
             plgpu.barrier_arrive(q_free.at[qs])
             inv_l = 1.0 / jnp.maximum(l_i, 1e-30)      # empty ranges: acc == 0, l == 0 -> zeros
@@ -259,9 +309,9 @@ def _kernel(info_ref, page_table_ref, q_ref, k_pages_ref, v_pages_ref,   # input
             o_smem[...] = out.astype(o_ref.dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[w])
-            return g
+            return g, kv_hi_next
 
-        lax.fori_loop(0, my_items, item_body, jnp.int32(0))
+        lax.fori_loop(0, my_items, item_body, (jnp.int32(0), kv_hi_of(0)))
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -319,22 +369,27 @@ def launch(info, page_table, q, k_pages, v_pages, *, sm_scale: float, config: Na
     if interpret:   # the interpreter raises on out-of-bounds TMA boxes where the device fills zeros
         k_pages = jnp.pad(k_pages, ((0, 1), (0, 0), (0, 0), (0, 0)))
         v_pages = jnp.pad(v_pages, ((0, 1), (0, 0), (0, 0), (0, 0)))
+    block_kv = config.block_kv
+    desc = item_descriptors(info, page_table, page_size=page_size, block_kv=block_kv, oob_page=num_pages)
     scratch = (
         tiled_smem((2, N_COLS, head_dim), q.dtype),
-        tiled_smem((stages, BLOCK_KV, head_dim), k_pages.dtype),
-        swizzle32_smem((stages, BLOCK_KV, head_dim), v_pages.dtype),
-        swizzle32_smem((BLOCK_KV, N_COLS), q.dtype),
+        tiled_smem((stages, block_kv, head_dim), k_pages.dtype),
+        swizzle32_smem((stages, block_kv, head_dim), v_pages.dtype),
+        swizzle32_smem((block_kv, N_COLS), q.dtype),
         plgpu.SMEM((head_dim, N_COLS), q.dtype),
+        plgpu.SMEM((2, desc.shape[1]), jnp.int32),
         plgpu.Barrier(num_arrivals=1, num_barriers=2),                          # q loaded
         plgpu.Barrier(num_arrivals=1, num_barriers=2),                          # q slot free
-        plgpu.Barrier(num_arrivals=BLOCK_KV // page_size, num_barriers=stages),  # K block loaded
-        plgpu.Barrier(num_arrivals=BLOCK_KV // page_size, num_barriers=stages),  # V block loaded
+        plgpu.Barrier(num_arrivals=block_kv // page_size, num_barriers=stages),  # K block loaded
+        plgpu.Barrier(num_arrivals=block_kv // page_size, num_barriers=stages),  # V block loaded
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),                      # K slot free
         plgpu.Barrier(num_arrivals=1, num_barriers=stages),                      # V slot free
+        plgpu.Barrier(num_arrivals=1, num_barriers=2),                          # descriptor loaded
     )
     kernel = functools.partial(_kernel, sm_scale=sm_scale, num_q_heads=num_q_heads,
                                group=num_q_heads // num_kv_heads, num_stages=stages, num_ctas=num_ctas,
-                               num_items=num_items, oob_page=num_pages, interpret=interpret)
+                               num_items=num_items, page_size=page_size, block_kv=block_kv, interpret=interpret,
+                               probe=config.probe)
     o_t = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((num_items, head_dim, N_COLS), q.dtype),
@@ -345,5 +400,5 @@ def launch(info, page_table, q, k_pages, v_pages, *, sm_scale: float, config: Na
         thread_name="wg",
         compiler_params=compiler_params(config.lowering),
         interpret=interpret_params() if interpret else None,
-    )(info, page_table, q2, k_pages, v_pages)
+    )(info, desc, q2, k_pages, v_pages)
     return _gather_groups(o_t, num_tokens, num_q_heads, num_kv_heads, q.dtype)

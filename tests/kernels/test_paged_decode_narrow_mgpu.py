@@ -26,6 +26,7 @@ from tests.kernels.test_ragged_paged_attention import NUM_PAGES, make_batch
     (9, 64, 8, 64, 16, nd.NarrowDecodeConfig(num_ctas=4)),              # GQA 8, head_dim 64
     (5, 6, 2, 128, 8, nd.NarrowDecodeConfig(num_ctas=3, num_stages=2)),  # group 3, Hq % 8 != 0, page 8
     (7, 8, 8, 128, 64, nd.NarrowDecodeConfig(num_ctas=5)),              # MHA, page 64 = one block
+    (64, 32, 8, 128, 16, nd.NarrowDecodeConfig(num_ctas=16, num_stages=3, block_kv=128)),  # M = 128 blocks
 ])
 def test_kernel_lowers_for_cuda_without_a_gpu(T, hq, hkv, d, page, config):
     fn = jax.jit(lambda *a: nd.paged_decode_narrow(*a, sm_scale=0.1, config=config))
@@ -59,6 +60,10 @@ def test_config_rejects_nonsense():
         nd.NarrowDecodeConfig(num_ctas=0)
     with pytest.raises(ValueError, match="num_stages"):
         nd.NarrowDecodeConfig(num_stages=1)
+    with pytest.raises(ValueError, match="block_kv"):
+        nd.NarrowDecodeConfig(block_kv=32)
+    with pytest.raises(ValueError, match="probe"):
+        nd.NarrowDecodeConfig(probe="fast")
 
 
 def check_interpreted(seed, q_lens, kv_extra, *, num_tokens, pages_per_seq, page_size, hq, hkv, d,
@@ -92,6 +97,12 @@ def test_interpreted_group3_columns_off_the_8_row_grid_page8():
     # Hq 6 / Hkv 2: group 3, items' q columns start at tile offsets 0, 3, 6, 1, ... (Hq % 8 != 0).
     check_interpreted(3, [1, 1, 1], [20, 70, 33], num_tokens=3, pages_per_seq=9, page_size=8, hq=6, hkv=2,
                       d=64, num_seqs_real=3, config=nd.NarrowDecodeConfig(num_ctas=2, num_stages=3))
+
+
+def test_interpreted_128_token_blocks_over_a_ring_of_two():
+    # kv 200 and 129: 2 blocks of 128 each, the last masked (and its stale V rows zeroed); 2 CTAs, 2 slots.
+    check_interpreted(4, [1, 1, 1], [199, 128, 5], num_tokens=3, pages_per_seq=13, page_size=16, hq=8, hkv=2,
+                      d=64, num_seqs_real=3, config=nd.NarrowDecodeConfig(num_ctas=2, num_stages=2, block_kv=128))
 
 
 SETTINGS = settings(max_examples=4, deadline=None, derandomize=True,
