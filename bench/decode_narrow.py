@@ -2,7 +2,8 @@
 beside a GEMM on the other SMs (the overlap it exists for).
 
     PYTHONPATH=. python bench/decode_narrow.py [--out DIR] [--tag _h200_v1] [--only check,decode,overlap]
-                                               [--ctas 16,24,32,66,132] [--interpret]
+        [--ctas 16,24,32,66,132] [--shapes 373x640,373x640p64] [--variants 16:5:stream,16:3:full:128]
+        [--check-ctas all,16,3] [--overlap-ctas 16,24,32] [--xla-concurrent] [--interpret]
 
 Sections:
 - check: `paged_decode_narrow` against the f32 jnp reference on NaN-poisoned pools (bench/decode_mgpu.py's
@@ -36,7 +37,6 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bench import kernels as kernels_bench
 from bench.decode_mgpu import CHECKS, TINY_CHECKS
@@ -53,7 +53,7 @@ VARIANTS = ()   # --variants: (ctas, stages, probe) ablations of the narrow kern
 INTERPRET = False
 
 
-def run_checks(result, save, ctas_list) -> None:
+def run_checks(result, save, ctas_list, pipes: int = 1) -> None:
     result["checks"] = []
     cases = TINY_CHECKS if INTERPRET else CHECKS
     for i, (name, q_lens, kv_lens, kw, _) in enumerate(cases):
@@ -63,7 +63,7 @@ def run_checks(result, save, ctas_list) -> None:
             print(f"check {name:42s} skipped: {reason}", flush=True)
             continue
         for ctas in ctas_list:
-            config = NarrowDecodeConfig(num_ctas=ctas)
+            config = NarrowDecodeConfig(num_ctas=ctas, num_pipes=pipes, num_stages=5 if pipes == 1 else 2)
             row = dict(case=f"{name} [{ctas or 'all'} ctas]", config=str(config))
             kernel = functools.partial(paged_decode_narrow, config=config, interpret=INTERPRET)
             result["checks"].append(check_case(row, args, kernel, width=50))
@@ -99,10 +99,10 @@ def bench_decode(result, save, shapes, ctas_list) -> None:
                                               config=choose_config(batch, batch, table.shape[1], HQ, HKV, page)))]
         impls += [(f"narrow{c}", functools.partial(paged_decode_narrow, sm_scale=sm_scale,
                                                    config=NarrowDecodeConfig(num_ctas=c))) for c in ctas_list]
-        for c, stages, probe, block_kv in VARIANTS:
-            impls.append((f"narrow{c}_s{stages}_kv{block_kv}_{probe}", functools.partial(
+        for c, stages, probe, block_kv, pipes in VARIANTS:
+            impls.append((f"narrow{c}_s{stages}_kv{block_kv}_p{pipes}_{probe}", functools.partial(
                 paged_decode_narrow, sm_scale=sm_scale, config=NarrowDecodeConfig(
-                    num_ctas=c, num_stages=stages, probe=probe, block_kv=block_kv))))
+                    num_ctas=c, num_stages=stages, probe=probe, block_kv=block_kv, num_pipes=pipes))))
         ref = None
         for name, fn in impls:
             fn = jax.jit(functools.partial(fn, interpret=INTERPRET))
@@ -149,14 +149,12 @@ def bench_overlap(result, save, ctas_list, layers: int = 6, m: int = 1792, batch
     kv_bytes = 2 * batch * ctx * HKV * D * 2
     rows = result.setdefault("overlap", [])
     mode = "CONCURRENT" if "--xla-concurrent" in sys.argv else "default (LHS)"
-    variants = [("serial: gemm 132 + triton", None, functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale)),
-                ("gemm alone, 132", None, None)]
+    triton = functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale)
+    variants = [("serial: gemm 132 + triton", None, triton), ("gemm alone, 132", None, None)]
     for c in ctas_list:
-        variants.append((f"gemm {132 - c} || narrow {c}", 132 - c,
-                         functools.partial(paged_decode_narrow, sm_scale=sm_scale, config=NarrowDecodeConfig(num_ctas=c))))
-        variants.append((f"narrow {c} alone", -1,
-                         functools.partial(paged_decode_narrow, sm_scale=sm_scale, config=NarrowDecodeConfig(num_ctas=c))))
-        variants.append((f"gemm {132 - c} alone", 132 - c, None))
+        narrow = functools.partial(paged_decode_narrow, sm_scale=sm_scale, config=NarrowDecodeConfig(num_ctas=c))
+        variants += [(f"gemm {132 - c} || narrow {c}", 132 - c, narrow), (f"narrow {c} alone", -1, narrow),
+                     (f"gemm {132 - c} alone", 132 - c, None)]
     for name, gemm_ctas, attn in variants:
         if gemm_ctas == -1:       # attention alone: a no-op in the GEMM's place
             gemm = lambda x: x
@@ -168,8 +166,9 @@ def bench_overlap(result, save, ctas_list, layers: int = 6, m: int = 1792, batch
         row = dict(mode=mode, variant=name, layers=layers, m=m, batch=batch, ctx=ctx)
         try:
             t = kernels_bench.timeit(fn, x, q, *rest, reps=5, rounds=7) if not INTERPRET else 0.0
-            row.update(us_per_layer=t / layers * 1e6, gemm_tflops_if_alone=gemm_flops * layers / max(t, 1e-12) / 1e12,
-                       kv_tbps_if_alone=kv_bytes * layers / max(t, 1e-12) / 1e12)
+            t = max(t, 1e-12)
+            row.update(us_per_layer=t / layers * 1e6, gemm_tflops_if_alone=gemm_flops * layers / t / 1e12,
+                       kv_tbps_if_alone=kv_bytes * layers / t / 1e12)
         except Exception as e:
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {str(e)[:800]}"
@@ -187,7 +186,10 @@ def main() -> int:
     parser.add_argument("--tag", default="")
     parser.add_argument("--ctas", default="16,24,32,66,132")
     parser.add_argument("--overlap-ctas", default="16,24,32")
-    parser.add_argument("--variants", default="", help="decode: ablations ctas:stages:probe[:block_kv], e.g. 16:2:full,16:5:stream,16:3:full:128")
+    parser.add_argument("--variants", default="",
+                        help="decode: ablations ctas:stages:probe[:block_kv[:pipes]], e.g. 16:5:stream,16:3:full:128")
+    parser.add_argument("--check-pipes", type=int, default=1,
+                        help="num_pipes of the checks (2, with 2 stages each, is refused off the interpreter for now)")
     parser.add_argument("--check-ctas", default="all,16,3", help="CTA counts of the checks (all = one per SM)")
     parser.add_argument("--shapes", default="")
     parser.add_argument("--xla-concurrent", action="store_true", help="(read before jax starts; see above)")
@@ -195,8 +197,8 @@ def main() -> int:
     a = parser.parse_args()
     INTERPRET = a.interpret
     global VARIANTS
-    VARIANTS = tuple((int(c), int(st), pr, int(kv[0]) if kv else 64)
-                     for c, st, pr, *kv in (v.split(":") for v in a.variants.split(",") if v))
+    VARIANTS = tuple((int(c), int(st), pr, int(rest[0]) if rest else 64, int(rest[1]) if len(rest) > 1 else 1)
+                     for c, st, pr, *rest in (v.split(":") for v in a.variants.split(",") if v))
     ctas = [int(c) for c in a.ctas.split(",")]
     # B x ctx, optionally "pPAGE": 373x640p64
     shapes = ([tuple(int(v) for v in s.replace("p", "x").split("x")) for s in a.shapes.split(",")]
@@ -209,7 +211,7 @@ def main() -> int:
     only = a.only.split(",")
     if "check" in only:
         run_checks(result, save, [None if c == "all" else int(c) for c in a.check_ctas.split(",")]
-                   if not INTERPRET else [2])
+                   if not INTERPRET else [2], pipes=a.check_pipes)
     if "decode" in only:
         bench_decode(result, save, shapes, ctas)
     if "overlap" in only:

@@ -1,5 +1,10 @@
 """Paged-attention decode on a few SMs: a persistent, swap-AB Mosaic GPU kernel (Hopper: TMA + wgmma).
 
+Status (session 10, H200): exact (bench/decode_narrow.py's device checks) but slow per CTA: 0.53 TB/s on
+16 CTAs (0.69 with 128-token blocks) where its data movement alone reads 1.29, 3.3-3.4 TB/s on 132 against
+3.9-4.0 for the Triton decode kernel. Its compute warpgroup's per-block chain is the bound. Opt-in: nothing
+routes to it (pallas_kernels/README.md, "Narrow decode kernel").
+
 Why: the engine's mixed step runs the decode rows' attention (memory-bound, ~340 us a layer at 373
 sequences x ctx 640 on the H100) after the prefill rows' GEMMs (compute-bound). Run side by side on
 disjoint SMs (XLA command buffers in CONCURRENT mode, the GEMM on 132 - k CTAs), the attention must read
@@ -17,14 +22,15 @@ SMEM tiles use the 32-byte swizzle ((8, 16) tiles), K and q the 128-byte one.
 
 Persistent: `num_ctas` CTAs, each takes work items (token, kv head) w = cta, cta + num_ctas, ...; the
 memory warpgroup streams every item's q tile and kv blocks through one ring of `num_stages` slots with no
-gap between items, the compute warpgroup consumes them and writes each item's O^T [D, N] (bf16) with one
-TMA. A jnp epilogue picks the group's columns and transposes them into o [T, Hq, D] (~4x the output's
-bytes, ~1 % of the KV bytes at the engine's shapes).
+gap between items (each item's page list arrives by one bulk copy of its `item_descriptors` row, a work
+item ahead), the compute warpgroup consumes them and writes each item's O^T [D, N] (bf16) with one TMA.
+A jnp epilogue picks the group's columns and transposes them into o [T, Hq, D] (~4x the output's bytes,
+~1 % of the KV bytes at the engine's shapes).
 
 Same semantics as `paged_decode_mgpu` (decode-shaped batches, T <= S; `token_info` gives each token its
 slot and kv range end; padding tokens store zeros; pages at or past the range are fetched as the
 out-of-bounds page, which TMA fills with zeros; V rows past kv_hi in the last block are zeroed in SMEM).
-Supported: bf16/f16, head_dim 64/128, page_size a power of two in [8, 64], q heads per kv head <= 8
+Supported: bf16/f16, head_dim 64/128, page_size a power of two in [8, block_kv], q heads per kv head <= 8
 (and 16 with Hq % 8 == 0), page tables whose two descriptor rows fit in SMEM beside the ring; no sliding
 window or soft-cap (NotImplementedError, `unsupported_reason`).
 """
@@ -55,6 +61,10 @@ class NarrowDecodeConfig:
     num_ctas: int | None = None
     num_stages: int = 5
     block_kv: int = 64       # kv tokens per pipeline step: wgmma's M of S^T (64 or 128)
+    # Independent (compute, memory) warpgroup pairs per CTA, each with its own ring. 2 matches the reference
+    # in the interpreter but gave wrong outputs (~1e31) on the H200 in its one device check (session 10,
+    # bench/results/decode_narrow_h200_v3_pipes.json; cause not found yet): refused off the interpreter.
+    num_pipes: int = 1
     lowering: str | None = "lane"
     # Ablation for bench/decode_narrow.py: "stream" keeps the memory warpgroup and the barriers but the
     # compute warpgroup does no math (the output is zeros): the rate of the data movement alone.
@@ -67,6 +77,8 @@ class NarrowDecodeConfig:
             raise ValueError(f"block_kv must be 64 or 128, got {self.block_kv}")
         if self.num_stages < 2:
             raise ValueError(f"num_stages must be >= 2, got {self.num_stages}")
+        if self.num_pipes not in (1, 2):
+            raise ValueError(f"num_pipes must be 1 or 2, got {self.num_pipes}")
         check_lowering(self.lowering)
         if self.probe not in ("full", "stream"):
             raise ValueError(f"probe must be 'full' or 'stream', got {self.probe!r}")
@@ -93,13 +105,15 @@ def smem_bytes(head_dim: int, itemsize: int, config: NarrowDecodeConfig, pages_p
     q = 2 * N_COLS * head_dim * itemsize
     p = config.block_kv * N_COLS * itemsize
     o = head_dim * N_COLS * itemsize
-    return ring + q + p + o + desc + 8 * (6 + 4 * config.num_stages) + 2048
+    return config.num_pipes * (ring + q + p + o + desc + 8 * (6 + 4 * config.num_stages)) + 2048
 
 
 def unsupported_reason(q, k_pages, page_table=None, *, sliding_window=None, soft_cap=None,
-                       config: NarrowDecodeConfig | None = None) -> str | None:
+                       config: NarrowDecodeConfig | None = None, interpret: bool = False) -> str | None:
     """Why this kernel cannot take these inputs (None when it can); shapes and dtypes only."""
     config = config or NarrowDecodeConfig()
+    if config.num_pipes > 1 and not interpret:
+        return "num_pipes=2 is wrong on the GPU (session 10's device check); only the interpreter takes it"
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     if sliding_window is not None:
@@ -152,33 +166,55 @@ def item_descriptors(info: jax.Array, page_table: jax.Array, *, page_size: int, 
 
 def _kernel(info_ref, desc_ref, q_ref, k_pages_ref, v_pages_ref,     # inputs
             o_ref,                                                   # output [W, D, N]
-            q_smem, k_smem, v_smem, p_smem, o_smem, desc_smem,       # scratch
-            q_bar, q_free, k_bar, v_bar, k_free, v_free, desc_bar,
-            *, sm_scale: float, num_q_heads: int, group: int, num_stages: int, num_ctas: int,
-            num_items: int, page_size: int, block_kv: int, interpret: bool, probe: str = "full"):
-    cta = lax.axis_index("c")
+            q_smem, k_smem, v_smem, p_smem, o_smem, desc_smem,       # scratch, a leading pipe axis
+            q_bar, q_free, k_bar, v_bar, k_free, v_free, desc_bar,   # barriers, pipe-major
+            *, num_pipes: int, **kwargs):
+    """`num_pipes` independent pipelines per CTA, each a compute warpgroup (wg = p) and a memory warpgroup
+    (wg = num_pipes + p) with their own SMEM and barriers, over the work items of worker
+    `cta * num_pipes + p`: while one compute warpgroup waits on its chain (wgmma, softmax, fences), the
+    other one computes."""
     wg = lax.axis_index("wg")
+    cta = lax.axis_index("c")
+    scratch = (q_smem, k_smem, v_smem, p_smem, o_smem, desc_smem)
+    barriers = (q_bar, q_free, k_bar, v_bar, k_free, v_free, desc_bar)
+    for p in range(num_pipes):
+        refs = tuple(r.at[p] for r in scratch) + barriers
+        for memory in (False, True):
+            pl.when(wg == p + num_pipes * memory)(functools.partial(
+                _pipeline, info_ref, desc_ref, q_ref, k_pages_ref, v_pages_ref, o_ref, *refs, pipe=p,
+                worker=cta * num_pipes + p, memory=memory, **kwargs))
+
+
+def _pipeline(info_ref, desc_ref, q_ref, k_pages_ref, v_pages_ref, o_ref,
+              q_smem, k_smem, v_smem, p_smem, o_smem, desc_smem,
+              q_bar, q_free, k_bar, v_bar, k_free, v_free, desc_bar,
+              *, pipe: int, worker, memory: bool, sm_scale: float, num_q_heads: int, group: int, num_stages: int,
+              num_workers: int, num_items: int, page_size: int, block_kv: int, interpret: bool,
+              probe: str = "full"):
+    """One warpgroup of pipeline `pipe` (its memory or its compute side) over worker `worker`'s items."""
     num_kv_heads = k_pages_ref.shape[2]
     pages_per_block = block_kv // page_size
     head_dim = q_ref.shape[1]
     dtype = q_ref.dtype
-    my_items = (num_items - cta + num_ctas - 1) // num_ctas
+    my_items = (num_items - worker + num_workers - 1) // num_workers
+    # This pipe's barriers: 2 per pipe for the q / descriptor slots, num_stages for the ring.
+    q_bar, q_free, desc_bar = (lambda i, b=b: b.at[2 * pipe + i] for b in (q_bar, q_free, desc_bar))
+    k_bar, v_bar, k_free, v_free = (lambda i, b=b: b.at[num_stages * pipe + i] for b in (k_bar, v_bar, k_free, v_free))
 
     def coords(i):
-        """Work item i of this CTA: (w, token, kv head)."""
-        w = cta + i * num_ctas
+        """Work item i of this worker: (w, token, kv head)."""
+        w = worker + i * num_workers
         return w, w // num_kv_heads, w % num_kv_heads
 
     def q_base(t, h):
         first_row = t * num_q_heads + h * group
         return first_row // ROW_ALIGN * ROW_ALIGN
 
-    @pl.when(wg == 1)
-    def _memory():
+    if memory:
         def fetch_desc(i):
             _, t, _ = coords(i)
             ds = lax.rem(i, 2)
-            plgpu.copy_gmem_to_smem(desc_ref.at[t], desc_smem.at[ds], desc_bar.at[ds],
+            plgpu.copy_gmem_to_smem(desc_ref.at[t], desc_smem.at[ds], desc_bar(ds),
                                     **({} if interpret else dict(oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)))
 
         pl.when(my_items > 0)(lambda: fetch_desc(0))
@@ -186,14 +222,14 @@ def _kernel(info_ref, desc_ref, q_ref, k_pages_ref, v_pages_ref,     # inputs
         def copy_block(pages_ref, smem, bar, pages, slot, h):
             for j, page in enumerate(pages):
                 plgpu.copy_gmem_to_smem(pages_ref.at[page, :, h, :],
-                                        smem.at[slot, pl.ds(j * page_size, page_size)], bar.at[slot])
+                                        smem.at[slot, pl.ds(j * page_size, page_size)], bar)
 
         def item_body(i, g):
             _, t, h = coords(i)
             ds = lax.rem(i, 2)
-            pl.when(i >= 2)(lambda: plgpu.barrier_wait(q_free.at[ds]))
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_base(t, h), N_COLS)], q_smem.at[ds], q_bar.at[ds])
-            plgpu.barrier_wait(desc_bar.at[ds])
+            pl.when(i >= 2)(lambda: plgpu.barrier_wait(q_free(ds)))
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_base(t, h), N_COLS)], q_smem.at[ds], q_bar(ds))
+            plgpu.barrier_wait(desc_bar(ds))
             # Slot 1 - ds held item i - 1's descriptor, read above in program order: the next one goes there.
             pl.when(i + 1 < my_items)(lambda: fetch_desc(i + 1))
             kv_hi = desc_smem[ds, 1]
@@ -202,10 +238,10 @@ def _kernel(info_ref, desc_ref, q_ref, k_pages_ref, v_pages_ref,     # inputs
                 slot = lax.rem(g, num_stages)
                 reuse = g >= num_stages
                 pages = [desc_smem[ds, 4 + b * pages_per_block + j] for j in range(pages_per_block)]
-                pl.when(reuse)(lambda: plgpu.barrier_wait(k_free.at[slot]))
-                copy_block(k_pages_ref, k_smem, k_bar, pages, slot, h)
-                pl.when(reuse)(lambda: plgpu.barrier_wait(v_free.at[slot]))
-                copy_block(v_pages_ref, v_smem, v_bar, pages, slot, h)
+                pl.when(reuse)(lambda: plgpu.barrier_wait(k_free(slot)))
+                copy_block(k_pages_ref, k_smem, k_bar(slot), pages, slot, h)
+                pl.when(reuse)(lambda: plgpu.barrier_wait(v_free(slot)))
+                copy_block(v_pages_ref, v_smem, v_bar(slot), pages, slot, h)
                 return g + 1
 
             return lax.fori_loop(0, (kv_hi + block_kv - 1) // block_kv, block_body, g)
@@ -216,27 +252,26 @@ def _kernel(info_ref, desc_ref, q_ref, k_pages_ref, v_pages_ref,     # inputs
         @pl.loop(jnp.maximum(g_end - num_stages, 0), g_end)
         def _drain(g):
             slot = lax.rem(g, num_stages)
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+            plgpu.barrier_wait(k_free(slot))
+            plgpu.barrier_wait(v_free(slot))
 
         @pl.loop(jnp.maximum(my_items - 2, 0), my_items)
         def _drain_q(i):
-            plgpu.barrier_wait(q_free.at[lax.rem(i, 2)])
+            plgpu.barrier_wait(q_free(lax.rem(i, 2)))
 
-    @pl.when(wg == 0)
-    def _compute():
+    else:
         scale = sm_scale * LOG2E
 
-        def kv_hi_of(i):   # a GMEM load issued an item ahead of its use
-            _, t, _ = coords(jnp.minimum(i, jnp.maximum(my_items - 1, 0)))
-            return info_ref[t, 1]
+        def kv_hi_of(i):   # a GMEM load issued an item ahead of its use (clamped: a worker may have none)
+            w, _, _ = coords(jnp.minimum(i, jnp.maximum(my_items - 1, 0)))
+            return info_ref[jnp.minimum(w, num_items - 1) // num_kv_heads, 1]
 
         def item_body(i, carry):
             g, kv_hi = carry
             kv_hi_next = kv_hi_of(i + 1)
             w, _, _ = coords(i)
             qs = lax.rem(i, 2)
-            plgpu.barrier_wait(q_bar.at[qs])
+            plgpu.barrier_wait(q_bar(qs))
             acc = layout_cast(jnp.zeros((head_dim, N_COLS), jnp.float32), plgpu.Layout.WGMMA, interpret)
             m_i = layout_cast(jnp.full((N_COLS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(0),
                               interpret)
@@ -245,11 +280,11 @@ def _kernel(info_ref, desc_ref, q_ref, k_pages_ref, v_pages_ref,     # inputs
             def block_body(b, carry):
                 g, acc, m_i, l_i = carry
                 slot = lax.rem(g, num_stages)
-                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.barrier_wait(k_bar(slot))
                 if probe == "stream":
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    plgpu.barrier_arrive(v_free.at[slot])
+                    plgpu.barrier_arrive(k_free(slot))
+                    plgpu.barrier_wait(v_bar(slot))
+                    plgpu.barrier_arrive(v_free(slot))
                     return g + 1, acc, m_i, l_i
 
                 def qk(acc_ref):
@@ -261,7 +296,7 @@ def _kernel(info_ref, desc_ref, q_ref, k_pages_ref, v_pages_ref,     # inputs
                                           preferred_element_type=jnp.float32)
                 else:
                     s_t = pl.run_scoped(qk, plgpu.ACC((block_kv, N_COLS), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_arrive(k_free(slot))
                 s_t = s_t * scale                                           # [B, N], base-2 logits
                 if interpret:
                     tok = lax.broadcasted_iota(jnp.int32, s_t.shape, 0)
@@ -275,7 +310,7 @@ def _kernel(info_ref, desc_ref, q_ref, k_pages_ref, v_pages_ref,     # inputs
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
                 p_smem[...] = p_t.astype(dtype)
                 plgpu.commit_smem()
-                plgpu.barrier_wait(v_bar.at[slot])
+                plgpu.barrier_wait(v_bar(slot))
 
                 @pl.when((b + 1) * block_kv > kv_hi)
                 def _zero_stale_v():   # V rows past kv_hi may hold NaN; 0 * NaN = NaN in P.V
@@ -297,12 +332,12 @@ def _kernel(info_ref, desc_ref, q_ref, k_pages_ref, v_pages_ref,     # inputs
                                                 preferred_element_type=jnp.float32)
                 else:
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[slot])
+                plgpu.barrier_arrive(v_free(slot))
                 return g + 1, acc, m_next, l_i
 
             n_blocks = (kv_hi + block_kv - 1) // block_kv
             g, acc, m_i, l_i = lax.fori_loop(0, n_blocks, block_body, (g, acc, m_i, l_i))
-            plgpu.barrier_arrive(q_free.at[qs])
+            plgpu.barrier_arrive(q_free(qs))
             inv_l = 1.0 / jnp.maximum(l_i, 1e-30)      # empty ranges: acc == 0, l == 0 -> zeros
             out = acc * lax.broadcast_in_dim(inv_l, acc.shape, [1])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)     # the previous item's store left o_smem
@@ -343,7 +378,7 @@ def paged_decode_narrow(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num
     static_validate_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
     config = config or NarrowDecodeConfig()
     reason = unsupported_reason(q, k_pages, page_table, sliding_window=sliding_window, soft_cap=soft_cap,
-                                config=config)
+                                config=config, interpret=interpret)
     if reason is not None:
         raise NotImplementedError(reason)
     num_tokens = q.shape[0]
@@ -371,23 +406,25 @@ def launch(info, page_table, q, k_pages, v_pages, *, sm_scale: float, config: Na
         v_pages = jnp.pad(v_pages, ((0, 1), (0, 0), (0, 0), (0, 0)))
     block_kv = config.block_kv
     desc = item_descriptors(info, page_table, page_size=page_size, block_kv=block_kv, oob_page=num_pages)
+    pipes = config.num_pipes
+    per_block = block_kv // page_size
     scratch = (
-        tiled_smem((2, N_COLS, head_dim), q.dtype),
-        tiled_smem((stages, block_kv, head_dim), k_pages.dtype),
-        swizzle32_smem((stages, block_kv, head_dim), v_pages.dtype),
-        swizzle32_smem((block_kv, N_COLS), q.dtype),
-        plgpu.SMEM((head_dim, N_COLS), q.dtype),
-        plgpu.SMEM((2, desc.shape[1]), jnp.int32),
-        plgpu.Barrier(num_arrivals=1, num_barriers=2),                          # q loaded
-        plgpu.Barrier(num_arrivals=1, num_barriers=2),                          # q slot free
-        plgpu.Barrier(num_arrivals=block_kv // page_size, num_barriers=stages),  # K block loaded
-        plgpu.Barrier(num_arrivals=block_kv // page_size, num_barriers=stages),  # V block loaded
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),                      # K slot free
-        plgpu.Barrier(num_arrivals=1, num_barriers=stages),                      # V slot free
-        plgpu.Barrier(num_arrivals=1, num_barriers=2),                          # descriptor loaded
+        tiled_smem((pipes, 2, N_COLS, head_dim), q.dtype),
+        tiled_smem((pipes, stages, block_kv, head_dim), k_pages.dtype),
+        swizzle32_smem((pipes, stages, block_kv, head_dim), v_pages.dtype),
+        swizzle32_smem((pipes, block_kv, N_COLS), q.dtype),
+        plgpu.SMEM((pipes, head_dim, N_COLS), q.dtype),
+        plgpu.SMEM((pipes, 2, desc.shape[1]), jnp.int32),
+        plgpu.Barrier(num_arrivals=1, num_barriers=2 * pipes),                          # q loaded
+        plgpu.Barrier(num_arrivals=1, num_barriers=2 * pipes),                          # q slot free
+        plgpu.Barrier(num_arrivals=per_block, num_barriers=stages * pipes),             # K block loaded
+        plgpu.Barrier(num_arrivals=per_block, num_barriers=stages * pipes),             # V block loaded
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages * pipes),                     # K slot free
+        plgpu.Barrier(num_arrivals=1, num_barriers=stages * pipes),                     # V slot free
+        plgpu.Barrier(num_arrivals=1, num_barriers=2 * pipes),                          # descriptor loaded
     )
-    kernel = functools.partial(_kernel, sm_scale=sm_scale, num_q_heads=num_q_heads,
-                               group=num_q_heads // num_kv_heads, num_stages=stages, num_ctas=num_ctas,
+    kernel = functools.partial(_kernel, num_pipes=pipes, sm_scale=sm_scale, num_q_heads=num_q_heads,
+                               group=num_q_heads // num_kv_heads, num_stages=stages, num_workers=num_ctas * pipes,
                                num_items=num_items, page_size=page_size, block_kv=block_kv, interpret=interpret,
                                probe=config.probe)
     o_t = plgpu.kernel(
@@ -396,7 +433,7 @@ def launch(info, page_table, q, k_pages, v_pages, *, sm_scale: float, config: Na
         scratch_types=scratch,
         grid=(num_ctas,),
         grid_names=("c",),
-        num_threads=2,
+        num_threads=2 * pipes,
         thread_name="wg",
         compiler_params=compiler_params(config.lowering),
         interpret=interpret_params() if interpret else None,
