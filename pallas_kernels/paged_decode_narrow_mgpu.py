@@ -153,8 +153,9 @@ def item_descriptors(info: jax.Array, page_table: jax.Array, *, page_size: int, 
     kv range (and the padding up to P', `desc_width`) set to `oob_page`.
 
     One contiguous row per token, so that the memory warpgroup fetches an item's whole page list with one
-    bulk copy, a work item ahead, and reads its page numbers from SMEM: per-block scalar loads of the page
-    table from GMEM put a ~1 us round trip on every block (v1 of this kernel: ~30 GB/s per CTA)."""
+    bulk copy, a work item ahead, and reads its page numbers from SMEM instead of a GMEM round trip per
+    block (v1). On the H200 this changed nothing measurable (0.51 -> 0.53 TB/s on 16 CTAs): the compute
+    warpgroup is the bound; it keeps the page-table reads off the stream once that bound moves."""
     num_tokens = info.shape[0]
     pages_per_seq = page_table.shape[1]
     width = desc_width(pages_per_seq, page_size, block_kv) - 4
