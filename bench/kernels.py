@@ -44,8 +44,8 @@ from pallas_kernels.ragged_paged_attention_kernel import (NUM_SMS, TuningConfig,
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DTYPE = jnp.bfloat16
-COPY_TBPS = 3.0          # measured device copy ceiling (read + write), PERF_NOTES.md section 1
-MATMUL_TFLOPS = 616.0    # bf16 matmul through XLA, same source
+COPY_TBPS = 3.0          # the H100's copy ceiling (read + write), PERF_NOTES.md section 1; main() re-measures it
+MATMUL_TFLOPS = 616.0    # bf16 matmul through XLA on the H100, same source (not re-measured)
 MAX_DECODE_TOKENS = 2 * 1024 * 1024   # B x ctx that fits three layouts of the pool beside each other
 CHAIN_LEN = 16
 INTERPRET = False                     # --interpret: a CPU dry run of the script
@@ -620,6 +620,7 @@ DEFAULT_SECTIONS = ("checks", "decode", "window", "prefill", "mixed", "kv_write"
 
 
 def main() -> int:
+    global COPY_TBPS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     parser.add_argument("--quick", action="store_true", help="a few decode shapes only")
@@ -658,7 +659,12 @@ def main() -> int:
     result = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
                   command=" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv),
                   shapes=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, page_size=PAGE, dtype="bfloat16"),
-                  ceilings=dict(copy_tbps=COPY_TBPS, matmul_tflops=MATMUL_TFLOPS))
+                  ceilings=dict(copy_tbps=COPY_TBPS, copy_tbps_source="H100 constant",
+                                matmul_tflops=MATMUL_TFLOPS, matmul_tflops_source="H100 constant"))
+    if not INTERPRET:   # the device's own copy ceiling, measured in this run (bench/common.py)
+        from bench.common import copy_bandwidth
+        COPY_TBPS = copy_bandwidth() / 1e12
+        result["ceilings"].update(copy_tbps=COPY_TBPS, copy_tbps_source="measured in this run")
     try:
         import torch
         result["torch"] = torch.__version__
