@@ -94,16 +94,16 @@ def test_unsupported_inputs_raise_not_implemented(kwargs, match):
 
 
 def check_interpreted(seed, q_lens, kv_extra, *, num_tokens, pages_per_seq, page_size, hq, hkv, d,
-                      num_seqs_real, config, tol=3e-2):
-    """The kernel in the interpreter against the f32 reference on a NaN-poisoned, shuffled pool with
-    garbage table entries past each sequence's pages; padding rows must be exact zeros."""
+                      num_seqs_real, config, tol=3e-2, kernel=dec.paged_decode_mgpu):
+    """`kernel` (a decode kernel with `paged_decode_mgpu`'s signature) in the interpreter against the f32
+    reference on a NaN-poisoned, shuffled pool with garbage table entries past each sequence's pages;
+    padding rows must be exact zeros."""
     args = make_batch(np.random.default_rng(seed), q_lens, kv_extra, num_tokens=num_tokens,
                       pages_per_seq=pages_per_seq, page_size=page_size, hq=hq, hkv=hkv, d=d,
                       dtype=jnp.bfloat16, num_seqs_real=num_seqs_real)
     q, k, v, kv_lens, table, cu, num_seqs = args
     sm_scale = 1 / np.sqrt(d)
-    out = np.asarray(dec.paged_decode_mgpu(*args, sm_scale=sm_scale, config=config, interpret=True),
-                     np.float32)
+    out = np.asarray(kernel(*args, sm_scale=sm_scale, config=config, interpret=True), np.float32)
     ref = ragged_paged_attention_reference(jnp.nan_to_num(q).astype(jnp.float32), k.astype(jnp.float32),
                                            v.astype(jnp.float32), kv_lens, jnp.clip(table, 0, NUM_PAGES - 1),
                                            cu, num_seqs, sm_scale=sm_scale)

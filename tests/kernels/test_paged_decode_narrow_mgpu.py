@@ -12,14 +12,12 @@ import os
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
 from pallas_kernels import paged_decode_narrow_mgpu as nd
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from tests.kernels.test_paged_decode_mgpu import _shapes
-from tests.kernels.test_ragged_paged_attention import NUM_PAGES, make_batch
+from tests.kernels.test_paged_decode_mgpu import check_interpreted as decode_mgpu_check
 
 
 @pytest.mark.parametrize("T,hq,hkv,d,page,config", [
@@ -71,24 +69,10 @@ def test_config_rejects_nonsense():
         nd.NarrowDecodeConfig(probe="fast")
 
 
-def check_interpreted(seed, q_lens, kv_extra, *, num_tokens, pages_per_seq, page_size, hq, hkv, d,
-                      num_seqs_real, config, tol=3e-2):
-    """The kernel in the interpreter against the f32 reference on a NaN-poisoned, shuffled pool with
-    garbage table entries past each sequence's pages; padding rows must be exact zeros."""
-    args = make_batch(np.random.default_rng(seed), q_lens, kv_extra, num_tokens=num_tokens,
-                      pages_per_seq=pages_per_seq, page_size=page_size, hq=hq, hkv=hkv, d=d,
-                      dtype=jnp.bfloat16, num_seqs_real=num_seqs_real)
-    q, k, v, kv_lens, table, cu, num_seqs = args
-    sm_scale = 1 / np.sqrt(d)
-    out = np.asarray(nd.paged_decode_narrow(*args, sm_scale=sm_scale, config=config, interpret=True),
-                     np.float32)
-    ref = ragged_paged_attention_reference(jnp.nan_to_num(q).astype(jnp.float32), k.astype(jnp.float32),
-                                           v.astype(jnp.float32), kv_lens, jnp.clip(table, 0, NUM_PAGES - 1),
-                                           cu, num_seqs, sm_scale=sm_scale)
-    assert np.isfinite(out).all()
-    real = int(cu[int(num_seqs)])
-    assert (out[real:] == 0).all(), "padding tokens must come out as exact zeros"
-    np.testing.assert_allclose(out, np.asarray(ref), rtol=tol, atol=tol)
+def check_interpreted(*args, **kwargs):
+    """test_paged_decode_mgpu's check (NaN-poisoned shuffled pool, f32 reference, padding rows exact zeros)
+    with this kernel."""
+    decode_mgpu_check(*args, kernel=nd.paged_decode_narrow, **kwargs)
 
 
 def test_interpreted_q_len_mix_with_a_chunk_and_padding_on_two_ctas():
