@@ -63,7 +63,8 @@ class NarrowDecodeConfig:
     block_kv: int = 64       # kv tokens per pipeline step: wgmma's M of S^T (64 or 128)
     # Independent (compute, memory) warpgroup pairs per CTA, each with its own ring. 2 matches the reference
     # in the interpreter but gave wrong outputs (~1e31) on the H200 in its one device check (session 10,
-    # bench/results/decode_narrow_h200_v3_pipes.json; cause not found yet): refused off the interpreter.
+    # bench/results/decode_narrow_h200_v3_pipes.json; cause not found yet, suspected: 512 threads leave 128
+    # registers per thread and the launch failed): refused off the interpreter.
     num_pipes: int = 1
     lowering: str | None = "lane"
     # Ablation for bench/decode_narrow.py: "stream" keeps the memory warpgroup and the barriers but the
