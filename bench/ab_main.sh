@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# A/B of two trees on one GPU, old and new interleaved on the same machine in one sequence of processes:
+# batch-1 decode tok/s (bench.latency), the Mosaic prefill kernel's TFLOP/s at the 8B attention shape
+# (bench.kernels_mgpu --only prefill) and offline 1000 x 512/256 output tok/s (bench.throughput), each at
+# the engine's defaults (no kernel flags). This tree is "new"; $OLD is a checkout of the old one.
+#
+#   OLD=.ab/old OUT=/some/dir bash bench/ab_main.sh
+#
+# Writes into $OUT (at most 3 files): ab_main_summary.json (device, versions, each figure old / new and
+# new/old, every step's command, exit status and wall time), ab_main.log (every step's output) and
+# ab_raw.tgz (the steps' own JSONs). Each tree compiles into its own JAX_COMPILATION_CACHE_DIR
+# (.ab/jax_cache/{old,new} under this tree, kept between calls on a warm machine). The whole run stays
+# under BUDGET_S seconds (default 510): each step is capped by its own limit and by what is left of the
+# budget, so a slow step costs the later ones, never the summary. Exit status 0 only if every step ran
+# and the three figures have both sides.
+set -u
+cd "$(dirname "$0")/.."
+NEW=$(pwd)
+: "${OLD:?set OLD to a checkout of the old tree (e.g. .ab/old)}"
+: "${OUT:?set OUT to the output directory}"
+[ -f "$OLD/bench/latency.py" ] || { echo "OLD=$OLD: no bench/latency.py there" >&2; exit 2; }
+OLD=$(cd "$OLD" && pwd)
+[ "$OLD" != "$NEW" ] || { echo "OLD is this tree itself ($NEW)" >&2; exit 2; }
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+BUDGET_S=${BUDGET_S:-510}
+RESERVE_S=25              # kept back for the summary and a step's kill grace (timeout -k 10)
+CACHE=$NEW/.ab/jax_cache
+RAW=$(mktemp -d)
+LOG=$OUT/ab_main.log
+COMMAND="OLD=$OLD OUT=$OUT BUDGET_S=$BUDGET_S bash bench/ab_main.sh"
+: >"$LOG"
+: >"$RAW/steps.tsv"
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+say "=== $COMMAND; new = $NEW, old = $OLD; $(date -u +%FT%TZ)"
+for tree in "$OLD" "$NEW"; do
+  rev="no git checkout of its own"
+  [ -e "$tree/.git" ] && rev=$(git -C "$tree" rev-parse HEAD 2>&1)
+  say "tree $tree: $rev"
+done
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >>"$LOG" 2>&1
+
+step() {  # step NAME SIDE LIMIT MODULE ARGS...: python -m MODULE ARGS in the SIDE tree, under a timeout
+  local name=$1 side=$2 cap=$3
+  shift 3
+  local tree=$OLD
+  [ "$side" = new ] && tree=$NEW
+  local left=$((BUDGET_S - SECONDS - RESERVE_S))
+  local limit=$((cap < left ? cap : left))
+  local cmd="cd $tree && PYTHONPATH=. JAX_COMPILATION_CACHE_DIR=$CACHE/$side timeout -k 10 $limit python -m $*"
+  if [ "$limit" -lt 30 ]; then
+    say "=== $name $side skipped: ${left} s of the budget left"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$side" 125 0 "$limit" "$cmd" >>"$RAW/steps.tsv"
+    return
+  fi
+  say "=== $name $side (${SECONDS} s into the run): $cmd"
+  mkdir -p "$CACHE/$side"
+  local t0=$SECONDS
+  (cd "$tree" && PYTHONPATH=. JAX_COMPILATION_CACHE_DIR="$CACHE/$side" timeout -k 10 "$limit" python -m "$@") >>"$LOG" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$side" "$rc" "$((SECONDS - t0))" "$limit" "$cmd" >>"$RAW/steps.tsv"
+  say "=== $name $side: exit $rc after $((SECONDS - t0)) s"
+}
+
+# Limits from the recorded runs: a Llama-3-8B step compiles in ~9 s per token bucket (7 buckets at 2,048
+# tokens per step, 5 at 512), the offline run takes ~26 s after a warm-up run of 512 requests, the
+# prefill section 8 kernel configs plus torch. --max-num-batched-tokens 512 leaves the batch-1 and
+# batch-64 decode steps as they are (4- and 64-token buckets) and compiles 2 buckets fewer.
+LATENCY=(bench.latency --model llama3-8b --max-num-batched-tokens 512 --raw-reps 20)
+PREFILL=(bench.kernels_mgpu --only prefill --out "$RAW")
+THROUGHPUT=(bench.throughput --model llama3-8b --workloads fixed)
+for side in old new; do step latency "$side" 100 "${LATENCY[@]}" --out "$RAW/latency_$side.json"; done
+for side in old new; do step kernels_mgpu_prefill "$side" 90 "${PREFILL[@]}" --tag "_prefill_$side"; done
+for side in old new; do step throughput "$side" 200 "${THROUGHPUT[@]}" --out "$RAW/throughput_$side.json"; done
+
+say "=== summary (${SECONDS} s into the run)"
+python "$NEW/bench/ab_summary.py" "$RAW" "$OUT/ab_main_summary.json" --command "$COMMAND" 2>&1 | tee -a "$LOG"
+status=${PIPESTATUS[0]}
+tar czf "$OUT/ab_raw.tgz" -C "$RAW" .
+rm -rf "$RAW"
+say "=== done in ${SECONDS} s, exit $status"
+exit "$status"
