@@ -4,7 +4,8 @@
 # (bench.kernels_mgpu --only prefill) and offline 1000 x 512/256 output tok/s (bench.throughput), each at
 # the engine's defaults (no kernel flags). This tree is "new"; $OLD is a checkout of the old one.
 #
-#   OLD=.ab/old OUT=/some/dir bash bench/ab_main.sh
+#   mkdir -p .ab/old && git archive <old-rev> | tar -x -C .ab/old      # a plain copy of the old tree
+#   OLD=.ab/old OUT=/some/dir [OLD_REV=<old-rev> NEW_REV=<new-rev>] bash bench/ab_main.sh
 #
 # Writes into $OUT (at most 3 files): ab_main_summary.json (device, versions, each figure old / new and
 # new/old, every step's command, exit status and wall time), ab_main.log (every step's output) and
@@ -25,20 +26,30 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 BUDGET_S=${BUDGET_S:-530}
 RESERVE_S=25              # kept back for the summary and a step's kill grace (timeout -k 10)
-CACHE=$NEW/.ab/jax_cache
+CACHE=${AB_CACHE:-$NEW/.ab/jax_cache}   # AB_CACHE: elsewhere (tests)
 RAW=$(mktemp -d)
 LOG=$OUT/ab_main.log
 COMMAND="OLD=$OLD OUT=$OUT BUDGET_S=$BUDGET_S bash bench/ab_main.sh"
+# Optional labels recorded in the summary, e.g. OLD_REV=$(git rev-parse main~1) (a copy has no git).
+REVS="old=${OLD_REV:-unknown} new=${NEW_REV:-unknown}"
 : >"$LOG"
 : >"$RAW/steps.tsv"
 
 say() { echo "$*" | tee -a "$LOG"; }
 
 say "=== $COMMAND; new = $NEW, old = $OLD; $(date -u +%FT%TZ)"
-for tree in "$OLD" "$NEW"; do
+# Each tree must import its own packages (PYTHONPATH=. ahead of any installed copy), or the A/B is void.
+for side in old new; do
+  tree=$OLD
+  [ "$side" = new ] && tree=$NEW
   rev="no git checkout of its own"
   [ -e "$tree/.git" ] && rev=$(git -C "$tree" rev-parse HEAD 2>&1)
-  say "tree $tree: $rev"
+  got=$(cd "$tree" && PYTHONPATH=. python -c "import jpaged; print(jpaged.__file__)" 2>>"$LOG" | tail -n 1)
+  say "tree $side = $tree (git: $rev), imports jpaged from $got"
+  case $got in
+    "$tree"/*) ;;
+    *) say "the $side tree does not import its own jpaged: stopping"; exit 2 ;;
+  esac
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >>"$LOG" 2>&1
 
@@ -78,7 +89,7 @@ for side in old new; do step kernels_mgpu_prefill "$side" 90 "${PREFILL[@]}" --t
 for side in old new; do step throughput "$side" 200 "${THROUGHPUT[@]}" --out "$RAW/throughput_$side.json"; done
 
 say "=== summary (${SECONDS} s into the run)"
-python "$NEW/bench/ab_summary.py" "$RAW" "$OUT/ab_main_summary.json" --command "$COMMAND" 2>&1 | tee -a "$LOG"
+python "$NEW/bench/ab_summary.py" "$RAW" "$OUT/ab_main_summary.json" --command "$COMMAND" --revisions "$REVS" 2>&1 | tee -a "$LOG"
 status=${PIPESTATUS[0]}
 tar czf "$OUT/ab_raw.tgz" -C "$RAW" .
 rm -rf "$RAW"

@@ -1,6 +1,6 @@
 """The summary of an old/new A/B run of bench/ab_main.sh: one JSON and a printed table.
 
-    python -m bench.ab_summary RAW_DIR OUT_JSON [--command "the command line"]
+    python -m bench.ab_summary RAW_DIR OUT_JSON [--command "the command line"] [--revisions "old=... new=..."]
 
 RAW_DIR holds the pairs the driver wrote (latency_{old,new}.json, kernels_mgpu_prefill_{old,new}.json,
 throughput_{old,new}.json) and steps.tsv (one line per step: name, side, exit status, wall seconds,
@@ -80,7 +80,7 @@ def device_of(results: dict) -> dict:
     return {}
 
 
-def summarize(raw: pathlib.Path, command: str) -> dict:
+def summarize(raw: pathlib.Path, command: str, revisions: str = "") -> dict:
     stems = {stem for stem, _, _ in FIGURES.values()}
     results = {(stem, side): load(raw, stem, side) for stem in stems for side in SIDES}
     figures = {}
@@ -94,7 +94,9 @@ def summarize(raw: pathlib.Path, command: str) -> dict:
         ok = all(isinstance(row[s], (int, float)) for s in SIDES) and row["old"]
         figures[name] = dict(old=row["old"], new=row["new"], new_over_old=row["new"] / row["old"] if ok else None,
                              unit=unit, source=f"{stem}_<side>.json: {'.'.join(keys)}")
-    return dict(benchmark="ab_main", command=command, device=device_of(results), main_figures=list(MAIN_FIGURES),
+    revs = dict(item.split("=", 1) for item in revisions.split() if "=" in item)
+    return dict(benchmark="ab_main", command=command, revisions=revs, device=device_of(results),
+                main_figures=list(MAIN_FIGURES),
                 figures=figures, steps=read_steps(raw),
                 commands={f"{stem}_{side}": dig(r, ("command",)) or dig(r, ("commands",))
                           for (stem, side), r in sorted(results.items()) if r},
@@ -119,10 +121,11 @@ def main(argv=None) -> int:
     p.add_argument("raw", type=pathlib.Path, help="directory of the step JSONs and steps.tsv")
     p.add_argument("out", type=pathlib.Path, help="summary JSON to write")
     p.add_argument("--command", default="", help="the driver's command line, recorded in the summary")
+    p.add_argument("--revisions", default="", help="'old=REV new=REV', recorded in the summary")
     args = p.parse_args(argv)
     if not args.raw.is_dir():
         raise SystemExit(f"raw: {args.raw} is not a directory")
-    summary = summarize(args.raw, args.command)
+    summary = summarize(args.raw, args.command, args.revisions)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print_summary(summary)
     print(f"\nwrote {args.out}")
