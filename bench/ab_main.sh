@@ -12,7 +12,8 @@
 # ab_raw.tgz (the steps' own JSONs). Each tree compiles into its own JAX_COMPILATION_CACHE_DIR
 # (.ab/jax_cache/{old,new} under this tree, kept between calls on a warm machine). The whole run stays
 # under BUDGET_S seconds (default 530): each step is capped by its own limit and by what is left of the
-# budget, so a slow step costs the later ones, never the summary. Exit status 0 only if every step ran
+# budget, so a slow step costs the later ones, never the summary. STEPS (default "latency throughput
+# prefill") picks and orders the steps; each runs old, then new. Exit status 0 only if every step ran
 # and the three figures have both sides.
 set -u
 cd "$(dirname "$0")/.."
@@ -25,6 +26,13 @@ OLD=$(cd "$OLD" && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 BUDGET_S=${BUDGET_S:-530}
+STEPS=${STEPS:-latency throughput prefill}
+for name in $STEPS; do
+  case $name in
+    latency | throughput | prefill) ;;
+    *) echo "STEPS: unknown step '$name' (expected latency, throughput, prefill)" >&2; exit 2 ;;
+  esac
+done
 RESERVE_S=25              # kept back for the summary and a step's kill grace (timeout -k 10)
 CACHE=${AB_CACHE:-$NEW/.ab/jax_cache}   # AB_CACHE: elsewhere (tests)
 RAW=$(mktemp -d)
@@ -84,9 +92,16 @@ step() {  # step NAME SIDE LIMIT MODULE ARGS...: python -m MODULE ARGS in the SI
 LATENCY=(bench.latency --model llama3-8b --max-num-batched-tokens 256)
 PREFILL=(bench.kernels_mgpu --only prefill --out "$RAW")
 THROUGHPUT=(bench.throughput --model llama3-8b --workloads fixed)
-for side in old new; do step latency "$side" 100 "${LATENCY[@]}" --out "$RAW/latency_$side.json"; done
-for side in old new; do step kernels_mgpu_prefill "$side" 90 "${PREFILL[@]}" --tag "_prefill_$side"; done
-for side in old new; do step throughput "$side" 200 "${THROUGHPUT[@]}" --out "$RAW/throughput_$side.json"; done
+# The prefill kernel's figure goes last: it is the quickest to re-run alone (STEPS=prefill) if the budget cuts it.
+for name in $STEPS; do
+  for side in old new; do
+    case $name in
+      latency) step latency "$side" 100 "${LATENCY[@]}" --out "$RAW/latency_$side.json" ;;
+      throughput) step throughput "$side" 200 "${THROUGHPUT[@]}" --out "$RAW/throughput_$side.json" ;;
+      prefill) step kernels_mgpu_prefill "$side" 90 "${PREFILL[@]}" --tag "_prefill_$side" ;;
+    esac
+  done
+done
 
 say "=== summary (${SECONDS} s into the run)"
 python "$NEW/bench/ab_summary.py" "$RAW" "$OUT/ab_main_summary.json" --command "$COMMAND" --revisions "$REVS" 2>&1 | tee -a "$LOG"

@@ -87,7 +87,7 @@ def test_driver_runs_old_and_new_interleaved_and_returns_three_files(tmp_path):
     s = json.loads((out / "ab_main_summary.json").read_text())
     assert [s["figures"][m]["new_over_old"] for m in ab_summary.MAIN_FIGURES] == [1.25, 1.0, 1.25]
     assert [(st["name"], st["side"]) for st in s["steps"]] == [
-        (name, side) for name in ("latency", "kernels_mgpu_prefill", "throughput") for side in ("old", "new")]
+        (name, side) for name in ("latency", "throughput", "kernels_mgpu_prefill") for side in ("old", "new")]
     assert all(st["rc"] == 0 for st in s["steps"]) and s["revisions"]["old"] == "r1"
     assert f"cd {old} && " in s["steps"][0]["command"] and "--model llama3-8b" in s["steps"][0]["command"]
     with tarfile.open(out / "ab_raw.tgz") as tar:
