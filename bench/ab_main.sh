@@ -17,11 +17,11 @@
 # and the three figures have both sides.
 set -u
 cd "$(dirname "$0")/.."
-NEW=$(pwd)
+NEW=$(pwd -P)
 : "${OLD:?set OLD to a checkout of the old tree (e.g. .ab/old)}"
 : "${OUT:?set OUT to the output directory}"
 [ -f "$OLD/bench/latency.py" ] || { echo "OLD=$OLD: no bench/latency.py there" >&2; exit 2; }
-OLD=$(cd "$OLD" && pwd)
+OLD=$(cd "$OLD" && pwd -P)
 [ "$OLD" != "$NEW" ] || { echo "OLD is this tree itself ($NEW)" >&2; exit 2; }
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -37,7 +37,7 @@ RESERVE_S=25              # kept back for the summary and a step's kill grace (t
 CACHE=${AB_CACHE:-$NEW/.ab/jax_cache}   # AB_CACHE: elsewhere (tests)
 RAW=$(mktemp -d)
 LOG=$OUT/ab_main.log
-COMMAND="OLD=$OLD OUT=$OUT BUDGET_S=$BUDGET_S bash bench/ab_main.sh"
+COMMAND="OLD=$OLD OUT=$OUT BUDGET_S=$BUDGET_S STEPS='$STEPS' bash bench/ab_main.sh"
 # Optional labels recorded in the summary, e.g. OLD_REV=$(git rev-parse main~1) (a copy has no git).
 REVS="old=${OLD_REV:-unknown} new=${NEW_REV:-unknown}"
 : >"$LOG"
