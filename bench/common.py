@@ -223,8 +223,12 @@ def _torch_copy_bandwidth(nbytes: int, reps: int, index: int, warmup_s: float) -
     if not torch.cuda.is_available() or index >= torch.cuda.device_count():
         return None
     dev = torch.device("cuda", index)
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
-    dst = torch.empty_like(src)
+    try:
+        src = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
+        dst = torch.empty_like(src)
+    except torch.OutOfMemoryError:  # JAX preallocated the device: XLA's copy alone gives the ceiling
+        torch.cuda.empty_cache()
+        return None
     start = time.perf_counter()
     while time.perf_counter() - start < warmup_s:
         dst.copy_(src)
