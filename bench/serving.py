@@ -171,15 +171,17 @@ def server_process(args):
 def run_server(args) -> None:
     from jpaged.config import EngineConfig
     from jpaged.server import serve
+    from jpaged.server.settings import ServerSettings
     factory = None
     if args.fake:
         from tests.server.fake_engine import FakeEngine
 
         def factory():
-            return FakeEngine(num_pages=4096, max_num_seqs=args.max_num_seqs, max_model_len=4096, step_delay=0.002)
+            return FakeEngine(num_pages=1 << 16, max_num_seqs=args.max_num_seqs, max_model_len=4096, step_delay=0.002)
     config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           num_kv_blocks=args.num_kv_blocks)
-    serve(config, "127.0.0.1", args.port, log_level="warning", max_pending_requests=100_000, engine_factory=factory)
+    serve(config, ServerSettings(port=args.port, max_pending_requests=100_000), log_level="warning",
+          engine_factory=factory)
 
 
 def environment(fake: bool) -> dict:

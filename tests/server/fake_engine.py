@@ -30,6 +30,7 @@ PAGE_SIZE = 4
 
 class ByteTokenizer:
     eos_token_ids = [EOS]
+    vocab_size = 258
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return ([BOS] if add_special_tokens else []) + list(text.encode("utf-8"))
@@ -225,14 +226,17 @@ def main() -> None:
     import argparse
 
     from jpaged.server import serve
+    from jpaged.server.settings import ServerSettings
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--step-delay", type=float, default=0.002)
     parser.add_argument("--num-pages", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0)
     args = parser.parse_args()
-    serve(None, "127.0.0.1", args.port, log_level="warning",
+    settings = ServerSettings(port=args.port, shutdown_timeout=args.shutdown_timeout)
+    serve(None, settings, log_level="warning",
           engine_factory=lambda: FakeEngine(step_delay=args.step_delay, num_pages=args.num_pages,
                                             max_num_seqs=args.max_num_seqs))
 
