@@ -7,7 +7,7 @@ does. Responses are plain dicts in OpenAI's schema; `logprobs` take each endpoin
 from __future__ import annotations
 
 import time
-import uuid
+import random
 from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -203,8 +203,12 @@ class ChatCompletionRequest(_SamplingFields):
 # -- responses -----------------------------------------------------------------------------------
 
 
+# Ids need to be unique, not secret: one generator seeded from the OS, instead of a system call per id.
+_ids = random.Random()
+
+
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{_ids.getrandbits(128):032x}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -29,10 +29,17 @@ PAGE_SIZE = 4
 
 
 class ByteTokenizer:
+    """`encode_delay` seconds of sleep per encode stand in for a slow tokenizer."""
+
     eos_token_ids = [EOS]
     vocab_size = 258
 
+    def __init__(self, encode_delay: float = 0.0):
+        self.encode_delay = encode_delay
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.encode_delay:
+            time.sleep(self.encode_delay)
         return ([BOS] if add_special_tokens else []) + list(text.encode("utf-8"))
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -71,11 +78,18 @@ class _Req:
 
 class FakeEngine:
     """Args: num_pages: pool size; max_num_seqs: sequences stepped at once; step_delay: seconds per step;
-    fail_on: a prompt text that makes step() raise (to test a failing engine)."""
+    fail_on: a prompt text that makes step() raise (to test a failing engine); stall_on: a prompt text
+    whose first step sleeps `stall_seconds` (a stuck step); warmup_delay: seconds `warmup()` takes;
+    encode_delay: seconds each tokenizer encode takes."""
 
     def __init__(self, *, num_pages: int = 256, max_num_seqs: int = 8, max_model_len: int = 128,
-                 step_delay: float = 0.002, model_name: str = "fake-model", fail_on: str | None = None):
-        self.tokenizer = ByteTokenizer()
+                 step_delay: float = 0.002, model_name: str = "fake-model", fail_on: str | None = None,
+                 stall_on: str | None = None, stall_seconds: float = 1.0, warmup_delay: float = 0.0,
+                 encode_delay: float = 0.0):
+        self.tokenizer = ByteTokenizer(encode_delay)
+        self.stall_on, self.stall_seconds = stall_on, stall_seconds
+        self.warmup_delay = warmup_delay
+        self.warmed_up = False
         self.eos_token_ids = {EOS}
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -135,6 +149,11 @@ class FakeEngine:
                     self.free_pages += req.pages
                     self.num_aborted += 1
 
+    def warmup(self) -> None:
+        self._check_thread()
+        time.sleep(self.warmup_delay)
+        self.warmed_up = True
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -188,6 +207,9 @@ class FakeEngine:
         self._admit()
         if self.fail_on and any(self.fail_on in self.tokenizer.decode(r.prompt_ids) for r in self.running):
             raise RuntimeError(f"fake failure on {self.fail_on!r}")
+        if self.stall_on and any(self.stall_on in self.tokenizer.decode(r.prompt_ids) for r in self.running):
+            self.stall_on = None
+            time.sleep(self.stall_seconds)
         if self.step_delay:
             time.sleep(self.step_delay)
         outputs = []
