@@ -33,6 +33,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         help=f"seconds an idle keep-alive connection stays open (default {d.keep_alive_timeout})")
     parser.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
                         help="largest request line + headers; beyond it the connection gets a 400 (default 16 KiB)")
+    parser.add_argument("--warmup", action="store_true",
+                        help="compile every step shape (the engine's warmup()) before serving; until it is done "
+                        "/health and the API answer 503 'engine_starting'")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
 
 
@@ -43,4 +46,4 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         max_pending_requests=args.max_pending_requests, max_n=args.max_n, max_request_bytes=args.max_request_bytes,
         max_tokens_limit=args.max_tokens_limit, shutdown_timeout=args.shutdown_timeout,
         engine_stall_timeout=args.engine_stall_timeout, keep_alive_timeout=args.keep_alive_timeout,
-        max_header_bytes=args.max_header_bytes)
+        max_header_bytes=args.max_header_bytes, warmup=args.warmup)

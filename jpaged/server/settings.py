@@ -35,8 +35,9 @@ class ServerSettings:
             if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
                 raise ValueError(f"{name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
 
-        for name in ("port", "max_pending_requests", "max_n", "max_request_bytes", "keep_alive_timeout",
-                     "max_header_bytes"):
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be an integer in [0, 65535] (0: any free port), got {self.port!r}")
+        for name in ("max_pending_requests", "max_n", "max_request_bytes", "keep_alive_timeout", "max_header_bytes"):
             positive(name)
         for name in ("shutdown_timeout", "engine_stall_timeout"):
             positive(name, integer=False)
