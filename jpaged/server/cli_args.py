@@ -32,7 +32,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-alive-timeout", type=int, default=d.keep_alive_timeout,
                         help=f"seconds an idle keep-alive connection stays open (default {d.keep_alive_timeout})")
     parser.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
-                        help="largest request line + headers; beyond it the connection gets a 400 (default 16 KiB)")
+                        help="most bytes an unfinished request head may buffer; beyond it, 400 and the connection closes "
+                        "(default 16 KiB)")
     parser.add_argument("--warmup", action="store_true",
                         help="compile every step shape (the engine's warmup()) before serving; until it is done "
                         "/health and the API answer 503 'engine_starting'")

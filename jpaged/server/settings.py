@@ -25,7 +25,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0          # seconds running requests get to finish on SIGTERM
     engine_stall_timeout: float = 300.0     # a step longer than this: /health 503 and the engine's stack logged
     keep_alive_timeout: int = 5             # seconds an idle keep-alive connection stays open
-    max_header_bytes: int = 16 << 10        # request head (line + headers) larger than this: 400 from uvicorn
+    max_header_bytes: int = 16 << 10        # an unfinished request head buffering more than this: 400 from uvicorn
     warmup: bool = False                    # compile every step shape before /health answers 200
 
     def __post_init__(self):

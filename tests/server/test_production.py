@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 
@@ -227,3 +228,13 @@ def test_shutdown_finishes_what_it_can_then_ends_the_rest_with_an_error():
     assert rest[-1] == "data: [DONE]"
     final = json.loads(rest[-2].removeprefix("data: "))
     assert final["error"]["code"] == "shutting_down" and set(final["error"]) == {"message", "type", "param", "code"}
+
+
+def test_an_unfinished_request_head_over_max_header_bytes_is_a_400():
+    with fake_server(max_header_bytes=4096) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * 8192)  # no end of the head yet
+            answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 400")
+        assert HTTP.get(url + "/health").status_code == 200
