@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jpaged.outputs import RequestOutput
 from jpaged.server import protocol as p
 from jpaged.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, ShuttingDownError
-from jpaged.server.body_limit import DEFAULT_MAX_REQUEST_BYTES, check_limit, read_body
+from jpaged.server.body_limit import check_limit, read_body
 from jpaged.server.metrics import CONTENT_TYPE, ServerMetrics
 from jpaged.server.prompts import PromptPreparer, longest_token_bytes, vocab_size_of
 from jpaged.server.settings import ServerSettings
@@ -266,7 +266,8 @@ class _Server:
         params = self.resolve_max_tokens(params, token_ids, "prompt")
         echo_texts = []
         if req.echo:
-            echo_texts = [prompt if isinstance(prompt, str) else await self.prompts.decode(prompt) for prompt in prompts]
+            echo_texts = [prompt if isinstance(prompt, str) else await self.prompts.decode(prompt)
+                          for prompt in prompts]
         base_id = p.new_id("cmpl")
         await self.add_all(base_id, token_ids, params, param="prompt")
         head = {"id": base_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
@@ -570,7 +571,8 @@ class _DrainingServer(uvicorn.Server):
         super().__init__(config)
         self._app_server, self._shutdown_timeout = app_server, shutdown_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._draining: asyncio.Future | None = None
+        self._draining = False
+        self._drain_task: asyncio.Task | None = None
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -582,12 +584,15 @@ class _DrainingServer(uvicorn.Server):
 
     def begin_shutdown(self) -> None:
         """Starts the drain (thread-safe); called again, exits without waiting."""
-        if self._loop is None or self._draining is not None:
+        if self._loop is None or self._draining:
             self.should_exit = True
-            self.force_exit = self._draining is not None
+            self.force_exit = self._draining
             return
-        self._draining = self._loop.create_future()
-        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+        self._draining = True
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())  # held: the loop keeps only a weak reference
 
     async def _drain(self) -> None:
         try:

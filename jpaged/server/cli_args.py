@@ -17,7 +17,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pending-requests", type=int, default=d.max_pending_requests,
                         help=f"requests accepted at once (running + waiting); beyond it, 429 (default "
                         f"{d.max_pending_requests})")
-    parser.add_argument("--max-n", type=int, default=d.max_n, help=f"largest n a request may ask for (default {d.max_n})")
+    parser.add_argument("--max-n", type=int, default=d.max_n,
+                        help=f"largest n a request may ask for (default {d.max_n})")
     parser.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                         help="largest request body; beyond it, 413 (default 8 MiB)")
     parser.add_argument("--max-tokens-limit", type=int, default=None,
@@ -32,8 +33,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-alive-timeout", type=int, default=d.keep_alive_timeout,
                         help=f"seconds an idle keep-alive connection stays open (default {d.keep_alive_timeout})")
     parser.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
-                        help="most bytes an unfinished request head may buffer; beyond it, 400 and the connection closes "
-                        "(default 16 KiB)")
+                        help="most bytes an unfinished request head may buffer; beyond it, 400 and the connection "
+                        "closes (default 16 KiB)")
     parser.add_argument("--warmup", action="store_true",
                         help="compile every step shape (the engine's warmup()) before serving; until it is done "
                         "/health and the API answer 503 'engine_starting'")

@@ -122,13 +122,11 @@ def _fuzz(server, path_body):
     check_answer(server[0], *path_body)
 
 
+FUZZ_CHECKS = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 test_schema_bodies_get_no_5xx_and_schema_shaped_answers = settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])(
-    given(path_body=BODIES)(_fuzz))
-
+    max_examples=40, deadline=None, suppress_health_check=FUZZ_CHECKS)(given(path_body=BODIES)(_fuzz))
 test_schema_bodies_long_profile = pytest.mark.slow(settings(
-    max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])(
-    given(path_body=BODIES)(_fuzz)))
+    max_examples=1000, deadline=None, suppress_health_check=FUZZ_CHECKS)(given(path_body=BODIES)(_fuzz)))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from jpaged.server import BackgroundServer, build_app
-from tests.server.conftest import HTTP, fake_engine_of, fake_server, metric, wait_until_idle
+from tests.server.conftest import HTTP, fake_engine_of, fake_server, wait_until_idle
 from tests.server.fake_engine import FakeEngine
 
 
