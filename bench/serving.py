@@ -143,6 +143,7 @@ def server_process(args):
     cmd = [sys.executable, os.path.abspath(__file__), "--role", "server", "--port", str(port),
            "--model", args.model, "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs)]
     cmd += ["--fake"] if args.fake else []
+    cmd += ["--stream-interval", str(args.stream_interval)] if args.stream_interval else []
     cmd += ["--num-kv-blocks", str(args.num_kv_blocks)] if args.num_kv_blocks else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env)
@@ -193,7 +194,8 @@ def run_server(args) -> None:
             return FakeEngine(num_pages=1 << 16, max_num_seqs=args.max_num_seqs, max_model_len=4096, step_delay=0.002)
     config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           num_kv_blocks=args.num_kv_blocks)
-    serve(config, ServerSettings(port=args.port, max_pending_requests=100_000), log_level="warning",
+    settings = ServerSettings(port=args.port, max_pending_requests=100_000, stream_interval=args.stream_interval)
+    serve(config, settings, log_level="warning",
           engine_factory=factory)
 
 
@@ -235,6 +237,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--stream-interval", type=float, default=0.0, help="the server's --stream-interval")
     parser.add_argument("--num-prompts", type=int, default=200)
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
     parser.add_argument("--max-concurrency", type=int, default=None)

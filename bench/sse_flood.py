@@ -61,12 +61,14 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=500)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--stream-interval", type=float, default=0.0, help="the server's --stream-interval")
     parser.add_argument("--repeats", type=int, default=3, help="runs after one warm-up run; the best is reported")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     server_args = types.SimpleNamespace(model=args.model, dtype=args.dtype, max_num_seqs=max(args.streams, 1),
-                                        fake=args.fake, num_kv_blocks=None, startup_timeout=args.startup_timeout)
+                                        fake=args.fake, num_kv_blocks=None, startup_timeout=args.startup_timeout,
+                                        stream_interval=args.stream_interval)
     runs = []
     with server_process(server_args) as (url, pid):
         asyncio.run(flood(url, min(args.streams, 32), 8, args.prompt_len))  # warm-up

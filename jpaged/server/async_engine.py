@@ -70,14 +70,19 @@ class AsyncEngine:
       max_pending_requests: requests (running + waiting) accepted at once; more get QueueFullError.
       warmup: call the engine's `warmup()` (compile every step shape) before serving; the state is
         "starting" until it returns.
+      stream_interval: seconds a stream waits after yielding before it looks for news, so that one
+        write carries every token of that time (0: yield as soon as there is a new output).
     """
 
     def __init__(self, engine_factory: Callable[[], object], *, max_pending_requests: int = 1024,
-                 warmup: bool = False):
+                 warmup: bool = False, stream_interval: float = 0.0):
         if max_pending_requests < 1:
             raise ValueError(f"max_pending_requests must be >= 1, got {max_pending_requests}")
+        if not stream_interval >= 0:
+            raise ValueError(f"stream_interval must be >= 0 seconds, got {stream_interval}")
         self._factory = engine_factory
         self._warmup = warmup
+        self._stream_interval = stream_interval
         self.max_pending_requests = max_pending_requests
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}  # touched only on the event loop
@@ -179,6 +184,8 @@ class AsyncEngine:
                 item, stream.latest = stream.latest, None
                 stream.finished = item.finished
                 yield item
+                if self._stream_interval and not stream.finished:
+                    await asyncio.sleep(self._stream_interval)
         finally:
             self.release([request_id])
 

@@ -27,6 +27,7 @@ class ServerSettings:
     keep_alive_timeout: int = 5             # seconds an idle keep-alive connection stays open
     max_header_bytes: int = 16 << 10        # an unfinished request head buffering more than this: 400 from uvicorn
     warmup: bool = False                    # compile every step shape before /health answers 200
+    stream_interval: float = 0.0            # seconds between a stream's writes at least (0: at every token)
 
     def __post_init__(self):
         def positive(name: str, integer: bool = True):
@@ -41,6 +42,9 @@ class ServerSettings:
             positive(name)
         for name in ("shutdown_timeout", "engine_stall_timeout"):
             positive(name, integer=False)
+        if isinstance(self.stream_interval, bool) or not isinstance(self.stream_interval, (int, float)) \
+                or not 0 <= self.stream_interval <= 10:
+            raise ValueError(f"stream_interval must be in [0, 10] seconds, got {self.stream_interval!r}")
         if self.max_tokens_limit is not None and (
                 not isinstance(self.max_tokens_limit, int) or self.max_tokens_limit < COMPLETIONS_DEFAULT_MAX_TOKENS):
             raise ValueError(f"max_tokens_limit must be an integer >= {COMPLETIONS_DEFAULT_MAX_TOKENS} (the "

@@ -238,3 +238,13 @@ def test_an_unfinished_request_head_over_max_header_bytes_is_a_400():
             answer = s.recv(65536)
         assert answer.startswith(b"HTTP/1.1 400")
         assert HTTP.get(url + "/health").status_code == 200
+
+
+def test_stream_interval_sends_several_tokens_per_event_and_loses_none():
+    with fake_server(stream_interval=0.25, step_delay=0.01) as (url, _):
+        body = {"prompt": "abc", "max_tokens": 30, "temperature": 0, "stream": True}
+        with HTTP.stream("POST", url + "/v1/completions", json=body) as r:
+            events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+        chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+        assert events[-1] == "[DONE]" and "".join(c["text"] for c in chunks) == "abc" * 10
+        assert len(chunks) <= 4 and chunks[-1]["finish_reason"] == "length"  # 30 tokens in 0.3 s, a write per 0.25 s
