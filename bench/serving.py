@@ -138,11 +138,12 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def server_process(args):
-    """`jpaged serve` on a free loopback port in a subprocess (its own GIL); SIGTERM on exit."""
+    """(url, pid) of `jpaged serve` on a free loopback port in a subprocess (its own GIL); SIGTERM on exit."""
     port = _free_port()
     cmd = [sys.executable, os.path.abspath(__file__), "--role", "server", "--port", str(port),
            "--model", args.model, "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs)]
     cmd += ["--fake"] if args.fake else []
+    cmd += ["--stream-interval", str(args.stream_interval)] if args.stream_interval else []
     cmd += ["--num-kv-blocks", str(args.num_kv_blocks)] if args.num_kv_blocks else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env)
@@ -158,7 +159,7 @@ def server_process(args):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server was not ready after {args.startup_timeout} s")
             time.sleep(0.5)
-        yield url
+        yield url, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -168,18 +169,34 @@ def server_process(args):
             proc.wait()
 
 
+def process_cpu_seconds(pid: int | None) -> tuple[float, float]:
+    """User + system CPU seconds so far of a process and of its main thread (the server's event loop);
+    Linux /proc, zeros elsewhere or without a pid."""
+    def read(path):
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    if pid is None or not os.path.exists(f"/proc/{pid}/stat"):
+        return 0.0, 0.0
+    return read(f"/proc/{pid}/stat"), read(f"/proc/{pid}/task/{pid}/stat")
+
+
 def run_server(args) -> None:
     from jpaged.config import EngineConfig
     from jpaged.server import serve
+    from jpaged.server.settings import ServerSettings
     factory = None
     if args.fake:
         from tests.server.fake_engine import FakeEngine
 
         def factory():
-            return FakeEngine(num_pages=4096, max_num_seqs=args.max_num_seqs, max_model_len=4096, step_delay=0.002)
+            return FakeEngine(num_pages=1 << 16, max_num_seqs=args.max_num_seqs, max_model_len=4096, step_delay=0.002)
     config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           num_kv_blocks=args.num_kv_blocks)
-    serve(config, "127.0.0.1", args.port, log_level="warning", max_pending_requests=100_000, engine_factory=factory)
+    settings = ServerSettings(port=args.port, max_pending_requests=100_000, stream_interval=args.stream_interval)
+    serve(config, settings, log_level="warning",
+          engine_factory=factory)
 
 
 def environment(fake: bool) -> dict:
@@ -220,6 +237,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--stream-interval", type=float, default=0.0, help="the server's --stream-interval")
     parser.add_argument("--num-prompts", type=int, default=200)
     parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
     parser.add_argument("--max-concurrency", type=int, default=None)
@@ -245,14 +263,23 @@ def main() -> None:
                                args.seed)
     warmup = sample_requests(args.num_warmup, args.input_len, args.output_len, args.range_ratio, token_range,
                              args.seed + 1)
-    with contextlib.nullcontext(args.url) if args.url else server_process(args) as url:
+    with contextlib.nullcontext((args.url, None)) if args.url else server_process(args) as (url, pid):
         if warmup:
             asyncio.run(run_workload(url, warmup, float("inf"), model=args.served_model_name,
                                      max_concurrency=args.max_concurrency, seed=args.seed))
+        cpu_before = process_cpu_seconds(pid)
         results, duration = asyncio.run(run_workload(url, requests, args.request_rate, model=args.served_model_name,
                                                      max_concurrency=args.max_concurrency, seed=args.seed))
+        server_cpu = ([after - before for after, before in zip(process_cpu_seconds(pid), cpu_before)]
+                      if pid is not None else None)
         server_metrics = httpx.get(url + "/metrics").text
     summary = summarize(results, duration)
+    if server_cpu is not None:  # the server's CPU cost of the run per output token: all threads, the event loop
+        tokens = max(summary["total_output_tokens"], 1)
+        for name, seconds in zip(("server_cpu", "server_event_loop_cpu"), server_cpu):
+            summary[f"{name}_s"] = seconds
+            summary[f"{name}_us_per_output_token"] = 1e6 * seconds / tokens
+            print(f"{name.replace('_', ' ') + ' (s)':<28}{seconds:.2f} ({1e6 * seconds / tokens:.1f} us/token)")
     print_table(summary)
     preemptions = [line.split()[-1] for line in server_metrics.splitlines()
                    if line.startswith("jpaged_num_preemptions_total ")]

@@ -56,12 +56,11 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     from jpaged.server import serve
+    from jpaged.server.cli_args import server_settings
 
+    settings = server_settings(args)  # a bad flag fails before the distributed join and the model load
     _join_distributed(args)
-    serve(args, args.host, args.port, args.api_key, served_model_name=args.served_model_name,
-          max_pending_requests=args.max_pending_requests, max_n=args.max_n,
-          max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,
-          log_level=args.log_level)
+    serve(args, settings, log_level=args.log_level)
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -127,16 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, models, health, metrics)")
     srv.add_argument("--model", default="default", help="as for generate")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    srv.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
-    srv.add_argument("--max-pending-requests", type=int, default=1024, help="queue limit; beyond it, 429")
-    srv.add_argument("--max-n", type=int, default=16, help="largest n a request may ask for")
-    srv.add_argument("--max-request-bytes", type=int, default=8 << 20,
-                     help="largest request body; beyond it, 413 (default 8 MiB)")
-    srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
-    srv.add_argument("--log-level", default="info")
+    from jpaged.server.cli_args import add_server_args
+
+    add_server_args(srv)
     _add_engine_flags(srv)
     _add_distributed_flags(srv)
     srv.set_defaults(run=_serve)

@@ -1,115 +1,209 @@
 """The OpenAI-compatible HTTP API: FastAPI routes over an AsyncEngine, and `serve` to run it.
 
-A route parses and validates its request (`protocol`), adds one engine request per prompt (the server
-picks the ids; clients never do), then either streams deltas as server-sent events or waits for the
-final outputs. Leaving early, by client disconnect or cancellation, aborts the engine requests so
-their pages return to the pool.
+A route authenticates, reads its body under the size cap, parses and validates the request
+(`protocol`), checks and tokenizes its prompts off the engine thread (`prompts`), adds one engine
+request per prompt (the server picks the ids; clients never do), then either streams deltas as
+server-sent events or waits for the final outputs. A stream sends, in one write, everything its
+requests gained since its last write. Leaving early, by client disconnect or cancellation, aborts
+the engine requests so their pages return to the pool.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
-import json
 import logging
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jpaged.outputs import RequestOutput
 from jpaged.server import protocol as p
-from jpaged.server.async_engine import AsyncEngine, EngineDeadError, PreparedPrompt, QueueFullError
-from jpaged.server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit, check_limit
+from jpaged.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, ShuttingDownError
+from jpaged.server.body_limit import check_limit, read_body
 from jpaged.server.metrics import CONTENT_TYPE, ServerMetrics
+from jpaged.server.prompts import PromptPreparer, longest_token_bytes, vocab_size_of
+from jpaged.server.settings import ServerSettings
+
+try:
+    import orjson
+
+    def _dumps(obj) -> bytes:
+        return orjson.dumps(obj)
+except ImportError:  # orjson is optional; the standard library encodes the same JSON, slower
+    import json
+
+    def _dumps(obj) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 log = logging.getLogger("jpaged.server")
 
+RETRY_AFTER_BUSY_S = 1       # 429: the queue is full; a request may fit a moment later
+RETRY_AFTER_UNAVAILABLE_S = 5  # 503: starting, stalled, shutting down or failed
+_DONE = b"data: [DONE]\n\n"
 
-class _SSEResponse(StreamingResponse):
-    """Server-sent events; however the response ends (done, client gone, cancelled, never started),
-    `on_close` runs, so unfinished requests are aborted at once."""
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self._on_close = on_close
+def _sse(obj: dict) -> bytes:
+    return b"data: " + _dumps(obj) + b"\n\n"
+
+
+def _json(obj, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(_dumps(obj), status_code=status, headers=headers, media_type="application/json")
+
+
+def _error_response(e: p.ApiError) -> Response:
+    return _json(e.body(), e.status, e.headers)
+
+
+def _unavailable(message: str, code: str) -> p.ApiError:
+    return p.ApiError(503, message, type="server_error", code=code, retry_after=RETRY_AFTER_UNAVAILABLE_S)
+
+
+class _SSEResponse(Response):
+    """Server-sent events written straight to the ASGI `send`, one write per chunk of `events`.
+
+    However the response ends (done, client gone, cancelled, never started), `on_close` runs, so
+    unfinished requests are aborted at once; a client that goes away is noticed while the stream
+    waits for the engine, not only at its next write."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None]):
+        # Not Response.__init__: it would render an empty body and send Content-Length: 0.
+        self.status_code, self.background = 200, None
+        self.init_headers({"Cache-Control": "no-cache"})
+        self._events, self._on_close = events, on_close
 
     async def __call__(self, scope, receive, send) -> None:
+        streaming = asyncio.ensure_future(self._stream(send))
+        watching = asyncio.ensure_future(_wait_for_disconnect(receive))
         try:
-            await super().__call__(scope, receive, send)
+            await asyncio.wait([streaming, watching], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            watching.cancel()
+            streaming.cancel()
+            await asyncio.gather(streaming, watching, return_exceptions=True)
             self._on_close()
 
-    async def stream_response(self, send) -> None:
+    async def _stream(self, send) -> None:
         try:
-            await super().stream_response(send)
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self._events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away mid-write
+            return
         finally:
-            await self.body_iterator.aclose()
+            await self._events.aclose()
 
 
-def _sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
+async def _wait_for_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Server:
     """Per-app state and the route bodies (kept off module globals so tests can run several apps)."""
 
-    def __init__(self, engine: AsyncEngine, *, api_key: str | None, served_model_name: str | None, max_n: int):
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings):
         self.engine = engine
-        self.api_key = api_key
-        self._served_name = served_model_name
-        self.max_n = max_n
+        self.settings = settings
+        self.prompts: PromptPreparer | None = None  # built once the engine (and its tokenizer) exists
+        self.draining = False
         self.metrics = ServerMetrics(lambda: engine.stats, lambda: engine.num_pending)
 
     @property
     def model_name(self) -> str:
-        return self._served_name or self.engine.model_name
+        return self.settings.served_model_name or self.engine.model_name
+
+    async def start(self) -> None:
+        await self.engine.start()
+        engine = self.engine.engine
+        vocab_size = vocab_size_of(engine)
+        tokenizer_vocab = getattr(engine.tokenizer, "vocab_size", vocab_size)
+        longest = await asyncio.get_running_loop().run_in_executor(
+            None, longest_token_bytes, engine.tokenizer, min(vocab_size, tokenizer_vocab))
+        self.prompts = PromptPreparer(engine.tokenizer, vocab_size=vocab_size, max_model_len=self.engine.max_model_len,
+                                      max_token_bytes=longest)
 
     # -- checks --------------------------------------------------------------------------------------
 
     def check_auth(self, request: Request) -> None:
-        if self.api_key is None:
+        api_key = self.settings.api_key
+        if api_key is None:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise p.ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                              code="invalid_api_key")
 
+    def check_admitting(self) -> None:
+        """503 (with Retry-After) while the server cannot take new work."""
+        if self.draining:
+            raise _unavailable("the server is shutting down and accepts no new requests", "shutting_down")
+        state = self.engine.state
+        if state == "dead":
+            raise _unavailable(f"engine is not running: {self.engine.error}", "engine_dead")
+        if state == "starting":
+            raise _unavailable("the engine is starting (warming up); retry shortly", "engine_starting")
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
-            raise p.ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'",
+            raise p.ApiError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
                              param="model", code="model_not_found")
 
     def check_n(self, n: int) -> None:
-        if n > self.max_n:
-            raise p.ApiError(400, f"'n' must be at most {self.max_n}, got {n}", param="n", code="invalid_value")
+        if n > self.settings.max_n:
+            raise p.ApiError(400, f"'n' must be at most {self.settings.max_n}, got {n}", param="n",
+                             code="invalid_value")
+
+    def check_prompt_count(self, count: int) -> None:
+        """A list of prompts larger than the whole queue can never run: 400, before any work."""
+        if count > self.engine.max_pending_requests:
+            raise p.ApiError(400, f"'prompt' holds {count} prompts; this server accepts at most "
+                             f"{self.engine.max_pending_requests} requests at once", param="prompt",
+                             code="too_many_prompts")
+        if self.engine.num_pending + count > self.engine.max_pending_requests:
+            raise p.ApiError(429, f"the server is at its limit of {self.engine.max_pending_requests} pending "
+                             f"requests", type="rate_limit_exceeded", code="rate_limit_exceeded",
+                             retry_after=RETRY_AFTER_BUSY_S)
+
+    def resolve_max_tokens(self, params, token_ids: list[list[int]], param: str):
+        """params with max_tokens set: an explicit value is checked against --max-tokens-limit; none
+        (chat) means the context left after the longest prompt, capped by the limit."""
+        limit = self.settings.max_tokens_limit
+        if params.max_tokens is not None and limit is not None and params.max_tokens > limit:
+            raise p.ApiError(400, f"max_tokens must be at most {limit} on this server, got {params.max_tokens}",
+                             param="max_tokens", code="invalid_value")
+        self.prompts.check_lengths(token_ids, params.max_tokens, param)
+        if params.max_tokens is not None:
+            return params
+        left = self.engine.max_model_len - max(len(ids) for ids in token_ids)
+        try:
+            return dataclasses.replace(params, max_tokens=min(left, limit) if limit is not None else left)
+        except ValueError as e:  # min_tokens beyond what the context leaves
+            raise p.ApiError(400, str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from None
 
     # -- engine requests -----------------------------------------------------------------------------
 
-    async def add_all(self, base_id: str, prompts: list, params, *, add_special_tokens: bool,
-                      param: str) -> list[PreparedPrompt]:
-        """Adds one engine request per prompt; on any failure none of them stays."""
-        prepared: list[PreparedPrompt] = []
+    async def add_all(self, base_id: str, token_ids: list[list[int]], params, *, param: str) -> None:
+        """Adds one engine request per prompt, all or none."""
         try:
-            for i, prompt in enumerate(prompts):
-                prepared.append(await self.engine.add(f"{base_id}-{i}", prompt, params,
-                                                      add_special_tokens=add_special_tokens))
-        except BaseException as e:
-            for i in range(len(prepared)):
-                self.engine.abort(f"{base_id}-{i}")
-            if isinstance(e, ValueError):
-                raise p.ApiError(400, str(e), param=param, code="invalid_prompt") from None
-            if isinstance(e, QueueFullError):
-                raise p.ApiError(429, str(e), type="rate_limit_exceeded", code="rate_limit_exceeded") from None
-            if isinstance(e, EngineDeadError):
-                raise p.ApiError(503, str(e), type="server_error", code="engine_dead") from None
-            raise
-        return prepared
+            await self.engine.add_many([(f"{base_id}-{i}", ids, params) for i, ids in enumerate(token_ids)])
+        except ValueError as e:
+            raise p.ApiError(400, str(e), param=param, code="invalid_prompt") from None
+        except QueueFullError as e:
+            raise p.ApiError(429, str(e), type="rate_limit_exceeded", code="rate_limit_exceeded",
+                             retry_after=RETRY_AFTER_BUSY_S) from None
+        except EngineDeadError as e:
+            raise _engine_error(e) from None
 
     def releaser(self, base_id: str, count: int) -> Callable[[], None]:
         return lambda: self.engine.release([f"{base_id}-{i}" for i in range(count)])
@@ -117,17 +211,18 @@ class _Server:
     async def outputs(self, base_id: str, count: int, t0: float) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, newest cumulative output) of `count` requests as they progress, with metrics."""
         last = None
+        metrics = self.metrics
         async for i, out in self.engine.stream_many([f"{base_id}-{i}" for i in range(count)]):
             now = time.monotonic()
             if last is None:
-                self.metrics.ttft.observe(now - t0)
+                metrics.ttft.observe(now - t0)
             else:
-                self.metrics.itl.observe(now - last)
+                metrics.itl.observe(now - last)
             last = now
             if out.finished:
-                self.metrics.e2e.observe(now - t0)
+                metrics.e2e.observe(now - t0)
                 for c in out.outputs:
-                    self.metrics.finished.labels(c.finish_reason or "abort").inc()
+                    metrics.finished.labels(c.finish_reason or "abort").inc()
             yield i, out
 
     async def final_outputs(self, request: Request, base_id: str, count: int, t0: float) -> list[RequestOutput]:
@@ -140,7 +235,7 @@ class _Server:
             return [final[i] for i in range(count)]
 
         collecting = asyncio.ensure_future(collect())
-        watching = asyncio.ensure_future(_wait_for_disconnect(request))
+        watching = asyncio.ensure_future(_wait_for_disconnect(request.receive))
         try:
             await asyncio.wait([collecting, watching], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -155,26 +250,34 @@ class _Server:
         try:
             return collecting.result()
         except EngineDeadError as e:
-            raise p.ApiError(503, str(e), type="server_error", code="engine_dead") from None
+            raise _engine_error(e) from None
 
     # -- completions ---------------------------------------------------------------------------------
 
-    async def completions(self, request: Request) -> Response:
+    async def completions(self, request: Request, body: bytes) -> Response:
         t0 = time.monotonic()
-        req = _parse(p.CompletionRequest, await request.body())
+        req = _parse(p.CompletionRequest, body)
         self.check_model(req.model)
         params = req.sampling_params()
         self.check_n(params.n)
         prompts = req.prompts()
+        self.check_prompt_count(len(prompts))
+        token_ids = await self.prompts.token_ids(prompts, add_special_tokens=True, param="prompt")
+        params = self.resolve_max_tokens(params, token_ids, "prompt")
+        echo_texts = []
+        if req.echo:
+            echo_texts = [prompt if isinstance(prompt, str) else await self.prompts.decode(prompt)
+                          for prompt in prompts]
         base_id = p.new_id("cmpl")
-        prepared = await self.add_all(base_id, prompts, params, add_special_tokens=True, param="prompt")
+        await self.add_all(base_id, token_ids, params, param="prompt")
         head = {"id": base_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
         if req.stream:
-            return _SSEResponse(self.completion_events(req, head, prepared, t0), self.releaser(base_id, len(prompts)))
+            return _SSEResponse(self.completion_events(req, head, echo_texts, len(prompts), t0),
+                                self.releaser(base_id, len(prompts)))
         finals = await self.final_outputs(request, base_id, len(prompts), t0)
         choices = []
         for i, out in enumerate(finals):
-            echo, echo_logprobs = (prepared[i].text, self.prompt_logprobs(req, out)) if req.echo else ("", None)
+            echo, echo_logprobs = (echo_texts[i], self.prompt_logprobs(req, out)) if req.echo else ("", None)
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids, entries, text = ([], [], "") if req.echo_only else (c.token_ids, c.logprobs or [], c.text)
                 logprobs = None
@@ -182,24 +285,25 @@ class _Server:
                     logprobs = p.echoed_logprobs(echo_logprobs, p.completion_logprobs(ids, entries, len(echo)))
                 choices.append({"index": i * params.n + c.index, "text": echo + text, "logprobs": logprobs,
                                 "finish_reason": "length" if req.echo_only else c.finish_reason})
-        return JSONResponse({**head, "choices": choices, "usage": _usage(finals, generated=not req.echo_only)})
+        return _json({**head, "choices": choices, "usage": _usage(finals, generated=not req.echo_only)})
 
-    async def completion_events(self, req: p.CompletionRequest, head: dict, prepared: list[PreparedPrompt],
-                                t0: float) -> AsyncIterator[str]:
+    async def completion_events(self, req: p.CompletionRequest, head: dict, echo_texts: list[str], count: int,
+                                t0: float) -> AsyncIterator[bytes]:
         deltas: dict[tuple[int, int], p.ChoiceDelta] = {}
         offsets: dict[tuple[int, int], int] = {}  # characters sent so far per choice (for text_offset)
         finals: dict[int, RequestOutput] = {}
         usage_field = {"usage": None} if req.include_usage else {}
-        async for i, out in self._guarded(self.outputs(head["id"], len(prepared), t0)):
-            if isinstance(out, str):
+        async for i, out in self._guarded(self.outputs(head["id"], count, t0)):
+            if isinstance(out, bytes):
                 yield out
                 return
+            events = []
             for c in out.outputs:
                 key, echo, echo_logprobs = (i, c.index), "", None
                 if key not in deltas:  # the first delta of a choice carries the echoed prompt
                     deltas[key] = p.ChoiceDelta()
                     if req.echo:
-                        echo, echo_logprobs = prepared[i].text, self.prompt_logprobs(req, out)
+                        echo, echo_logprobs = echo_texts[i], self.prompt_logprobs(req, out)
                     offsets[key] = len(echo)
                 delta = deltas[key]
                 if delta.finished:
@@ -213,14 +317,16 @@ class _Server:
                             if req.logprobs is not None else None)
                 offsets[key] += len(text)
                 finish = ("length" if req.echo_only else c.finish_reason) if delta.finished else None
-                yield _sse({**head, "choices": [{"index": i * req.n + c.index, "text": echo + text,
-                                                 "logprobs": logprobs, "finish_reason": finish}],
-                            **usage_field})
+                events.append(_sse({**head, "choices": [{"index": i * req.n + c.index, "text": echo + text,
+                                                         "logprobs": logprobs, "finish_reason": finish}],
+                                    **usage_field}))
             if out.finished:
                 finals[i] = out
-        if req.include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(list(finals.values()), generated=not req.echo_only)})
-        yield _sse("[DONE]")
+            if events:
+                yield b"".join(events)
+        tail = _sse({**head, "choices": [], "usage": _usage(list(finals.values()), generated=not req.echo_only)}) \
+            if req.include_usage else b""
+        yield tail + _DONE
 
     def prompt_logprobs(self, req: p.CompletionRequest, out: RequestOutput) -> dict | None:
         """The echoed prompt's part of a choice's logprobs (None without `logprobs`)."""
@@ -231,20 +337,18 @@ class _Server:
 
     # -- chat ----------------------------------------------------------------------------------------
 
-    async def chat(self, request: Request) -> Response:
+    async def chat(self, request: Request, body: bytes) -> Response:
         t0 = time.monotonic()
-        req = _parse(p.ChatCompletionRequest, await request.body())
+        req = _parse(p.ChatCompletionRequest, body)
         self.check_model(req.model)
         params = req.sampling_params()
         self.check_n(params.n)
-        try:
-            prompt = self.engine.engine.tokenizer.apply_chat_template(
-                [m.template_dict() for m in req.messages], add_generation_prompt=True)
-        except Exception as e:  # no template, or one that rejects the conversation (roles out of order)
-            message = str(e) if isinstance(e, ValueError) else f"the chat template rejected 'messages': {e}"
-            raise p.ApiError(400, message, param="messages", code="invalid_messages") from None
+        self.check_prompt_count(1)
+        prompt = await self.prompts.chat_prompt([m.template_dict() for m in req.messages])
+        token_ids = await self.prompts.token_ids([prompt], add_special_tokens=False, param="messages")
+        params = self.resolve_max_tokens(params, token_ids, "messages")
         base_id = p.new_id("chatcmpl")
-        await self.add_all(base_id, [prompt], params, add_special_tokens=False, param="messages")
+        await self.add_all(base_id, token_ids, params, param="messages")
         head = {"id": base_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name}
         top = req.top_logprobs or 0
         if req.stream:
@@ -255,19 +359,20 @@ class _Server:
                     "logprobs": p.chat_logprobs(c.token_ids, c.logprobs or [], top) if req.logprobs else None,
                     "finish_reason": c.finish_reason}
                    for c in sorted(out.outputs, key=lambda c: c.index)]
-        return JSONResponse({**head, "choices": choices, "usage": _usage([out])})
+        return _json({**head, "choices": choices, "usage": _usage([out])})
 
-    async def chat_events(self, req: p.ChatCompletionRequest, head: dict, top: int, t0: float) -> AsyncIterator[str]:
+    async def chat_events(self, req: p.ChatCompletionRequest, head: dict, top: int, t0: float) -> AsyncIterator[bytes]:
         deltas: dict[int, p.ChoiceDelta] = {}
         final = None
         usage_field = {"usage": None} if req.include_usage else {}
-        for index in range(req.n):
-            yield _sse({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}], **usage_field})
+        yield b"".join(_sse({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}], **usage_field})
+                       for index in range(req.n))
         async for _, out in self._guarded(self.outputs(head["id"], 1, t0)):
-            if isinstance(out, str):
+            if isinstance(out, bytes):
                 yield out
                 return
+            events = []
             for c in out.outputs:
                 delta = deltas.setdefault(c.index, p.ChoiceDelta())
                 if delta.finished:
@@ -275,24 +380,50 @@ class _Server:
                 text, ids, entries = delta.advance(c)
                 if not text and not ids and not delta.finished:
                     continue
-                yield _sse({**head, "choices": [{
+                events.append(_sse({**head, "choices": [{
                     "index": c.index, "delta": {"content": text} if text or not delta.finished else {},
                     "logprobs": p.chat_logprobs(ids, entries, top) if req.logprobs else None,
-                    "finish_reason": c.finish_reason if delta.finished else None}], **usage_field})
+                    "finish_reason": c.finish_reason if delta.finished else None}], **usage_field}))
             if out.finished:
                 final = out
-        if req.include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage([final] if final else [])})
-        yield _sse("[DONE]")
+            if events:
+                yield b"".join(events)
+        tail = _sse({**head, "choices": [], "usage": _usage([final] if final else [])}) if req.include_usage else b""
+        yield tail + _DONE
 
     async def _guarded(self, outputs: AsyncIterator) -> AsyncIterator:
-        """Passes outputs through; an engine failure mid-stream becomes one error event and [DONE]."""
+        """Passes outputs through; an engine failure or the end of a shutdown's grace period becomes one
+        OpenAI-shaped error event and [DONE]."""
         try:
             async for item in outputs:
                 yield item
         except EngineDeadError as e:
-            error = p.ApiError(503, str(e), type="server_error", code="engine_dead")
-            yield 0, _sse(error.body()) + _sse("[DONE]")
+            yield 0, _sse(_engine_error(e).body()) + _DONE
+
+    # -- shutdown ------------------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Stops admitting, lets pending requests finish for `timeout` seconds, then ends the rest:
+        each open stream with an error event and [DONE], each waiting request with a 503."""
+        self.draining = True
+        self.engine.closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self.engine.num_pending:
+            log.info("shutting down: waiting up to %g s for %d requests", timeout, self.engine.num_pending)
+        while self.engine.num_pending and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self.engine.num_pending:
+            log.warning("shutting down: ending %d requests unfinished after %g s", self.engine.num_pending, timeout)
+            self.engine.fail_pending(ShuttingDownError(
+                f"the server is shutting down and could not finish this request within {timeout:g} s"))
+            settle = loop.time() + 5.0
+            while self.engine.num_pending and loop.time() < settle:  # their handlers write the final answers
+                await asyncio.sleep(0.01)
+
+
+def _engine_error(e: EngineDeadError) -> p.ApiError:
+    return _unavailable(str(e), "shutting_down" if isinstance(e, ShuttingDownError) else "engine_dead")
 
 
 def _usage(outputs: list[RequestOutput], generated: bool = True) -> dict:
@@ -308,73 +439,102 @@ def _parse(model, body: bytes):
         raise p.validation_error(e) from None
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 # -- the app -------------------------------------------------------------------------------------------
 
 
-def build_app(engine_factory: Callable[[], object], *, api_key: str | None = None,
-              served_model_name: str | None = None, max_pending_requests: int = 1024, max_n: int = 16,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+def build_app(engine_factory: Callable[[], object], settings: ServerSettings | None = None, **overrides) -> FastAPI:
     """The FastAPI app. The engine is built by `engine_factory()` on the engine thread at startup.
 
     Args:
       engine_factory: returns an object with the Engine contract (tests pass a fake).
-      api_key: when set, every /v1 route needs `Authorization: Bearer <api_key>`.
-      served_model_name: the name clients send as `model`; defaults to the engine's model name.
-      max_pending_requests: requests accepted at once; beyond it the server answers 429.
-      max_n: the largest `n` accepted.
-      max_request_bytes: larger request bodies are answered 413 (before they are read, when
-        Content-Length says so).
+      settings: the server's limits and timeouts (`ServerSettings`); `overrides` replace its fields
+        (`build_app(factory, api_key="k")`).
     """
-    check_limit(max_request_bytes)  # now, not when the middleware is built at the first request
-    engine = AsyncEngine(engine_factory, max_pending_requests=max_pending_requests)
-    server = _Server(engine, api_key=api_key, served_model_name=served_model_name, max_n=max_n)
+    settings = dataclasses.replace(settings or ServerSettings(), **overrides)
+    check_limit(settings.max_request_bytes)
+    engine = AsyncEngine(engine_factory, max_pending_requests=settings.max_pending_requests, warmup=settings.warmup,
+                         stream_interval=settings.stream_interval)
+    server = _Server(engine, settings)
+
+    async def watch_engine():
+        """Logs, once per stall, what the engine thread is doing when a step takes too long."""
+        timeout = settings.engine_stall_timeout
+        stalled = False
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            busy = engine.stalled_for()
+            if busy > timeout and not stalled:
+                log.error("the engine thread has been in one step for %.1f s (--engine-stall-timeout %g); /health "
+                          "answers 503 until it finishes. Its stack:\n%s", busy, timeout, engine.engine_stack())
+            elif busy <= timeout and stalled:
+                log.warning("the engine thread finished its step; serving again")
+            stalled = busy > timeout
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        await engine.start()
+        await server.start()
+        watchdog = asyncio.ensure_future(watch_engine())
         log.info("serving %s (max_model_len=%d)", server.model_name, engine.max_model_len)
         try:
             yield
         finally:
+            watchdog.cancel()
             await engine.shutdown()
+            server.prompts.close()
 
     app = FastAPI(title="jpaged", lifespan=lifespan)
-    endpoints = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/models": "models"}
-    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes, on_refuse=lambda path: server.metrics.requests.labels(
-        endpoints.get(path, path), "413").inc())
     app.state.server = server
+    requests_metric = server.metrics.requests
 
-    def route(endpoint: str, handler, *, auth: bool = True):
+    def route(endpoint: str, handler: Callable[..., Awaitable[Response]], *, auth: bool = True,
+              body: bool = False, admit: bool = False):
+        """The handler, behind auth, the body cap and admission; one request count per answer, labelled
+        by this route's name (never by what the client sent)."""
         async def wrapped(request: Request) -> Response:
             try:
                 if auth:
                     server.check_auth(request)
-                response = await handler(request)
+                if admit:
+                    server.check_admitting()
+                if body:
+                    response = await handler(request, await read_body(request, settings.max_request_bytes))
+                else:
+                    response = await handler(request)
             except p.ApiError as e:
-                response = JSONResponse(e.body(), status_code=e.status)
-            server.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+                response = _error_response(e)
+            requests_metric.labels(endpoint, str(response.status_code)).inc()
             return response
         return wrapped
 
     async def models(request: Request) -> Response:
-        return JSONResponse(p.model_list(server.model_name))
+        return _json(p.model_list(server.model_name))
+
+    async def model(request: Request) -> Response:
+        server.check_model(request.path_params["model_id"])
+        return _json(p.model_card(server.model_name))
 
     async def health(request: Request) -> Response:
-        if not engine.healthy:
-            raise p.ApiError(503, f"engine is not running: {engine.error}", type="server_error", code="engine_dead")
-        return JSONResponse({"status": "ok"})
+        if server.draining:
+            raise _unavailable("the server is shutting down", "shutting_down")
+        state = engine.state
+        if state == "dead":
+            raise _unavailable(f"engine is not running: {engine.error}", "engine_dead")
+        if state == "starting":
+            raise _unavailable("the engine is starting (warming up)", "engine_starting")
+        busy = engine.stalled_for()
+        if busy > settings.engine_stall_timeout:
+            raise _unavailable(f"the engine has been in one step for {busy:.0f} s (stall timeout "
+                               f"{settings.engine_stall_timeout:g} s)", "engine_stalled")
+        return _json({"status": "ok"})
 
     async def metrics(request: Request) -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     app.add_api_route("/v1/models", route("models", models), methods=["GET"])
-    app.add_api_route("/v1/completions", route("completions", server.completions), methods=["POST"])
-    app.add_api_route("/v1/chat/completions", route("chat", server.chat), methods=["POST"])
+    app.add_api_route("/v1/models/{model_id:path}", route("model", model), methods=["GET"])
+    app.add_api_route("/v1/completions", route("completions", server.completions, body=True, admit=True),
+                      methods=["POST"])
+    app.add_api_route("/v1/chat/completions", route("chat", server.chat, body=True, admit=True), methods=["POST"])
     app.add_api_route("/health", route("health", health, auth=False), methods=["GET"])
     app.add_api_route("/metrics", route("metrics", metrics, auth=False), methods=["GET"])
 
@@ -382,21 +542,20 @@ def build_app(engine_factory: Callable[[], object], *, api_key: str | None = Non
     async def http_error(request: Request, exc: StarletteHTTPException):
         error = p.ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                            code="not_found" if exc.status_code == 404 else None)
-        return JSONResponse(error.body(), status_code=exc.status_code)
+        requests_metric.labels("unmatched", str(exc.status_code)).inc()  # one series for every unknown route
+        return _error_response(error)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        error = p.ApiError(500, f"internal server error: {type(exc).__name__}: {exc}", type="server_error")
-        return JSONResponse(error.body(), status_code=500)
+        return _error_response(p.ApiError(500, f"internal server error: {type(exc).__name__}: {exc}",
+                                          type="server_error"))
 
     return app
 
 
 def engine_config(args_or_config):
     """An EngineConfig from itself or from an argparse namespace holding (some of) its fields."""
-    import dataclasses
-
     from jpaged.config import EngineConfig
     if isinstance(args_or_config, EngineConfig):
         return args_or_config
@@ -405,17 +564,61 @@ def engine_config(args_or_config):
     return EngineConfig(**given)
 
 
-def serve(args_or_config, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
-          served_model_name: str | None = None, max_pending_requests: int = 1024, max_n: int = 16,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, shutdown_timeout: float = 30.0, log_level: str = "info",
+class _DrainingServer(uvicorn.Server):
+    """uvicorn with jpaged's shutdown: the first SIGTERM/SIGINT drains (`_Server.drain`) while the port
+    stays open to answer 503, then exits with status 0; a second one exits at once."""
+
+    def __init__(self, config: uvicorn.Config, app_server: _Server, shutdown_timeout: float):
+        super().__init__(config)
+        self._app_server, self._shutdown_timeout = app_server, shutdown_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+        self._drain_task: asyncio.Task | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        # Not recorded in _captured_signals: uvicorn would re-raise it at exit, ending the process by signal.
+        self.begin_shutdown()
+
+    def begin_shutdown(self) -> None:
+        """Starts the drain (thread-safe); called again, exits without waiting."""
+        if self._loop is None or self._draining:
+            self.should_exit = True
+            self.force_exit = self._draining
+            return
+        self._draining = True
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())  # held: the loop keeps only a weak reference
+
+    async def _drain(self) -> None:
+        try:
+            await self._app_server.drain(self._shutdown_timeout)
+        finally:
+            self.should_exit = True
+
+
+def _uvicorn_server(app: FastAPI, settings: ServerSettings, **config) -> _DrainingServer:
+    config = uvicorn.Config(app, timeout_keep_alive=settings.keep_alive_timeout,
+                            h11_max_incomplete_event_size=settings.max_header_bytes,
+                            timeout_graceful_shutdown=5, **config)
+    return _DrainingServer(config, app.state.server, settings.shutdown_timeout)
+
+
+def serve(args_or_config, settings: ServerSettings | None = None, *, log_level: str = "info",
           engine_factory: Callable[[], object] | None = None) -> None:
-    """Runs the server until SIGINT/SIGTERM; then in-flight requests get `shutdown_timeout` seconds to
-    finish before they are aborted.
+    """Runs the server until SIGINT/SIGTERM, then drains: see `_Server.drain` and docs/server.md.
 
     Args:
       args_or_config: an EngineConfig, or an argparse namespace with EngineConfig's field names.
+      settings: host, port, limits and timeouts (default `ServerSettings()`).
       engine_factory: overrides building `make_engine(config)` (tests, benchmarks with a fake engine).
     """
+    settings = settings or ServerSettings()
     engine = None
     if engine_factory is None:
         from jpaged.engine.data_parallel import make_engine
@@ -426,11 +629,10 @@ def serve(args_or_config, host: str = "127.0.0.1", port: int = 8000, api_key: st
         def engine_factory():
             return engine
 
-    app = build_app(engine_factory, api_key=api_key, served_model_name=served_model_name,
-                    max_pending_requests=max_pending_requests, max_n=max_n, max_request_bytes=max_request_bytes)
+    app = build_app(engine_factory, settings)
 
     def serve_http():
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
+        _uvicorn_server(app, settings, host=settings.host, port=settings.port, log_level=log_level).run()
 
     if engine is None:
         serve_http()
@@ -442,10 +644,11 @@ def serve(args_or_config, host: str = "127.0.0.1", port: int = 8000, api_key: st
 class BackgroundServer:
     """The app served by uvicorn on a thread of this process (tests and benchmarks on loopback).
 
-    `with BackgroundServer(app) as url:` starts it on a free port of `host` and stops it on exit.
+    `with BackgroundServer(app) as url:` starts it on a free port of `host` and stops it on exit;
+    `shutdown()` runs the drain a SIGTERM would.
     """
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, *, shutdown_timeout: float = 5.0):
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
         import socket
         import threading
 
@@ -453,8 +656,7 @@ class BackgroundServer:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.url = f"http://{host}:{self._sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
-        self.server = uvicorn.Server(config)
+        self.server = _uvicorn_server(app, app.state.server.settings, log_level="warning")
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def __enter__(self) -> str:
@@ -464,6 +666,14 @@ class BackgroundServer:
                 raise RuntimeError("the server failed to start (see its log)")
             time.sleep(0.01)
         return self.url
+
+    def shutdown(self) -> None:
+        self.server.begin_shutdown()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Waits for the server to exit; True if it did."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True

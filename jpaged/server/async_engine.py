@@ -2,17 +2,23 @@
 
 Handlers on the event loop put commands (add, abort, stop) on a `queue.Queue`; the engine thread
 drains it, steps while work exists and blocks on the queue when idle (no polling). Each step's
-outputs go back to the loop in one `call_soon_threadsafe`, onto per-request `asyncio.Queue`s that
-never fill, so neither side ever waits on the other. Outputs are cumulative (text, token ids), so a
-consumer that falls behind only needs the newest one.
+outputs go back to the loop in one `call_soon_threadsafe`, into one slot per request that holds only
+the newest output: outputs are cumulative (text, token ids), so a stream that falls behind sends
+everything it gained since its last send at once, and neither side ever waits on the other.
+
+The engine thread does nothing but engine work: prompts arrive as token ids (the server tokenizes
+them on its own threads), and a heartbeat after every step lets `stalled_for` tell a stuck step
+from an idle engine.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
+import sys
 import threading
+import time
+import traceback
 from typing import AsyncIterator, Callable
 
 from jpaged.outputs import RequestOutput
@@ -29,40 +35,65 @@ class EngineDeadError(Exception):
     """The engine thread failed; no request can complete."""
 
 
-@dataclasses.dataclass
-class PreparedPrompt:
-    text: str            # the prompt as text (decoded when it came as token ids)
-    token_ids: list[int]
+class ShuttingDownError(EngineDeadError):
+    """The server is shutting down; requests it could not finish in time end with this."""
 
 
-@dataclasses.dataclass
 class _Stream:
-    queue: asyncio.Queue
-    finished: bool = False
+    """The newest output of one request (or the error that ended it), and the waiter woken by it."""
+
+    __slots__ = ("latest", "error", "waiter", "finished")
+
+    def __init__(self):
+        self.latest: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future | None = None
+        self.finished = False
+
+    def put(self, item) -> None:
+        if isinstance(item, BaseException):
+            self.error = item
+        else:
+            self.latest = item
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
 
 _STOP = object()
 
 
 class AsyncEngine:
-    """Runs `engine_factory()` in its own thread; `generate` streams its RequestOutputs.
+    """Runs `engine_factory()` in its own thread; `stream_many` streams its RequestOutputs.
 
     Args:
       engine_factory: builds the engine (called on the engine thread, which then owns it).
       max_pending_requests: requests (running + waiting) accepted at once; more get QueueFullError.
+      warmup: call the engine's `warmup()` (compile every step shape) before serving; the state is
+        "starting" until it returns.
+      stream_interval: seconds a stream waits after yielding before it looks for news, so that one
+        write carries every token of that time (0: yield as soon as there is a new output).
     """
 
-    def __init__(self, engine_factory: Callable[[], object], *, max_pending_requests: int = 1024):
+    def __init__(self, engine_factory: Callable[[], object], *, max_pending_requests: int = 1024,
+                 warmup: bool = False, stream_interval: float = 0.0):
         if max_pending_requests < 1:
             raise ValueError(f"max_pending_requests must be >= 1, got {max_pending_requests}")
+        if not stream_interval >= 0:
+            raise ValueError(f"stream_interval must be >= 0 seconds, got {stream_interval}")
         self._factory = engine_factory
+        self._warmup = warmup
+        self._stream_interval = stream_interval
         self.max_pending_requests = max_pending_requests
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}  # touched only on the event loop
         self._live: set[str] = set()  # requests the engine holds; touched only on the engine thread
         self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
+        self._built = threading.Event()
+        self._warm = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle = True
+        self._heartbeat = time.monotonic()
+        self.closed = False  # set by the server when it stops admitting
         self.engine = None
         self.error: BaseException | None = None
         self.stats: dict = {}  # replaced (never mutated) by the engine thread after every change
@@ -72,11 +103,12 @@ class AsyncEngine:
     # -- lifecycle (event loop side) ---------------------------------------------------------------
 
     async def start(self) -> None:
-        """Builds the engine on its thread and returns once it is ready (or raises its error)."""
+        """Builds the engine on its thread and returns once it is built (or raises its error); a
+        warm-up, if asked for, goes on after that on the engine thread."""
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="jpaged-engine", daemon=True)
         self._thread.start()
-        await self._loop.run_in_executor(None, self._ready.wait)
+        await self._loop.run_in_executor(None, self._built.wait)
         if self.error is not None:
             raise self.error
 
@@ -87,38 +119,54 @@ class AsyncEngine:
         self._commands.put((_STOP,))
         await self._loop.run_in_executor(None, self._thread.join)
         self._thread = None
-        self._deliver([(rid, EngineDeadError("the server is shutting down")) for rid in self._streams])
+        self.fail_pending(ShuttingDownError("the server is shutting down"))
 
     @property
     def num_pending(self) -> int:
         return len(self._streams)
 
     @property
-    def healthy(self) -> bool:
-        return self._ready.is_set() and self.error is None and self._thread is not None
+    def state(self) -> str:
+        """'starting' (building or warming up), 'ready' or 'dead'."""
+        if self.error is not None or (self._thread is None and self._built.is_set()):
+            return "dead"
+        return "ready" if self._warm else "starting"
+
+    def stalled_for(self) -> float:
+        """Seconds the engine thread has been busy without finishing a step (0 while idle)."""
+        if self._idle or not self._warm:
+            return 0.0
+        return time.monotonic() - self._heartbeat
+
+    def engine_stack(self) -> str:
+        """The engine thread's current Python stack, for the log of a stall."""
+        frame = sys._current_frames().get(self._thread.ident) if self._thread is not None else None
+        return "".join(traceback.format_stack(frame)) if frame is not None else "(the engine thread is not running)"
 
     # -- requests (event loop side) ----------------------------------------------------------------
 
-    async def add(self, request_id: str, prompt: str | list[int], params: SamplingParams, *,
-                  add_special_tokens: bool = True) -> PreparedPrompt:
-        """Tokenizes and queues a request on the engine thread. ValueError: it can never run."""
+    async def add_many(self, requests: list[tuple[str, list[int], SamplingParams]]) -> None:
+        """Queues requests of token ids, all or none: the capacity check covers them together, and if
+        the engine refuses one (ValueError, naming its position) none of them stays."""
         if self.error is not None:
             raise EngineDeadError(f"engine failed: {self.error}")
-        if len(self._streams) >= self.max_pending_requests:
+        if self.closed:
+            raise ShuttingDownError("the server is shutting down and accepts no new requests")
+        if len(self._streams) + len(requests) > self.max_pending_requests:
             raise QueueFullError(f"the server is at its limit of {self.max_pending_requests} pending requests")
-        if request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        stream = self._streams[request_id] = _Stream(asyncio.Queue())
+        ids = [request_id for request_id, _, _ in requests]
+        if any(request_id in self._streams for request_id in ids):
+            raise ValueError("request ids are already in use")
+        for request_id in ids:
+            self._streams[request_id] = _Stream()
         added = self._loop.create_future()
-        self._commands.put(("add", request_id, prompt, params, add_special_tokens, added))
+        self._commands.put(("add", requests, added))
         try:
-            return await added
+            await added
         except BaseException:
-            # Rejected, or the caller went away before the engine answered: the abort is a no-op for
-            # an id the engine never kept.
-            self._streams.pop(request_id, None)
-            if not stream.finished:
-                self._commands.put(("abort", request_id))
+            # Refused, or the caller went away before the engine answered: aborting an id the engine
+            # never kept is a no-op.
+            self.release(ids)
             raise
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
@@ -128,17 +176,18 @@ class AsyncEngine:
             return
         try:
             while not stream.finished:
-                item = await stream.queue.get()
-                while not stream.queue.empty():  # cumulative outputs: only the newest matters
-                    item = stream.queue.get_nowait()
-                if isinstance(item, BaseException):
-                    raise item
+                if stream.error is None and stream.latest is None:
+                    stream.waiter = self._loop.create_future()
+                    await stream.waiter
+                if stream.error is not None:
+                    raise stream.error
+                item, stream.latest = stream.latest, None
                 stream.finished = item.finished
                 yield item
+                if self._stream_interval and not stream.finished:
+                    await asyncio.sleep(self._stream_interval)
         finally:
-            self._streams.pop(request_id, None)
-            if not stream.finished:
-                self.abort(request_id)
+            self.release([request_id])
 
     async def stream_many(self, request_ids: list[str]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(position in request_ids, newest output) of several requests, interleaved as they progress.
@@ -182,16 +231,22 @@ class AsyncEngine:
             if stream is not None and not stream.finished:
                 self._commands.put(("abort", request_id))
 
-    def abort(self, request_id: str) -> None:
-        """Stops a request: its stream goes away here and the engine frees its pages."""
-        self._streams.pop(request_id, None)
-        self._commands.put(("abort", request_id))
+    def fail_pending(self, error: BaseException) -> None:
+        """Ends every pending request with `error` (its stream raises it) and aborts it in the engine."""
+        for request_id, stream in list(self._streams.items()):
+            stream.put(error)
+            self._commands.put(("abort", request_id))
 
-    def _deliver(self, items: list[tuple[str, object]]) -> None:
-        for request_id, item in items:
-            stream = self._streams.get(request_id)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        streams = self._streams
+        for out in outputs:
+            stream = streams.get(out.request_id)
             if stream is not None:
-                stream.queue.put_nowait(item)
+                stream.put(out)
+
+    def _fail_streams(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put(error)
 
     # -- the engine thread -------------------------------------------------------------------------
 
@@ -203,10 +258,14 @@ class AsyncEngine:
             self.stats = self.engine.stats()
         except BaseException as e:  # reported by start()
             self.error = e
-            self._ready.set()
+            self._built.set()
             return
-        self._ready.set()
+        self._built.set()
         try:
+            if self._warmup and hasattr(self.engine, "warmup"):
+                log.info("warming up the engine (compiling every step shape)")
+                self.engine.warmup()
+            self._warm = True
             self._loop_forever()
         except BaseException as e:
             log.exception("engine thread failed")
@@ -216,8 +275,12 @@ class AsyncEngine:
     def _loop_forever(self) -> None:
         engine = self.engine
         while True:
-            block = not engine.has_unfinished()
-            commands = [self._commands.get()] if block else []
+            commands = []
+            if not engine.has_unfinished():
+                self._idle = True
+                commands.append(self._commands.get())
+                self._idle = False
+            self._heartbeat = time.monotonic()
             while True:
                 try:
                     commands.append(self._commands.get_nowait())
@@ -230,42 +293,35 @@ class AsyncEngine:
                 self._apply(command)
             if engine.has_unfinished():
                 outputs = engine.step()
-                self._live.difference_update(o.request_id for o in outputs if o.finished)
+                self._heartbeat = time.monotonic()
                 if outputs:
-                    self._loop.call_soon_threadsafe(self._deliver, [(o.request_id, o) for o in outputs])
+                    self._live.difference_update(o.request_id for o in outputs if o.finished)
+                    self._loop.call_soon_threadsafe(self._deliver, outputs)
             self.stats = engine.stats()
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "abort":
-            self.engine.abort(command[1])
-            self._live.discard(command[1])
+            if command[1] in self._live:
+                self.engine.abort(command[1])
+                self._live.discard(command[1])
             return
-        _, request_id, prompt, params, add_special_tokens, added = command
+        _, requests, added = command
+        done: list[str] = []
         try:
-            prepared = self._prepare(prompt, params, add_special_tokens)
-            self.engine.add_request(request_id, prepared.token_ids, params)
-            self._live.add(request_id)
+            for position, (request_id, token_ids, params) in enumerate(requests):
+                try:
+                    self.engine.add_request(request_id, token_ids, params)
+                except ValueError as e:
+                    raise ValueError(f"prompt {position}: {e}" if len(requests) > 1 else str(e)) from None
+                done.append(request_id)
+                self._live.add(request_id)
         except Exception as e:  # ValueError: the request can never run; anything else must not kill the thread
-            self._loop.call_soon_threadsafe(_settle, added, None, e)
+            for request_id in done:
+                self.engine.abort(request_id)
+                self._live.discard(request_id)
+            self._loop.call_soon_threadsafe(_settle, added, e)
             return
-        self._loop.call_soon_threadsafe(_settle, added, prepared, None)
-
-    def _prepare(self, prompt: str | list[int], params: SamplingParams, add_special_tokens: bool) -> PreparedPrompt:
-        tokenizer = self.engine.tokenizer
-        if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-            text = prompt
-        else:
-            ids = list(prompt)
-            text = tokenizer.decode(ids, skip_special_tokens=False)
-        limit = self.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(f"the prompt has {len(ids)} tokens; this model's maximum context length is "
-                             f"{limit} tokens, which leaves no room to generate")
-        if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
-            raise ValueError(f"this model's maximum context length is {limit} tokens, but {len(ids) + params.max_tokens}"
-                             f" were requested ({len(ids)} in the prompt, {params.max_tokens} in max_tokens)")
-        return PreparedPrompt(text, ids)
+        self._loop.call_soon_threadsafe(_settle, added, None)
 
     def _abort_all(self) -> None:
         for request_id in self._live:
@@ -275,25 +331,25 @@ class AsyncEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         dead = EngineDeadError(f"engine failed: {error}")
-        self._loop.call_soon_threadsafe(self._deliver, [(rid, dead) for rid in self._live])
+        self._loop.call_soon_threadsafe(self._fail_streams, dead)
         for request_id in self._live:
             try:
                 self.engine.abort(request_id)
             except Exception:  # the engine is already broken; the streams still need their error
-                pass
+                log.debug("abort of %s failed on the broken engine", request_id)
         while True:  # adds still queued would otherwise wait forever
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 break
             if command[0] == "add":
-                self._loop.call_soon_threadsafe(_settle, command[-1], None, dead)
+                self._loop.call_soon_threadsafe(_settle, command[-1], dead)
 
 
-def _settle(future: asyncio.Future, result, error) -> None:
+def _settle(future: asyncio.Future, error) -> None:
     if future.done():  # the handler was cancelled meanwhile
         return
     if error is not None:
         future.set_exception(error)
     else:
-        future.set_result(result)
+        future.set_result(None)

@@ -7,7 +7,7 @@ does. Responses are plain dicts in OpenAI's schema; `logprobs` take each endpoin
 from __future__ import annotations
 
 import time
-import uuid
+import random
 from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,9 +20,14 @@ class ApiError(Exception):
     """A client-visible failure, rendered as OpenAI's error JSON with `status`."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after  # seconds, sent as the Retry-After header (429, 503)
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -66,7 +71,14 @@ def _field_types(param: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # allow_inf_nan=False: JSON's Infinity / NaN (and numbers too large for a float) are refused by name.
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+# Bounds the engine's SamplingParams does not set itself: OpenAI's temperature range, and seeds that
+# fit the int64 the API documents.
+MAX_TEMPERATURE = 2.0
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
 
 
 class StreamOptions(_Strict):
@@ -99,6 +111,12 @@ class _SamplingFields(_Strict):
         def given(value, default):
             return default if value is None else value
 
+        if self.temperature is not None and not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ApiError(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}",
+                           param="temperature", code="invalid_value")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ApiError(400, f"seed must be a 64-bit signed integer, got {self.seed}", param="seed",
+                           code="invalid_value")
         try:
             return SamplingParams(
                 n=self.n, temperature=given(self.temperature, 1.0), top_p=given(self.top_p, 1.0),
@@ -185,8 +203,12 @@ class ChatCompletionRequest(_SamplingFields):
 # -- responses -----------------------------------------------------------------------------------
 
 
+# Ids need to be unique, not secret: one generator seeded from the OS, instead of a system call per id.
+_ids = random.Random()
+
+
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{_ids.getrandbits(128):032x}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -194,9 +216,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "jpaged"}
+
+
 def model_list(name: str) -> dict:
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
-                                        "owned_by": "jpaged"}]}
+    return {"object": "list", "data": [model_card(name)]}
 
 
 def _token_text(entry: dict[int, Logprob], token_id: int) -> str:

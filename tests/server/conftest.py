@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 import httpx
@@ -9,18 +10,24 @@ import openai
 import pytest
 
 from jpaged.server import BackgroundServer, build_app
+from jpaged.server.settings import ServerSettings
 from tests.server.fake_engine import FakeEngine
 
 # One client for all tests: building an httpx.Client (its SSL context) costs ~0.15 s on these machines.
 HTTP = httpx.Client(timeout=30)
 
 
+SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerSettings)}
+
+
 @contextlib.contextmanager
-def fake_server(*, api_key: str | None = None, max_pending_requests: int = 64, max_n: int = 4,
-                max_request_bytes: int = 8 << 20, **engine_kw):
-    """(url, app) of a server on 127.0.0.1 over a FakeEngine(**engine_kw)."""
-    app = build_app(lambda: FakeEngine(**engine_kw), api_key=api_key, max_pending_requests=max_pending_requests,
-                    max_n=max_n, max_request_bytes=max_request_bytes)
+def fake_server(*, max_pending_requests: int = 64, max_n: int = 4, **kw):
+    """(url, app) of a server on 127.0.0.1 over a FakeEngine; `kw` are ServerSettings fields and
+    FakeEngine arguments."""
+    settings = {k: v for k, v in kw.items() if k in SERVER_FIELDS}
+    engine_kw = {k: v for k, v in kw.items() if k not in SERVER_FIELDS}
+    app = build_app(lambda: FakeEngine(**engine_kw), max_pending_requests=max_pending_requests, max_n=max_n,
+                    **settings)
     with BackgroundServer(app) as url:
         yield url, app
 

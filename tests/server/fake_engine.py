@@ -29,9 +29,17 @@ PAGE_SIZE = 4
 
 
 class ByteTokenizer:
+    """`encode_delay` seconds of sleep per encode stand in for a slow tokenizer."""
+
     eos_token_ids = [EOS]
+    vocab_size = 258
+
+    def __init__(self, encode_delay: float = 0.0):
+        self.encode_delay = encode_delay
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.encode_delay:
+            time.sleep(self.encode_delay)
         return ([BOS] if add_special_tokens else []) + list(text.encode("utf-8"))
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -70,11 +78,18 @@ class _Req:
 
 class FakeEngine:
     """Args: num_pages: pool size; max_num_seqs: sequences stepped at once; step_delay: seconds per step;
-    fail_on: a prompt text that makes step() raise (to test a failing engine)."""
+    fail_on: a prompt text that makes step() raise (to test a failing engine); stall_on: a prompt text
+    whose first step sleeps `stall_seconds` (a stuck step); warmup_delay: seconds `warmup()` takes;
+    encode_delay: seconds each tokenizer encode takes."""
 
     def __init__(self, *, num_pages: int = 256, max_num_seqs: int = 8, max_model_len: int = 128,
-                 step_delay: float = 0.002, model_name: str = "fake-model", fail_on: str | None = None):
-        self.tokenizer = ByteTokenizer()
+                 step_delay: float = 0.002, model_name: str = "fake-model", fail_on: str | None = None,
+                 stall_on: str | None = None, stall_seconds: float = 1.0, warmup_delay: float = 0.0,
+                 encode_delay: float = 0.0):
+        self.tokenizer = ByteTokenizer(encode_delay)
+        self.stall_on, self.stall_seconds = stall_on, stall_seconds
+        self.warmup_delay = warmup_delay
+        self.warmed_up = False
         self.eos_token_ids = {EOS}
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -134,6 +149,11 @@ class FakeEngine:
                     self.free_pages += req.pages
                     self.num_aborted += 1
 
+    def warmup(self) -> None:
+        self._check_thread()
+        time.sleep(self.warmup_delay)
+        self.warmed_up = True
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -187,6 +207,9 @@ class FakeEngine:
         self._admit()
         if self.fail_on and any(self.fail_on in self.tokenizer.decode(r.prompt_ids) for r in self.running):
             raise RuntimeError(f"fake failure on {self.fail_on!r}")
+        if self.stall_on and any(self.stall_on in self.tokenizer.decode(r.prompt_ids) for r in self.running):
+            self.stall_on = None
+            time.sleep(self.stall_seconds)
         if self.step_delay:
             time.sleep(self.step_delay)
         outputs = []
@@ -225,14 +248,17 @@ def main() -> None:
     import argparse
 
     from jpaged.server import serve
+    from jpaged.server.settings import ServerSettings
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--step-delay", type=float, default=0.002)
     parser.add_argument("--num-pages", type=int, default=256)
     parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0)
     args = parser.parse_args()
-    serve(None, "127.0.0.1", args.port, log_level="warning",
+    settings = ServerSettings(port=args.port, shutdown_timeout=args.shutdown_timeout)
+    serve(None, settings, log_level="warning",
           engine_factory=lambda: FakeEngine(step_delay=args.step_delay, num_pages=args.num_pages,
                                             max_num_seqs=args.max_num_seqs))
 

@@ -199,11 +199,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_finishes_in_flight_stream_then_exits():
+@pytest.mark.parametrize("shutdown_timeout, finishes", [(30.0, True), (0.2, False)])
+def test_sigterm_finishes_in_flight_stream_or_ends_it_with_an_error_then_exits_0(shutdown_timeout, finishes):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen([sys.executable, "-m", "tests.server.fake_engine", "--port", str(port),
-                             "--step-delay", "0.01"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--step-delay", "0.01", "--shutdown-timeout", str(shutdown_timeout)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -214,13 +216,17 @@ def test_sigterm_finishes_in_flight_stream_then_exits():
             except httpx.TransportError:
                 assert time.monotonic() < deadline and proc.poll() is None, "server did not start"
                 time.sleep(0.1)
-        c, r, lines = _open_stream(url, 40)
+        c, r, lines = _open_stream(url, 60)
         proc.send_signal(signal.SIGTERM)
         rest = [line for line in lines if line]
         c.close()
         assert rest[-1] == "data: [DONE]"
-        # uvicorn re-raises the signal it handled once shutdown is complete
-        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        last = json.loads(rest[-2].removeprefix("data: "))
+        if finishes:
+            assert last["choices"][0]["finish_reason"] == "length"
+        else:
+            assert last["error"]["code"] == "shutting_down"
+        assert proc.wait(timeout=20) == 0
         assert b"Traceback" not in proc.stdout.read()
     finally:
         if proc.poll() is None:
