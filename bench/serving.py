@@ -1,16 +1,22 @@
-"""Serving benchmark in the style of vLLM's `benchmark_serving`: Poisson arrivals at a request rate,
-random prompt/output lengths, streamed completions; TTFT, TPOT, ITL and E2E latency (mean, p50, p99)
-and request/token throughput.
+"""Serving benchmark in the style of `vllm bench serve`: Poisson arrivals at each of several request rates
+over one server start, random prompt/output lengths, streamed completions; TTFT, TPOT, ITL and E2E latency
+(mean, p50, p99), request/token throughput, and the compilations the server ran during each timed run.
+The offline engine on the same lengths runs in the same invocation as the baseline.
 
-It starts `jpaged serve` in a subprocess on 127.0.0.1 (or uses --url, loopback only), warms it up,
-runs the workload, and writes JSON to --out:
+It starts `jpaged serve` in a subprocess on 127.0.0.1 (or uses --url, loopback only), runs each rate in
+order (a warm-up of --num-warmup requests before every rate but the first, so the first rate measures a
+cold server), and writes one JSON (default `bench/results/serving_sweep_<model>_<device>.json`) plus a PNG
+of latency against throughput beside it:
 
-    PYTHONPATH=. python bench/serving.py --model default --num-prompts 200 --request-rate 8 \
-        --out bench/results/serving_smollm2_h100.json
-    PYTHONPATH=. python bench/serving.py --fake --num-prompts 50 --out /tmp/serving_fake.json
+    PYTHONPATH=. python bench/serving.py --model llama3-8b --request-rates 1,4,8,16,32,inf
+    PYTHONPATH=. python bench/serving.py --fake --request-rates 8,inf --rate-seconds 5 --no-offline
+    PYTHONPATH=. python bench/serving.py --plot bench/results/serving_sweep_llama3-8b_nvidia-h100.json
 
 Prompts are random token ids in --token-range (vLLM's "random" dataset), sent as token-id prompts with
-`ignore_eos` so every request generates exactly its output length.
+`ignore_eos` so every request generates exactly its output length. A finite rate sends
+max(--min-prompts, rate x --rate-seconds) requests; rate inf sends --num-prompts at once. The load is
+spread over --client-processes processes (each its own event loop and GIL), so that the client is not
+the bound; the JSON records their CPU use.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -90,23 +97,59 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str | None, prom
     return result
 
 
-async def run_workload(url: str, requests: list[tuple[list[int], int]], request_rate: float, *, model: str | None,
-                       max_concurrency: int | None, seed: int) -> tuple[list[RequestResult], float]:
-    rng = np.random.default_rng(seed)
-    gate = asyncio.Semaphore(max_concurrency or len(requests))
-    limits = httpx.Limits(max_connections=(max_concurrency or len(requests)) + 2)
+def arrival_times(n: int, request_rate: float, rng) -> np.ndarray:
+    """Seconds after the start at which each request is sent: a Poisson process, or all at 0 for inf."""
+    if request_rate == float("inf"):
+        return np.zeros(n)
+    return np.cumsum(rng.exponential(1.0 / request_rate, size=n)) - 0.0
+
+
+async def _client(url: str, requests, offsets, start: float, *, model: str | None,
+                  max_concurrency: int | None) -> list[RequestResult]:
+    gate = asyncio.Semaphore(max_concurrency or len(requests) or 1)
+    limits = httpx.Limits(max_connections=(max_concurrency or len(requests)) + 2,
+                          max_keepalive_connections=(max_concurrency or len(requests)) + 2)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as http:
-        async def limited(prompt, out_len):
+        async def send(prompt, out_len, at):
+            await asyncio.sleep(max(0.0, start + at - time.time()))
             async with gate:
                 return await one_request(http, url, model, prompt, out_len)
 
-        tasks, t0 = [], time.perf_counter()
-        for prompt, out_len in requests:
-            tasks.append(asyncio.create_task(limited(prompt, out_len)))
-            if request_rate != float("inf"):
-                await asyncio.sleep(rng.exponential(1.0 / request_rate))  # Poisson process
-        results = await asyncio.gather(*tasks)
-        return results, time.perf_counter() - t0
+        return await asyncio.gather(*(send(p, n, at) for (p, n), at in zip(requests, offsets)))
+
+
+def _client_process(url, requests, offsets, start, model, max_concurrency, queue) -> None:
+    cpu = time.process_time()
+    results = asyncio.run(_client(url, requests, offsets, start, model=model, max_concurrency=max_concurrency))
+    queue.put((results, time.process_time() - cpu))
+
+
+def run_workload(url: str, requests: list[tuple[list[int], int]], request_rate: float, *, model: str | None,
+                 max_concurrency: int | None, seed: int, processes: int = 1) -> tuple[list[RequestResult], float, float]:
+    """Sends `requests` at `request_rate` from `processes` client processes (requests dealt round-robin,
+    arrival times drawn once for all). Returns (results, duration in s, client CPU seconds)."""
+    import multiprocessing as mp
+
+    offsets = arrival_times(len(requests), request_rate, np.random.default_rng(seed))
+    processes = max(1, min(processes, len(requests)))
+    per_process = None if max_concurrency is None else max(1, max_concurrency // processes)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    start = time.time() + 0.5 + 0.2 * processes      # every process is up before the first arrival
+    procs = [ctx.Process(target=_client_process, daemon=True,
+                         args=(url, requests[i::processes], offsets[i::processes], start, model, per_process, queue))
+             for i in range(processes)]
+    for p in procs:
+        p.start()
+    results, cpu = [], 0.0
+    for _ in procs:
+        part, seconds = queue.get()
+        results += part
+        cpu += seconds
+    duration = time.time() - start
+    for p in procs:
+        p.join()
+    return results, duration, cpu
 
 
 def summarize(results: list[RequestResult], duration: float) -> dict:
@@ -149,7 +192,8 @@ def server_process(args):
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + args.startup_timeout
+        started = time.monotonic()
+        deadline = started + args.startup_timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
@@ -159,6 +203,7 @@ def server_process(args):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server was not ready after {args.startup_timeout} s")
             time.sleep(0.5)
+        server_process.ready_s = time.monotonic() - started
         yield url, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -183,9 +228,11 @@ def process_cpu_seconds(pid: int | None) -> tuple[float, float]:
 
 
 def run_server(args) -> None:
+    from jpaged import compilations
     from jpaged.config import EngineConfig
     from jpaged.server import serve
     from jpaged.server.settings import ServerSettings
+    compilations.install()
     factory = None
     if args.fake:
         from tests.server.fake_engine import FakeEngine
@@ -194,7 +241,8 @@ def run_server(args) -> None:
             return FakeEngine(num_pages=1 << 16, max_num_seqs=args.max_num_seqs, max_model_len=4096, step_delay=0.002)
     config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           num_kv_blocks=args.num_kv_blocks)
-    settings = ServerSettings(port=args.port, max_pending_requests=100_000, stream_interval=args.stream_interval)
+    settings = ServerSettings(port=args.port, max_pending_requests=100_000, stream_interval=args.stream_interval,
+                              warmup=True)
     serve(config, settings, log_level="warning",
           engine_factory=factory)
 
@@ -226,9 +274,119 @@ def print_table(summary: dict) -> None:
         print(f"{name[:-3].upper():<28}{cells}")
 
 
+def parse_rates(text: str) -> list[float]:
+    rates = [float(x) for x in text.split(",") if x.strip()]
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"--request-rates takes positive numbers or inf, got {text!r}")
+    return rates
+
+
+def rate_label(rate: float) -> str:
+    return "inf" if rate == float("inf") else f"{rate:g}"
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The server's unlabelled Prometheus samples, name -> value."""
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
+            with contextlib.suppress(ValueError):
+                out[parts[0]] = float(parts[1])
+    return out
+
+
+def compilations(metrics: dict[str, float]) -> float | None:
+    for name in ("jpaged_compilations_total", "jpaged_num_compilations"):
+        if name in metrics:
+            return metrics[name]
+    return None
+
+
+def run_offline(args) -> None:
+    """The offline engine (`LLM.generate`, same config as the server) on the sweep's requests; JSON to --out."""
+    from bench import common
+    from jpaged import LLM
+
+    requests = all_requests(args)
+    llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs, num_kv_blocks=args.num_kv_blocks)
+    llm.engine.warmup()
+    warm = requests[:min(len(requests), args.max_num_seqs)]
+    common.timed_generate(llm, [p for p, _ in warm], [n for _, n in warm])
+    run = common.timed_generate(llm, [p for p, _ in requests], [n for _, n in requests])
+    result = {"num_requests": run["num_requests"], "duration_s": run["seconds"],
+              "output_throughput": run["output_tokens"] / run["seconds"],
+              "total_token_throughput": (run["input_tokens"] + run["output_tokens"]) / run["seconds"],
+              "compilations": run["compilations"], "num_preemptions": run["num_preemptions"]}
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+def all_requests(args) -> list[tuple[list[int], int]]:
+    """The offline baseline's requests: the same lengths as the rate-inf run (--num-prompts)."""
+    return sample_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                           token_range_of(args), args.seed)
+
+
+def token_range_of(args) -> tuple[int, int]:
+    return tuple(args.token_range or ((97, 123) if args.fake else (1000, 20000)))
+
+
+def offline_baseline(args) -> dict:
+    out = os.path.join(os.path.dirname(os.path.abspath(args.out)), f".offline_{os.getpid()}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--role", "offline", "--out", out]
+    cmd += [x for k, v in vars(args).items() if k in OFFLINE_FLAGS and v is not None
+            for x in ([f"--{k.replace('_', '-')}"] + ([str(v)] if not isinstance(v, list) else [str(i) for i in v]))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run(cmd, env=env, check=True)
+    with open(out) as f:
+        result = json.load(f)
+    os.remove(out)
+    return result
+
+
+OFFLINE_FLAGS = ("model", "dtype", "max_num_seqs", "num_kv_blocks", "num_prompts", "input_len", "output_len",
+                 "range_ratio", "token_range", "seed")
+
+
+def plot(report: dict, path: str) -> str | None:
+    """Latency against output throughput, one point per rate, the offline throughput as a line."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (run `python bench/serving.py --plot JSON` where it is)")
+        return None
+    rows = [r for r in report["rates"] if r["results"]["completed"]]
+    x = [r["results"]["output_throughput"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, title in ((axes[0], "ttft_ms", "TTFT"), (axes[1], "tpot_ms", "TPOT")):
+        for q, style in (("p50", "o-"), ("p99", "s--")):
+            ax.plot(x, [r["results"][metric][q] for r in rows], style, label=f"{title} {q}")
+        for r, xi in zip(rows, x):
+            ax.annotate(f"{r['request_rate']}/s", (xi, r["results"][metric]["p50"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
+        offline = (report.get("offline") or {}).get("output_throughput")
+        if offline:
+            ax.axvline(offline, color="grey", linestyle=":", label="offline engine")
+        ax.set_xlabel("output throughput (tok/s)")
+        ax.set_ylabel(f"{title} (ms)")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    env = report["environment"]
+    fig.suptitle(f"jpaged serve, {report['workload']['model']} on {env['device']} "
+                 f"({report['workload']['input_len']}/{report['workload']['output_len']} tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--role", choices=["bench", "server"], default="bench", help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=["bench", "server", "offline"], default="bench", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--url", help="benchmark a server already running on loopback")
     parser.add_argument("--fake", action="store_true", help="serve the fake engine (measures server overhead)")
@@ -238,59 +396,102 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--stream-interval", type=float, default=0.0, help="the server's --stream-interval")
-    parser.add_argument("--num-prompts", type=int, default=200)
-    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
+    parser.add_argument("--request-rates", type=parse_rates, default=[float("inf")],
+                        help="comma-separated requests/s, run in order over one server start (inf: all at once)")
+    parser.add_argument("--num-prompts", type=int, default=500, help="requests of the rate-inf run and the offline run")
+    parser.add_argument("--rate-seconds", type=float, default=20.0, help="seconds of arrivals at each finite rate")
+    parser.add_argument("--min-prompts", type=int, default=20, help="fewest requests at a finite rate")
     parser.add_argument("--max-concurrency", type=int, default=None)
+    parser.add_argument("--client-processes", type=int, default=4, help="load-generating processes")
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--range-ratio", type=float, default=0.5)
     parser.add_argument("--token-range", type=int, nargs=2, default=None, metavar=("LOW", "HIGH"),
                         help="prompt token ids are drawn from [LOW, HIGH) (default 1000 20000; fake: 97 123)")
-    parser.add_argument("--num-warmup", type=int, default=8)
+    parser.add_argument("--num-warmup", type=int, default=64, help="warm-up requests before every rate but the first")
+    parser.add_argument("--no-offline", action="store_true", help="skip the offline-engine baseline")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--startup-timeout", type=float, default=600.0)
-    parser.add_argument("--out", default="bench/results/serving.json")
+    parser.add_argument("--startup-timeout", type=float, default=900.0)
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/serving_sweep_<model>_<device>.json)")
+    parser.add_argument("--plot", metavar="JSON", help="only draw the PNG of an existing result")
     args = parser.parse_args()
     if args.role == "server":
         run_server(args)
         return
-    if args.num_prompts < 1 or args.request_rate <= 0:
-        parser.error(f"--num-prompts must be >= 1 and --request-rate > 0, got {args.num_prompts}, {args.request_rate}")
+    if args.role == "offline":
+        run_offline(args)
+        return
+    if args.plot:
+        with open(args.plot) as f:
+            print(plot(json.load(f), os.path.splitext(args.plot)[0] + ".png"))
+        return
+    if args.num_prompts < 1 or args.client_processes < 1:
+        parser.error(f"--num-prompts and --client-processes must be >= 1, got {args.num_prompts}, "
+                     f"{args.client_processes}")
     if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         parser.error(f"--url must be on loopback, got {args.url}")
-    token_range = tuple(args.token_range or ((97, 123) if args.fake else (1000, 20000)))
-    requests = sample_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio, token_range,
-                               args.seed)
-    warmup = sample_requests(args.num_warmup, args.input_len, args.output_len, args.range_ratio, token_range,
-                             args.seed + 1)
+    env = environment(args.fake)
+    if args.out is None:
+        device = "fake" if args.fake else re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+        args.out = os.path.join("bench", "results", f"serving_sweep_{args.model}_{device}.json")
+    token_range = token_range_of(args)
+    workload = {k: v for k, v in vars(args).items() if k not in ("role", "port", "plot", "request_rates")}
+    workload["request_rates"] = [rate_label(r) for r in args.request_rates]   # JSON has no Infinity
+    report = {"benchmark": "serving_sweep", "environment": env, "workload": workload,
+              "command": " ".join(["python", "bench/serving.py", *sys.argv[1:]]), "rates": [], "offline": None}
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
     with contextlib.nullcontext((args.url, None)) if args.url else server_process(args) as (url, pid):
-        if warmup:
-            asyncio.run(run_workload(url, warmup, float("inf"), model=args.served_model_name,
-                                     max_concurrency=args.max_concurrency, seed=args.seed))
-        cpu_before = process_cpu_seconds(pid)
-        results, duration = asyncio.run(run_workload(url, requests, args.request_rate, model=args.served_model_name,
-                                                     max_concurrency=args.max_concurrency, seed=args.seed))
-        server_cpu = ([after - before for after, before in zip(process_cpu_seconds(pid), cpu_before)]
-                      if pid is not None else None)
-        server_metrics = httpx.get(url + "/metrics").text
-    summary = summarize(results, duration)
-    if server_cpu is not None:  # the server's CPU cost of the run per output token: all threads, the event loop
-        tokens = max(summary["total_output_tokens"], 1)
-        for name, seconds in zip(("server_cpu", "server_event_loop_cpu"), server_cpu):
-            summary[f"{name}_s"] = seconds
-            summary[f"{name}_us_per_output_token"] = 1e6 * seconds / tokens
-            print(f"{name.replace('_', ' ') + ' (s)':<28}{seconds:.2f} ({1e6 * seconds / tokens:.1f} us/token)")
-    print_table(summary)
-    preemptions = [line.split()[-1] for line in server_metrics.splitlines()
-                   if line.startswith("jpaged_num_preemptions_total ")]
-    workload = {k: v for k, v in vars(args).items() if k not in ("role", "port")}
-    workload["request_rate"] = str(args.request_rate)  # JSON has no Infinity
-    report = {"benchmark": "serving", "environment": environment(args.fake), "workload": workload,
-              "results": summary, "server": {"num_preemptions": float(preemptions[0]) if preemptions else None}}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+        report["server_ready_s"] = getattr(server_process, "ready_s", None)
+        for i, rate in enumerate(args.request_rates):
+            n = args.num_prompts if rate == float("inf") else max(args.min_prompts, int(rate * args.rate_seconds))
+            requests = sample_requests(n, args.input_len, args.output_len, args.range_ratio, token_range,
+                                       args.seed + 10 * i)
+            if i and args.num_warmup:
+                warm = sample_requests(args.num_warmup, args.input_len, args.output_len, args.range_ratio,
+                                       token_range, args.seed + 10 * i + 1)
+                run_workload(url, warm, float("inf"), model=args.served_model_name,
+                             max_concurrency=args.max_concurrency, seed=args.seed, processes=args.client_processes)
+            before, cpu_before = scrape(url), process_cpu_seconds(pid)
+            results, duration, client_cpu = run_workload(url, requests, rate, model=args.served_model_name,
+                                                         max_concurrency=args.max_concurrency, seed=args.seed + i,
+                                                         processes=args.client_processes)
+            after, cpu_after = scrape(url), process_cpu_seconds(pid)
+            summary = summarize(results, duration)
+            if pid is not None:  # the server's CPU cost per output token: all threads, and the event loop's
+                tokens = max(summary["total_output_tokens"], 1)
+                for name, t0, t1 in zip(("server_cpu", "server_event_loop_cpu"), cpu_before, cpu_after):
+                    summary[f"{name}_s"] = t1 - t0
+                    summary[f"{name}_us_per_output_token"] = 1e6 * (t1 - t0) / tokens
+            c0, c1 = compilations(before), compilations(after)
+            row = {"request_rate": rate_label(rate), "num_prompts": n,
+                   "compilations": None if c0 is None or c1 is None else c1 - c0,
+                   "num_preemptions": after.get("jpaged_num_preemptions_total", 0.0)
+                                      - before.get("jpaged_num_preemptions_total", 0.0),
+                   "client": {"processes": args.client_processes, "cpu_s": client_cpu,
+                              "cpu_utilization": client_cpu / (duration * args.client_processes)},
+                   "results": summary}
+            report["rates"].append(row)
+            print(f"\n=== request rate {row['request_rate']} ({n} requests, {row['compilations']} compilations, "
+                  f"client CPU {row['client']['cpu_utilization']:.2f} of {args.client_processes} processes)")
+            print_table(summary)
+            save()
+    if not (args.no_offline or args.fake or args.url):
+        report["offline"] = offline_baseline(args)
+        inf = [r for r in report["rates"] if r["request_rate"] == "inf"]
+        if inf:
+            report["saturation_vs_offline"] = inf[-1]["results"]["output_throughput"] / report["offline"]["output_throughput"]
+        print(f"\noffline engine: {report['offline']['output_throughput']:.1f} output tok/s"
+              + (f"; rate inf / offline = {report['saturation_vs_offline']:.3f}" if inf else ""))
+    save()
     print(f"wrote {args.out}")
+    png = plot(report, os.path.splitext(args.out)[0] + ".png")
+    if png:
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":

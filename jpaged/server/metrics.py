@@ -10,6 +10,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from jpaged import compilations
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
                     1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -20,6 +22,7 @@ class _EngineCollector:
 
     def __init__(self, stats: Callable[[], dict], pending: Callable[[], int]):
         self._stats, self._pending = stats, pending
+        compilations.install()
 
     def collect(self):
         s = self._stats()
@@ -41,7 +44,9 @@ class _EngineCollector:
                     ("generation_tokens", "Tokens generated", s["generation_tokens"]),
                     ("prefix_cache_queries", "Prefix-cache lookups", s["prefix_cache_queries"]),
                     ("prefix_cache_hits", "Prefix-cache hits", s["prefix_cache_hits"]),
-                    ("num_preemptions", "Sequences preempted", s["num_preemptions"])]
+                    ("num_preemptions", "Sequences preempted", s["num_preemptions"]),
+                    ("compilations", "XLA compilations in this process since the server started",
+                     compilations.count())]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"jpaged_{name}", doc, value=value)
 
