@@ -74,7 +74,8 @@ def test_a_prompt_list_over_the_free_queue_is_a_429_with_retry_after():
     with fake_server(max_pending_requests=3, step_delay=0.02) as (url, app):
         with httpx.Client(timeout=10) as c, c.stream("POST", url + "/v1/completions",
                                                      json={"prompt": "ab", "max_tokens": 60, "stream": True}) as held:
-            next(held.iter_lines())
+            lines = held.iter_lines()  # kept: a dropped iterator closes the stream, which aborts the request
+            next(lines)
             r = HTTP.post(url + "/v1/completions", json={"prompt": ["ab"] * 3})
             _error(r, 429, None, "rate_limit_exceeded")
             assert r.headers["retry-after"] == "1"
