@@ -75,7 +75,7 @@ from flax import nnx  # noqa: E402
 from bench import common  # noqa: E402
 from jpaged import sharding  # noqa: E402
 from jpaged.engine.model_runner import token_buckets  # noqa: E402
-from jpaged.kv_cache import StepInput  # noqa: E402
+from models.kv_cache import StepInput  # noqa: E402
 from models import LlamaForCausalLM, ModelConfig  # noqa: E402
 
 

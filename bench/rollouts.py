@@ -26,7 +26,7 @@ from flax import nnx
 
 import pallas_kernels
 from jpaged.generate import generate
-from jpaged.kv_cache import KVCache
+from models.kv_cache import KVCache
 from jpaged.sampling_params import SamplingParams
 from models.config import ModelConfig
 from models.layers import apply_rope, rope_inv_freq

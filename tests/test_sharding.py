@@ -95,7 +95,7 @@ def test_attention_and_embedding_run_per_shard_under_shard_map():
     from flax import nnx
     from jax.sharding import PartitionSpec as P
     from jpaged import sharding
-    from jpaged.kv_cache import StepInput
+    from models.kv_cache import StepInput
     from tests.multihost.greedy import PROMPTS, batch_step, tiny_model
     mesh = sharding.make_mesh(4, 2)
     model = sharding.shard_model(tiny_model("kv2"), mesh)

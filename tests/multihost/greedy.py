@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from jpaged import sharding
-from jpaged.kv_cache import StepInput
+from models.kv_cache import StepInput
 from models import LlamaForCausalLM, ModelConfig
 
 PAGE = 4
