@@ -17,9 +17,7 @@ replays process 0's jitted calls on the others (jpaged/engine/multihost.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 from typing import Any, Callable, Sequence
 
 import jax
