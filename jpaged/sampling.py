@@ -1,6 +1,6 @@
 """On-device sampling: one jitted function turns a batch's logits into tokens, logprobs and ranks.
 
-Sits after the model in the step (DESIGN.md "One step"): `model_runner` and `jpaged.generate` both
+Sits after the model in the step (docs/architecture.md): `model_runner` and `jpaged.generate` both
 build a `SamplingTensors` (per-row settings as arrays) and call `sample`. Semantics follow vLLM:
 penalties first (repetition over prompt + output, then frequency and presence over output), then
 rows short of `min_tokens` outputs bar their stop ids (EOS and `stop_token_ids`); greedy rows take the

@@ -203,6 +203,29 @@ def test_safetensors_load_reads_only_each_devices_slice():
         np.testing.assert_array_equal(greedy(loaded, mesh)[0], greedy(model)[0])
 
 
+@on_cpu_devices(4)
+def test_load_model_under_a_mesh_reads_an_hf_dir_straight_into_shards():
+    """What tensor-parallel serving loads through: every weight arrives placed on the mesh, equal to the
+    one-device load (kv heads repeated to one per device)."""
+    import tempfile
+
+    import jax
+    from flax import nnx
+    from jpaged import sharding
+    from jpaged.loader import load_model
+    from tests.hf_reference import tiny_hf_model
+    from tests.multihost.greedy import greedy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_hf_model("llama3", seed=3).save_pretrained(tmp, safe_serialization=True)
+        mesh = sharding.make_mesh(4)
+        placed, _ = load_model(tmp, dtype="float32", mesh=mesh)
+        one, _ = load_model(tmp, dtype="float32")
+    assert all(x.sharding.mesh == mesh for x in jax.tree.leaves(nnx.state(placed)))
+    assert placed.config.num_kv_heads == 4
+    np.testing.assert_array_equal(greedy(placed, mesh)[0], greedy(one)[0])
+
+
 def _hf_name(path) -> str:
     """jpaged parameter path -> HF checkpoint name (the inverse of models.weights.HF_WEIGHT_MAP)."""
     name = ".".join(map(str, path)).replace(".kernel", ".weight").replace("embedding", "weight")

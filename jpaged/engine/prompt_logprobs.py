@@ -93,7 +93,6 @@ class PromptScorer:
         graphdef, state = nnx.split(model)
         self._weights, treedef = jax.tree.flatten(state)
         self._num_top = min(SamplingParams.MAX_LOGPROBS, model.config.vocab_size)
-        # The scratch cache holds the whole padded prompt on every device: one shard's worth of heads.
         self._spec, self._backend, self._chunk, self._mesh = spec, backend, chunk, mesh
         self._jit_score = jax.jit(make_score_fn(graphdef, treedef),
                                   static_argnames=("chunk", "spec", "num_top", "backend"))
