@@ -129,7 +129,7 @@ class IdTokenizer:
 
 
 def make_llm(model, dtype_name: str, *, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
-             enable_prefix_caching: bool = True, block_size: int = 16, attn_impl: str = "auto",
+             enable_prefix_caching: bool = True, block_size: int = 16, backend: str = "auto",
              num_kv_blocks: int | None = None, **engine_args):
     """jpaged.LLM over an already-built model, prompts given as token ids; engine_args: more EngineConfig fields."""
     from jpaged.llm import LLM
@@ -137,21 +137,26 @@ def make_llm(model, dtype_name: str, *, max_model_len: int, max_num_seqs: int, m
     return LLM(model="random", model_obj=model, tokenizer=IdTokenizer(), dtype=dtype_name,
                block_size=block_size, max_num_seqs=max_num_seqs,
                max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-               enable_prefix_caching=enable_prefix_caching, num_kv_blocks=num_kv_blocks, attn_impl=attn_impl,
+               enable_prefix_caching=enable_prefix_caching, num_kv_blocks=num_kv_blocks, backend=backend,
                **engine_args)
 
 
 def engine_kwargs(args, max_model_len: int, **overrides) -> dict:
     """make_llm keyword arguments from the shared engine flags (--no-mixed-split and --no-fused-swiglu
-    applied; --max-num-prefill-seqs 0 = no cap)."""
-    import pallas_kernels
-    if getattr(args, "no_mixed_split", False):
-        pallas_kernels.SPLIT_MIXED_BATCHES = False
-    if getattr(args, "no_fused_swiglu", False):
-        pallas_kernels.FUSED_SWIGLU = False
+    folded into the backend override; --max-num-prefill-seqs 0 = no cap)."""
     return dict(max_model_len=max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-                attn_impl=args.attn_impl, max_num_prefill_seqs=args.max_num_prefill_seqs or None) | overrides
+                backend=backend_override(args), max_num_prefill_seqs=args.max_num_prefill_seqs or None) | overrides
+
+
+def backend_override(args) -> str:
+    """The --backend text with the A/B switches --no-mixed-split and --no-fused-swiglu appended as fields."""
+    text = args.backend
+    if getattr(args, "no_mixed_split", False):
+        text += ",split_mixed=false"
+    if getattr(args, "no_fused_swiglu", False):
+        text += ",gate_up=xla"
+    return text
 
 
 def random_prompts(rng, lengths: Sequence[int], vocab_size: int) -> list[list[int]]:
@@ -389,17 +394,25 @@ def print_table(title: str, rows: Sequence[tuple[str, object]]) -> None:
         print(f"  {key:<{width}}  {text}")
 
 
+def add_backend_flag(parser, default: str = "auto") -> None:
+    """--backend (alias --attn-impl, so one command line runs old and new trees): 'auto' or a
+    pallas_kernels.select_backend override such as 'mosaic,decode=mosaic'."""
+    parser.add_argument("--backend", "--attn-impl", dest="backend", default=default,
+                        help="'auto' or a preset (reference, pallas, interpret, mosaic) with optional field=value "
+                             "overrides, e.g. 'mosaic,decode=mosaic' (pallas_kernels/backend.py)")
+
+
 def add_engine_flags(parser, *, max_num_seqs: int, max_num_batched_tokens: int = 2048) -> None:
     """Flags every engine benchmark shares."""
     parser.add_argument("--model", default="llama3-8b", help="configs/ preset or config.json path")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    parser.add_argument("--attn-impl", default="auto", help="'auto' or a pallas_kernels.IMPLS name")
+    add_backend_flag(parser)
     parser.add_argument("--no-mixed-split", action="store_true",
                         help="A/B: the Mosaic prefill kernel also takes a mixed batch's decodes "
-                             "(pallas_kernels.SPLIT_MIXED_BATCHES = False)")
+                             "(Backend.split_mixed=false)")
     parser.add_argument("--no-fused-swiglu", action="store_true",
                         help="A/B: the MLP's gate/up GEMM in XLA, then the SwiGLU as its own fusion "
-                             "(pallas_kernels.FUSED_SWIGLU = False)")
+                             "(Backend.gate_up=xla)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int, default=max_num_batched_tokens)

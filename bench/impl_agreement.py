@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     max_len = max(map(len, prompts)) + args.new_tokens + 16
     tokens = {}
     for impl in args.impls.split(","):
-        llm = common.make_llm(model, args.dtype, **common.engine_kwargs(args, max_len, attn_impl=impl))
+        llm = common.make_llm(model, args.dtype, **common.engine_kwargs(args, max_len, backend=impl))
         outs = llm.generate(prompts, params, use_tqdm=False)
         tokens[impl] = [list(o.outputs[0].token_ids) for o in outs]
         del llm

@@ -3,12 +3,10 @@
     PYTHONPATH=. python bench/kernels.py [--out DIR] [--quick] [--only SECTIONS] [--skip SECTIONS]
                                          [--shapes 16x512,256x1024] [--chain] [--variants] [--gqa]
 
-Sections (default: all but sweep and layout): checks, decode, window, layout, sweep, prefill, mixed,
+Sections (default: all but sweep): checks, decode, window, sweep, prefill, mixed,
 kv_write. Baselines measured in the same run: JAX `pallas.ops.gpu.paged_attention` (best of several
 block configs), PyTorch SDPA on contiguous KV (optional: JAX `decode_attention.gqa`, contiguous), and
-for prefill JAX `attention_mgpu` (fp16, contiguous) and PyTorch SDPA causal. Each decode shape also
-times v3's work-list decode path (`lean_decode=False` with v3's split heuristic) for a same-run
-before/after. Decode is reported as KV bytes read per second, prefill as causal FLOP/s.
+for prefill JAX `attention_mgpu` (fp16, contiguous) and PyTorch SDPA causal. Decode is reported as KV bytes read per second, prefill as causal FLOP/s.
 
 Two timers: `timeit` (wall clock over back-to-back jitted calls, as in v1-v3: includes the per-call
 dispatch, which bounds small shapes) and, with --chain (always in sweep), `chain_time`: 16 calls
@@ -39,7 +37,7 @@ from jax import lax
 
 from pallas_kernels.kv_write import write_kv_pallas, write_kv_reference
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
-from pallas_kernels.ragged_paged_attention_kernel import (NUM_SMS, TuningConfig, _decode_call, choose_config,
+from pallas_kernels.ragged_paged_attention_kernel import (TuningConfig, choose_config,
                                                           ragged_paged_attention_pallas)
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
@@ -52,7 +50,6 @@ INTERPRET = False                     # --interpret: a CPU dry run of the script
 CHAIN_MAX_TOKENS = 128 * 1024         # --chain times shapes up to this B x ctx (larger ones are device-bound)
 SWEEP_SHAPES = ((16, 512), (16, 8192), (64, 512), (64, 2048), (128, 1024), (256, 512), (256, 1024),
                 (256, 2048))
-LAYOUT_SHAPES = ((256, 1024), (16, 8192))
 # JAX paged_attention (pages_per_compute_block, k_splits) candidates: the configs that won some shape in
 # the v1-v3 runs ((16, 8) and (4, 16) never did); --all-jax-configs adds those two back.
 JAX_PA_CONFIGS = ((8, 4), (8, 16), (16, 16))
@@ -148,13 +145,6 @@ def rel_err(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def v3_config(batch: int, pages_per_seq: int, page: int = PAGE) -> TuningConfig:
-    """v3's decode launch (non-power-of-two splits aimed at 2 x 132 programs), for the before/after."""
-    ppb = min(max(1, 64 // page), 1 << max(0, (pages_per_seq - 1).bit_length()))
-    splits = min(max(1, -(-pages_per_seq // ppb)), max(1, -(-2 * NUM_SMS // (batch * HKV))))
-    return TuningConfig(block_q=1, pages_per_block=ppb, num_kv_splits=splits)
-
-
 def check_correctness(key) -> list[dict]:
     """Each kernel path against the jnp reference on the device (bf16, NaN-poisoned pool)."""
     rng = np.random.default_rng(7)
@@ -176,8 +166,6 @@ def check_correctness(key) -> list[dict]:
                                         config=decode(pages_per_block=4, num_kv_splits=3))),
         ("decode page 64, 2 pages (128 tokens)/block, 2 splits", [1] * 7, [3000, 64, 65, 1, 700, 128, 2500],
          dict(page=64, garbage_table=True), dict(config=decode(pages_per_block=2, num_kv_splits=2))),
-        ("decode v3 path (lean_decode=False)", [1] * 6, [5000, 17, 900, 2048, 33, 1], {},
-         dict(lean_decode=False)),
     ]
     results = []
     for name, q_lens, kv_lens, batch_kw, kw in cases:
@@ -185,7 +173,7 @@ def check_correctness(key) -> list[dict]:
         args = paged_batch(sub, q_lens, kv_lens, **batch_kw)
         q, k, v, lens, table, cu, ns = args
         out = ragged_paged_attention_pallas(*args, sm_scale=1 / math.sqrt(D), **kw)
-        kw.pop("config", None), kw.pop("lean_decode", None)
+        kw.pop("config", None)
         safe = jnp.clip(table, 0, k.shape[0] - 1)  # the reference gathers every entry
         ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=1 / math.sqrt(D), **kw))(
             jnp.nan_to_num(q), k, v, lens, safe, cu, ns)
@@ -195,19 +183,6 @@ def check_correctness(key) -> list[dict]:
         ok = bool(err < 2e-2 and pad_zero)
         results.append(dict(case=name, rel_err=err, padding_rows_zero=pad_zero, ok=ok))
         print(f"check {name:50s} rel_err={err:.2e} pad0={pad_zero} {'ok' if ok else 'FAIL'}", flush=True)
-    # The head-major variant of the decode path (layout comparison only) on the same data.
-    key, sub = jax.random.split(key)
-    args = paged_batch(sub, [1] * 6, [5000, 17, 900, 2048, 33, 1], garbage_table=True)
-    q, k, v, lens, table, cu, ns = args
-    cfg = TuningConfig(block_q=1, pages_per_block=4, num_kv_splits=4)
-    out = _decode_call(q, jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0), lens, table, cu, ns, sm_scale=0.1,
-                       sliding_window=None, soft_cap=None, config=cfg, interpret=INTERPRET, head_major=True)
-    ref = jax.jit(functools.partial(ragged_paged_attention_reference, sm_scale=0.1))(
-        q, k, v, lens, jnp.clip(table, 0, k.shape[0] - 1), cu, ns)
-    err = rel_err(out, ref)
-    results.append(dict(case="head-major decode variant", rel_err=err, ok=bool(err < 2e-2)))
-    print(f"check {'head-major decode variant':50s} rel_err={err:.2e} {'ok' if err < 2e-2 else 'FAIL'}",
-          flush=True)
     return results
 
 
@@ -242,21 +217,15 @@ def bench_decode(key, batch, ctx, window=None, chain=False, variants=False, gqa=
     sm_scale = 1 / math.sqrt(D)
     default = choose_config(batch, batch, table.shape[1], HQ, HKV, PAGE)
     cfg = config or default
-    old_cfg = v3_config(batch, table.shape[1])
     row = dict(batch=batch, ctx=ctx, window=window, kv_bytes=kv_bytes, config=str(cfg),
-               choose_config=str(default), v3_config=str(old_cfg))
+               choose_config=str(default))
     fn = jax.jit(functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale, sliding_window=window,
                                    config=cfg))
-    old = jax.jit(functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale, sliding_window=window,
-                                    config=old_cfg, lean_decode=False))
     t = timeit(fn, *args)
     row.update(jpaged_us=t * 1e6, jpaged_tbps=kv_bytes / t / 1e12)
-    t = timeit(old, *args)
-    row.update(jpaged_v3_us=t * 1e6, jpaged_v3_tbps=kv_bytes / t / 1e12)
     if chain:
-        for name, f in (("jpaged", fn), ("jpaged_v3", old)):
-            t = chain_time(f, *args)
-            row.update({f"{name}_chain_us": t * 1e6, f"{name}_chain_tbps": kv_bytes / t / 1e12})
+        t = chain_time(fn, *args)
+        row.update(jpaged_chain_us=t * 1e6, jpaged_chain_tbps=kv_bytes / t / 1e12)
     if window is not None:
         return row
     if variants:
@@ -299,7 +268,7 @@ def bench_decode(key, batch, ctx, window=None, chain=False, variants=False, gqa=
         torch.cuda.empty_cache()
     except Exception as e:
         row["torch_sdpa_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-    for base in ("jpaged_v3", "jax_paged", "jax_gqa", "torch_sdpa"):
+    for base in ("jax_paged", "jax_gqa", "torch_sdpa"):
         if f"{base}_us" in row:
             row[f"speedup_vs_{base}"] = row[f"{base}_us"] / row["jpaged_us"]
     if "jax_paged_chain_us" in row:
@@ -366,61 +335,17 @@ def sweep_best_configs(sweep_rows) -> dict:
     return best
 
 
-def bench_layout(key, shapes=LAYOUT_SHAPES, configs=None) -> list[dict]:
-    """The decode path over token-major [N, page, Hkv, D] vs head-major [Hkv, N, page, D] pools, at
-    pages of 16 and 64 tokens: the same kv tokens per step and splits in all four (the sweep's best
-    config for the shape where there is one, else choose_config's)."""
-    configs = configs or {}
-    sm_scale = 1 / math.sqrt(D)
-    rows = []
-    for batch, ctx in shapes:
-        kv_bytes = 2 * batch * ctx * HKV * D * 2
-        row = dict(batch=batch, ctx=ctx)
-        for page in (16, 64):
-            key, sub = jax.random.split(key)
-            args = paged_batch(sub, [1] * batch, [ctx] * batch, num_pages_extra=0, poison=False, page=page)
-            q, k, v, lens, table, cu, ns = args
-            cfg = configs.get((batch, ctx)) or choose_config(batch, batch, ctx // 16, HQ, HKV, 16)
-            cfg = dataclasses.replace(cfg, pages_per_block=max(1, cfg.pages_per_block * 16 // page))
-            row[f"config_page{page}"] = str(cfg)
-            outs = {}
-            for layout in ("token_major", "head_major"):
-                hm = layout == "head_major"
-                kk, vv = (jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0)) if hm else (k, v)
-                fn = jax.jit(functools.partial(_decode_call, sm_scale=sm_scale, sliding_window=None,
-                                               soft_cap=None, config=cfg, interpret=INTERPRET, head_major=hm))
-                try:
-                    t = timeit(fn, q, kk, vv, lens, table, cu, ns)
-                    outs[layout] = fn(q, kk, vv, lens, table, cu, ns)
-                    row[f"{layout}_page{page}_us"] = t * 1e6
-                    row[f"{layout}_page{page}_tbps"] = kv_bytes / t / 1e12
-                except Exception as e:
-                    row[f"{layout}_page{page}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                del kk, vv
-            if len(outs) == 2:
-                row[f"page{page}_layouts_max_abs_diff"] = float(jnp.max(jnp.abs(
-                    outs["token_major"].astype(jnp.float32) - outs["head_major"].astype(jnp.float32))))
-            del args, q, k, v, outs
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
-
-
 def bench_window(key, batch=16, ctx=32768, window=4096, rounds=31, reps=20) -> dict:
     """Window 4096 at ctx 32k vs no window at ctx 4k (same bytes), interleaved: each round times every
-    function once (`reps` back-to-back calls), the order alternating; medians over the rounds. Both the
-    current decode path and v3's (`_v3`)."""
+    function once (`reps` back-to-back calls), the order alternating; medians over the rounds."""
     sm_scale = 1 / math.sqrt(D)
     k1, k2 = jax.random.split(key)
     win = paged_batch(k1, [1] * batch, [ctx] * batch, num_pages_extra=0, poison=False)
     base = paged_batch(k2, [1] * batch, [window] * batch, num_pages_extra=0, poison=False)
     fns = {}
-    for path, extra in (("", {}), ("_v3", "v3")):
-        for name, args, w in (("windowed_32k", win, window), ("unwindowed_4k", base, None)):
-            kw = dict(sm_scale=sm_scale, sliding_window=w)
-            if extra:
-                kw.update(lean_decode=False, config=v3_config(batch, args[4].shape[1]))
-            fns[name + path] = (jax.jit(functools.partial(ragged_paged_attention_pallas, **kw)), args)
+    for name, args, w in (("windowed_32k", win, window), ("unwindowed_4k", base, None)):
+        fns[name] = (jax.jit(functools.partial(ragged_paged_attention_pallas, sm_scale=sm_scale, sliding_window=w)),
+                     args)
     for fn, args in fns.values():
         jax.block_until_ready(fn(*args))
         jax.block_until_ready(fn(*args))
@@ -440,12 +365,11 @@ def bench_window(key, batch=16, ctx=32768, window=4096, rounds=31, reps=20) -> d
         row[f"{name}_median_us"] = statistics.median(ts) * 1e6
         row[f"{name}_min_us"] = min(ts) * 1e6
         row[f"{name}_tbps"] = kv_bytes / statistics.median(ts) / 1e12
-    for path in ("", "_v3"):
-        w, u = times["windowed_32k" + path], times["unwindowed_4k" + path]
-        row["ratio" + path] = statistics.median(w) / statistics.median(u)
-        row["ratio_per_round_median" + path] = statistics.median(a / b for a, b in zip(w, u))
-        q = statistics.quantiles([a / b for a, b in zip(w, u)], n=4)
-        row["ratio_per_round_iqr" + path] = [q[0], q[2]]
+    w, u = times["windowed_32k"], times["unwindowed_4k"]
+    row["ratio"] = statistics.median(w) / statistics.median(u)
+    row["ratio_per_round_median"] = statistics.median(a / b for a, b in zip(w, u))
+    q = statistics.quantiles([a / b for a, b in zip(w, u)], n=4)
+    row["ratio_per_round_iqr"] = [q[0], q[2]]
     print(json.dumps(row), flush=True)
     return row
 
@@ -592,17 +516,17 @@ def decode_shapes(quick: bool):
 
 def print_table(result: dict) -> None:
     print("\n== decode (KV TB/s; copy ceiling %.1f) ==" % COPY_TBPS)
-    print(f"{'B':>4} {'ctx':>6} {'jpaged':>7} {'v3':>7} {'jaxPA':>7} {'sdpa':>7} {'x jaxPA':>8} {'x sdpa':>7}"
-          f" {'chain':>7} {'v3 ch':>7} {'jaxPA ch':>8}")
+    print(f"{'B':>4} {'ctx':>6} {'jpaged':>7} {'jaxPA':>7} {'sdpa':>7} {'x jaxPA':>8} {'x sdpa':>7}"
+          f" {'chain':>7} {'jaxPA ch':>8}")
     for r in result.get("decode", []):
         if "error" in r:
             print(f"{r['batch']:>4} {r['ctx']:>6} error {r['error'][:60]}")
             continue
         f = lambda k, w=7: f"{r[k]:{w}.2f}" if isinstance(r.get(k), float) else f"{'-':>{w}}"
-        print(f"{r['batch']:>4} {r['ctx']:>6} {f('jpaged_tbps')} {f('jpaged_v3_tbps')} {f('jax_paged_tbps')} "
+        print(f"{r['batch']:>4} {r['ctx']:>6} {f('jpaged_tbps')} {f('jax_paged_tbps')} "
               f"{f('torch_sdpa_tbps')} {f('speedup_vs_jax_paged', 8)} {f('speedup_vs_torch_sdpa')} "
-              f"{f('jpaged_chain_tbps')} {f('jpaged_v3_chain_tbps')} {f('jax_paged_chain_tbps', 8)}")
-    for key in ("window", "layout", "sweep", "prefill", "mixed", "kv_write"):
+              f"{f('jpaged_chain_tbps')} {f('jax_paged_chain_tbps', 8)}")
+    for key in ("window", "sweep", "prefill", "mixed", "kv_write"):
         if key in result:
             print(f"\n== {key} ==\n{json.dumps(result.get(key), indent=1, default=str)}")
 
@@ -615,7 +539,7 @@ def run(section: str, fn, *args, **kwargs):
         return dict(error=f"{section}: {type(e).__name__}: {str(e)[:300]}")
 
 
-SECTIONS = ("checks", "sweep", "decode", "window", "layout", "prefill", "mixed", "kv_write")
+SECTIONS = ("checks", "sweep", "decode", "window", "prefill", "mixed", "kv_write")
 DEFAULT_SECTIONS = ("checks", "decode", "window", "prefill", "mixed", "kv_write")
 
 
@@ -629,7 +553,6 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma list of sections to skip")
     parser.add_argument("--shapes", default="", help="decode shapes, e.g. 16x512,256x1024")
     parser.add_argument("--sweep-shapes", default="", help="sweep shapes (default: SWEEP_SHAPES)")
-    parser.add_argument("--layout-shapes", default="", help="layout shapes (default: LAYOUT_SHAPES)")
     parser.add_argument("--chain", action="store_true",
                         help=f"also time decode chained ({CHAIN_LEN} calls per jit) up to B x ctx "
                              f"{CHAIN_MAX_TOKENS}")
@@ -697,10 +620,6 @@ def main() -> int:
         elif section == "window":
             batch, ctx, window = (int(x) for x in args.window_shape.split("x"))
             result["window"] = run("window", bench_window, key, batch, ctx, window)
-        elif section == "layout":
-            result["layout"] = run("layout", bench_layout, key,
-                                   parse_shapes(args.layout_shapes) or LAYOUT_SHAPES,
-                                   sweep_best_configs(result.get("sweep")))
         elif section == "sweep":
             result["sweep"] = []
             out = run("sweep", bench_sweep, key, parse_shapes(args.sweep_shapes) or SWEEP_SHAPES,

@@ -11,11 +11,12 @@ back-to-back calls): causal prefill 4 x 4096 (32 q / 8 kv heads, D 128, page 16)
 configs, against jpaged's Triton kernel, JAX `attention_mgpu` (contiguous) and PyTorch SDPA (contiguous),
 a 4 x 4096 prefill with window 1024 (section "window"), and engine-shaped batches (a 512-token chunk at ctx 2k alone and beside 64 decodes, 8 x 1024, the 8B throughput
 run's mixed step), each also as the kernel alone on a precomputed work list and with the batch's decodes
-split off to the decode kernel (impl="mosaic"); the split is also checked against the reference. Prints as it goes; writes JSON after every section, so a
+split off to the decode kernel (the "mosaic" backend); the split is also checked against the reference. Prints as it goes; writes JSON after every section, so a
 run cut short keeps what it measured.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU in this process
@@ -112,7 +113,7 @@ CHECKS = [
     ("head_dim 64", [90, 200], [90, 333], dict(d=64)),
     ("mixed: 64 decodes + one chunk", [1] * 64 + [120], [512] * 64 + [1500], {}),
 ]
-# Through the public dispatch (impl="mosaic": a mixed batch's decodes go to the Triton decode kernel, the
+# Through the public dispatch (the "mosaic" backend: a mixed batch's decodes go to the Triton decode kernel, the
 # rest to the Mosaic kernel, mixed_batch.attend_mixed), with decodes between, before and after the chunks.
 SPLIT_CHECKS = [
     ("split: decodes + chunks + padding", [1, 1, 37, 1, 300, 1, 1, 130, 5, 1],
@@ -197,7 +198,7 @@ def run_checks(result: dict, save) -> None:
         save()
     result["window_checks_ok"] = all(r.get("ok") for r in result["checks"] if "sliding_window" in r)
     print(f"window / soft-cap checks all ok: {result['window_checks_ok']}", flush=True)
-    dispatch = functools.partial(pallas_kernels.ragged_paged_attention, impl="mosaic")
+    dispatch = functools.partial(pallas_kernels.ragged_paged_attention, backend=pallas_kernels.PRESETS["mosaic"])
     for i, (name, q_lens, kv_lens, kw) in enumerate(SPLIT_CHECKS):
         window = kw.get("window")
         row = dict(case=name, q_lens=q_lens[:8], kv_lens=kv_lens[:8], sliding_window=window)
@@ -324,15 +325,9 @@ ENGINE_MIXED = ([1] * 221 + [512] * 3 + [291], [640] * 221 + [512] * 3 + [291], 
 
 
 def _split_dispatch(split: bool, sm_scale: float):
-    """impl="mosaic" with the mixed-batch split on or off (a trace-time switch: one jit per setting)."""
-    def fn(*args):
-        saved = pallas_kernels.SPLIT_MIXED_BATCHES
-        pallas_kernels.SPLIT_MIXED_BATCHES = split
-        try:
-            return pallas_kernels.ragged_paged_attention(*args, sm_scale=sm_scale, impl="mosaic")
-        finally:
-            pallas_kernels.SPLIT_MIXED_BATCHES = saved
-    return jax.jit(fn)
+    """The "mosaic" backend with the mixed-batch split on or off (Backend.split_mixed)."""
+    backend = dataclasses.replace(pallas_kernels.PRESETS["mosaic"], split_mixed=split)
+    return jax.jit(lambda *args: pallas_kernels.ragged_paged_attention(*args, sm_scale=sm_scale, backend=backend))
 
 
 def bench_mixed(result: dict, save) -> None:

@@ -161,7 +161,7 @@ def device_split(runner, call) -> dict:
     q = jax.random.normal(jax.random.key(0), (step.num_tokens, cfg.num_heads, cfg.head_dim), k_pages.dtype)
     attend = jax.jit(lambda q, k, v, s: pallas_kernels.ragged_paged_attention(
         q, k, v, s.kv_lens, s.page_table, s.cu_q_lens, s.num_seqs, sm_scale=cfg.head_dim ** -0.5,
-        sliding_window=cfg.sliding_window, impl=runner.attn_impl))
+        sliding_window=cfg.sliding_window, backend=runner.backend))
     logits = jax.random.normal(jax.random.key(1), (tensors.num_rows, cfg.vocab_size), jnp.float32)
     sample = jax.jit(lambda lg, t, k: sampling.sample(lg, t, k, num_top_logprobs=kwargs["num_top_logprobs"]))
     return dict(attention_all_layers_ms=1e3 * cfg.num_layers * _time_jitted(attend, q, k_pages, v_pages, step),
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         benchmark=NAME, command=common.command_line(argv, NAME), device=common.device_info(),
         model=args.model, model_shape=common.model_shape(cfg, args.dtype),
         weight_bytes=common.weight_bytes(model), model_build_s=build_s,
-        engine=dict(attn_impl=llm.engine.runner.attn_impl, block_size=args.block_size,
+        engine=dict(backend=llm.engine.runner.backend.describe(), block_size=args.block_size,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     num_kv_pages=llm.engine.runner.num_pages),
         workload=dict(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def print_results(r: dict) -> None:
     b1, bb = r["batch1"], r["batched"]
-    rows = [("device", r["device"]["device_kind"]), ("attention impl", r["engine"]["attn_impl"]),
+    rows = [("device", r["device"]["device_kind"]), ("backend", r["engine"]["backend"]),
             ("copy bandwidth GB/s", r["copy_bandwidth_bytes_s"] / 1e9),
             ("batch 1 decode tok/s", b1["decode_tok_s"]), ("batch 1 step ms", b1["step_ms"]),
             ("batch 1 raw jitted step ms", b1["raw_step_ms"]), ("batch 1 floor ms", b1["floor_ms"]),

@@ -48,7 +48,8 @@ def parse_args():
     p.add_argument("--engine-dp", type=int, default=0, help="also measure the serving engine with this many "
                    "data-parallel replicas (TP 1 each) against one replica on one device")
     p.add_argument("--no-tp-sweep", dest="tp_sweep", action="store_false", help="skip the TP table")
-    p.add_argument("--attn-impl", default="reference")
+    p.add_argument("--backend", "--attn-impl", dest="backend", default="reference",
+                   help="a pallas_kernels.select_backend override ('auto', 'mosaic,decode=mosaic', ...)")
     p.add_argument("--steps", type=int)
     p.add_argument("--out", default="bench/results/multi_gpu.json")
     return p.parse_args()
@@ -74,8 +75,10 @@ from flax import nnx  # noqa: E402
 
 from bench import common  # noqa: E402
 from jpaged import sharding  # noqa: E402
+from models.sharding import MODEL, state_shardings, tp_model_config  # noqa: E402
+from pallas_kernels import select_backend  # noqa: E402
 from jpaged.engine.model_runner import token_buckets  # noqa: E402
-from jpaged.kv_cache import StepInput  # noqa: E402
+from models.kv_cache import StepInput  # noqa: E402
 from models import LlamaForCausalLM, ModelConfig  # noqa: E402
 
 
@@ -97,9 +100,9 @@ def _random_param(shape, dtype, sharding_, is_norm):
 
 def random_model(cfg: ModelConfig, mesh, dtype) -> LlamaForCausalLM:
     """Random weights drawn on the devices under their shardings; the same values for every mesh."""
-    tp_cfg = sharding.tp_model_config(cfg, mesh.shape[sharding.MODEL])
+    tp_cfg = tp_model_config(cfg, mesh.shape[MODEL])
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(tp_cfg, dtype=dtype)))
-    shardings = sharding.state_shardings(abstract, mesh)
+    shardings = state_shardings(abstract, mesh)
     flat = []
     for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
         name = ".".join(map(str, path))
@@ -147,20 +150,21 @@ def ragged_step_input(q_lens, kv_lens, num_tokens: int, num_slots: int) -> StepI
         logits_index=np.minimum(cu[1:] - 1, max(real - 1, 0)).astype(np.int32), num_seqs=np.asarray(batch, np.int32))
 
 
-def make_decode(graphdef, treedef, attn_impl: str):
+def make_decode(graphdef, treedef, backend):
     """decode(weights, kv_cache, step) over the model's flat weight list, as the serving engine's step
     takes it: flattening an NNX State on every call cost 3.5 ms of host time at TP 1 and 5 ms at TP 2,
     as long as the TP-2 batch-1 step itself."""
-    def decode(weights, kv_cache, step):
+    def decode(weights, kv_cache, step, backend=backend):
         model = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights))
-        logits, kv_cache = model(kv_cache, step, attn_impl=attn_impl)
+        logits, kv_cache = model(kv_cache, step, backend=backend)
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return step.replace(token_ids=step.token_ids.at[:tokens.shape[0]].set(tokens)), kv_cache, logits
     return decode
 
 
-def random_decode(cfg: ModelConfig, mesh, dtype, attn_impl: str):
-    """(model, flat weights, unjitted decode(weights, kv_cache, step)) for random weights on `mesh`.
+def random_decode(cfg: ModelConfig, mesh, dtype, backend: str):
+    """(model, flat weights, unjitted decode(weights, kv_cache, step, backend=)) for random weights on `mesh`,
+    with the kernels of the `backend` override (pallas_kernels.select_backend).
     On one device the projections are fused, as the serving engine fuses them (ModelRunner); split, XLA's
     dot merger concatenates the q/k/v weights at every step (bench/README.md, session 6)."""
     model = random_model(cfg, mesh, dtype)
@@ -168,7 +172,8 @@ def random_decode(cfg: ModelConfig, mesh, dtype, attn_impl: str):
         model.fuse_projections()
     graphdef, state = nnx.split(model)
     weights, treedef = jax.tree.flatten(state)
-    return model, weights, make_decode(graphdef, treedef, attn_impl)
+    spec = sharding.kv_cache_spec(model, mesh, PAGE)
+    return model, weights, make_decode(graphdef, treedef, select_backend(mesh.devices.flat[0], spec, backend))
 
 
 def local_bytes(tree) -> int:
@@ -192,13 +197,13 @@ def time_steps(run, steps: int, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
-def bench_tp(cfg: ModelConfig, tp: int, batches, context: int, steps: int, dtype, attn_impl: str, bandwidth):
+def bench_tp(cfg: ModelConfig, tp: int, batches, context: int, steps: int, dtype, backend: str, bandwidth):
     mesh = sharding.make_mesh(tp)
-    model, weights, decode = random_decode(cfg, mesh, dtype, attn_impl)
+    model, weights, decode = random_decode(cfg, mesh, dtype, backend)
     decode = jax.jit(decode, donate_argnums=(1,))
     rows, first_logits = [], {}
     for batch in batches:
-        cache = sharding.new_kv_cache(model, mesh, batch * -(-context // PAGE), PAGE)
+        cache = sharding.new_kv_cache(sharding.kv_cache_spec(model, mesh, PAGE), mesh, batch * -(-context // PAGE))
         step = sharding.replicate(decode_step_input(batch, context), mesh)
         holder = {"step": step, "cache": cache}
 
@@ -221,7 +226,7 @@ def bench_tp(cfg: ModelConfig, tp: int, batches, context: int, steps: int, dtype
     return rows, first_logits
 
 
-def bench_dp(cfg: ModelConfig, replicas: int, batch: int, context: int, steps: int, dtype, attn_impl: str):
+def bench_dp(cfg: ModelConfig, replicas: int, batch: int, context: int, steps: int, dtype, backend: str):
     """Tokens/s of `replicas` data-parallel replicas: one engine (jitted step) per replica on its own row
     of the mesh, dispatched from one Python loop, against one SPMD program vmapped over replicas."""
     tp = jax.device_count() // replicas
@@ -230,9 +235,9 @@ def bench_dp(cfg: ModelConfig, replicas: int, batch: int, context: int, steps: i
 
     engines = []
     for sub in sharding.replica_meshes(mesh):
-        model, weights, decode = random_decode(cfg, sub, dtype, attn_impl)
+        model, weights, decode = random_decode(cfg, sub, dtype, backend)
         engines.append(dict(mesh=sub, weights=weights, decode=jax.jit(decode, donate_argnums=(1,)),
-                            cache=sharding.new_kv_cache(model, sub, batch * -(-context // PAGE), PAGE),
+                            cache=sharding.new_kv_cache(sharding.kv_cache_spec(model, sub, PAGE), sub, batch * -(-context // PAGE)),
                             step=sharding.replicate(decode_step_input(batch, context), sub)))
 
     def run_per_replica():
@@ -244,8 +249,8 @@ def bench_dp(cfg: ModelConfig, replicas: int, batch: int, context: int, steps: i
     out["per_replica_tokens_per_s"] = replicas * batch / time_steps(run_per_replica, steps)
     del engines
 
-    model, weights, decode = random_decode(cfg, mesh, dtype, attn_impl)
-    cache = sharding.new_replica_kv_cache(model, mesh, batch * -(-context // PAGE), PAGE)
+    model, weights, decode = random_decode(cfg, mesh, dtype, backend)
+    cache = sharding.new_replica_kv_cache(sharding.kv_cache_spec(model, mesh, PAGE), mesh, batch * -(-context // PAGE))
     step = sharding.stack_replicas([decode_step_input(batch, context)] * replicas, mesh)
     spmd = jax.jit(sharding.over_replicas(decode), donate_argnums=(1,))
     holder = {"step": step, "cache": cache}
@@ -303,7 +308,7 @@ def engine_decode_rate(engine, num_seqs: int, context: int, steps: int, max_toke
                 **{k: after[k] - before[k] for k in ("num_compilations", "num_preemptions")})
 
 
-def bench_engine_dp(cfg: ModelConfig, replicas: int, batch: int, context: int, steps: int, attn_impl: str) -> dict:
+def bench_engine_dp(cfg: ModelConfig, replicas: int, batch: int, context: int, steps: int, backend: str) -> dict:
     """The serving engine with `replicas` data-parallel replicas x TP 1, `batch` sequences each, against
     one replica on one device with `batch` sequences: decode tokens/s of each (ideal speedup: replicas)."""
     import dataclasses
@@ -315,7 +320,7 @@ def bench_engine_dp(cfg: ModelConfig, replicas: int, batch: int, context: int, s
     max_len = context + max_tokens
     config = EngineConfig(model="random", dtype="bfloat16", block_size=PAGE, max_num_seqs=batch,
                           max_num_batched_tokens=budget, max_model_len=max_len, enable_prefix_caching=False,
-                          num_kv_blocks=batch * -(-max_len // PAGE) + 16, attn_impl=attn_impl)
+                          num_kv_blocks=batch * -(-max_len // PAGE) + 16, backend=backend)
     model = common.random_model(cfg, "bfloat16")  # on the first device; other replicas copy it to theirs
     out = dict(replicas=replicas, tp=1, batch_per_replica=batch, context=context, steps=steps,
                engine=dict(max_num_batched_tokens=budget, max_model_len=max_len, num_kv_blocks=config.num_kv_blocks))
@@ -346,7 +351,7 @@ def tp_sweep(preset: dict, steps: int, dtype, bandwidth: float) -> list[dict]:
         tps = tuple(t for t in (tp_override or tps) if t <= jax.device_count() and ("70b" not in label or t >= 2))
         reference = None
         for tp in tps:
-            rows, logits = bench_tp(cfg, tp, preset["batches"], preset["context"], steps, dtype, args.attn_impl,
+            rows, logits = bench_tp(cfg, tp, preset["batches"], preset["context"], steps, dtype, args.backend,
                                     bandwidth)
             if reference is None:
                 reference = (tp, logits)
@@ -374,7 +379,7 @@ def main():
     result = dict(bench="multi_gpu", command="python " + " ".join(sys.argv), xla_flags=os.environ.get("XLA_FLAGS", ""),
                   preset=args.preset, device=device.device_kind, platform=device.platform,
                   num_devices=jax.device_count(), jax=jax.__version__, flax=flax.__version__,
-                  python=platform.python_version(), attn_impl=args.attn_impl, dtype="bfloat16",
+                  python=platform.python_version(), backend=args.backend, dtype="bfloat16",
                   copy_bandwidth_bytes_per_s=bandwidth, copy_bandwidth_per_device=per_device, runs=[])
     print("copy bandwidth GB/s per device: " + ", ".join(f"{b / 1e9:.0f}" for b in per_device))
     if args.tp_sweep:
@@ -385,7 +390,7 @@ def main():
     first_model = load_config(next(iter(preset["models"].values()))[0])
     if args.dp:
         result["data_parallel"] = bench_dp(first_model, args.dp, preset["batches"][-1], preset["context"], steps,
-                                           dtype, args.attn_impl)
+                                           dtype, args.backend)
         dp = result["data_parallel"]
         print(f"data parallel x{dp['replicas']} (tp {dp['tp']}, batch {dp['batch_per_replica']} each): "
               f"one engine per replica {dp['per_replica_tokens_per_s']:.1f} tok/s, "
@@ -394,7 +399,7 @@ def main():
         if args.engine_dp > jax.device_count():
             raise SystemExit(f"--engine-dp {args.engine_dp} needs that many devices, {jax.device_count()} present")
         result["data_parallel_engine"] = e = bench_engine_dp(
-            first_model, args.engine_dp, preset["batches"][-1], preset["context"], steps, args.attn_impl)
+            first_model, args.engine_dp, preset["batches"][-1], preset["context"], steps, args.backend)
         print(f"serving engine, batch {e['batch_per_replica']} per replica, ctx {e['context']}: "
               f"1 replica {e['one_replica']['tokens_per_s']:.1f} tok/s, {e['replicas']} replicas "
               f"{e['data_parallel']['tokens_per_s']:.1f} tok/s ({e['speedup']:.2f}x)")

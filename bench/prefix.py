@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         benchmark=NAME, command=common.command_line(argv, NAME), device=common.device_info(),
         model=args.model, model_shape=common.model_shape(cfg, args.dtype), model_build_s=build_s,
         engine=dict(block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                    max_num_batched_tokens=args.max_num_batched_tokens, attn_impl=args.attn_impl),
+                    max_num_batched_tokens=args.max_num_batched_tokens, backend=common.backend_override(args)),
         workload=dict(num_requests=args.num_requests, prefix_len=args.prefix_len, question_len=args.question_len,
                       new_tokens=args.new_tokens, warmup_requests=args.warmup_requests,
                       prompts="one random shared prefix + random distinct questions"),

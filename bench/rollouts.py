@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import pallas_kernels
 from jpaged.generate import generate
-from jpaged.kv_cache import KVCache
+from models.kv_cache import KVCacheSpec
 from jpaged.sampling_params import SamplingParams
 from models.config import ModelConfig
 from models.layers import apply_rope, rope_inv_freq
@@ -66,11 +65,11 @@ class ForcedStop(nnx.Module):
         self.stop_at = nnx.Variable(jnp.asarray(stop_at, jnp.int32))
         self.prompt_len, self.eos = prompt_len, eos
 
-    def new_kv_cache(self, num_pages, page_size):
-        return self.base.new_kv_cache(num_pages, page_size)
+    def kv_cache_spec(self, page_size, dtype=None):
+        return self.base.kv_cache_spec(page_size, dtype)
 
-    def __call__(self, kv_cache, step, *, attn_impl="reference"):
-        logits, kv_cache = self.base(kv_cache, step, attn_impl=attn_impl)
+    def __call__(self, kv_cache, step, *, backend):
+        logits, kv_cache = self.base(kv_cache, step, backend=backend)
         return force_stop(logits, step.kv_lens[:logits.shape[0]] - self.prompt_len,
                           self.stop_at[...][:logits.shape[0]], self.eos), kv_cache
 
@@ -155,14 +154,14 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def run_paged(model, prompts, lens, stop_at, w, eos, attn_impl):
+def run_paged(model, prompts, lens, stop_at, w, eos, backend):
     """Times jpaged.generate after a compile-only call (every row stopping at once, same shapes)."""
     num_pages = pages_needed(w.prompt_len, stop_at, w.num_samples, w.page_size)
 
     def call():
         return generate(model, prompts, lens, max_new_tokens=w.max_new_tokens, key=jax.random.PRNGKey(0),
                         num_samples=w.num_samples, eos_token_ids=(eos,), page_size=w.page_size,
-                        num_pages=num_pages, attn_impl=attn_impl, sampling=SamplingParams(temperature=0.0))
+                        num_pages=num_pages, backend=backend, sampling=SamplingParams(temperature=0.0))
 
     model.stop_at[...] = jnp.full((len(stop_at),), 2, jnp.int32)
     _, compile_s = timed(call)
@@ -232,7 +231,8 @@ def dense_prompts_per_chunk(cfg, w, dtype, weight_bytes) -> int:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
-    p.add_argument("--attn-impl", choices=pallas_kernels.IMPLS, default="reference")
+    p.add_argument("--backend", "--attn-impl", dest="backend", default="reference",
+                   help="a pallas_kernels.select_backend override ('auto', 'mosaic', ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, default=None, help="JSON path (default bench/results/)")
     return p.parse_args(argv)
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     model = ForcedStop(LlamaForCausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(args.seed)), stop_at, w.prompt_len, eos)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.base, nnx.Param)))
 
-    paged_tokens, paged_s, paged_compile_s, pool = run_paged(model, prompts, lens, stop_at, w, eos, args.attn_impl)
+    paged_tokens, paged_s, paged_compile_s, pool = run_paged(model, prompts, lens, stop_at, w, eos, args.backend)
     per_chunk = dense_prompts_per_chunk(cfg, w, dtype, weight_bytes)
     dense_tokens, dense_s, dense_compile_s = run_dense(model, prompts, stop_at, w, eos, per_chunk)
     engine_s, engine_compile_s, engine_stats = run_engine(model.base, prompts, stop_at, w)
@@ -270,14 +270,14 @@ def main(argv=None) -> int:
                                      ("dense_baseline", dense_s, dense_compile_s)):
         results[name] = dict(seconds=seconds, compile_seconds=compile_s, tokens_per_s=generated / seconds,
                              weight_tb_per_s=steps * weight_bytes / seconds / 1e12)
-    token_bytes = KVCache.bytes_per_page(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, dtype)
+    token_bytes = KVCacheSpec.for_model(cfg, 1, dtype).bytes_per_page
     results["jpaged_generate"].update(pool, kv_bytes=pool["num_pages"] * w.page_size * token_bytes)
     results["engine"].update(engine_stats)
     results["dense_baseline"].update(prompts_per_chunk=per_chunk,
                                      kv_bytes=per_chunk * w.num_samples * (w.prompt_len + w.max_new_tokens) * token_bytes)
     report = dict(
         bench="rollouts", device=device.device_kind, platform=device.platform, jax=jax.__version__,
-        flax=flax.__version__, attn_impl=args.attn_impl, hbm_ceiling_tb_per_s=ceiling,
+        flax=flax.__version__, backend=args.backend, hbm_ceiling_tb_per_s=ceiling,
         workload=dataclasses.asdict(w) | dict(seed=args.seed, generated_tokens=generated, decode_steps=steps,
                                               weight_bytes=weight_bytes),
         results=results, speedup_vs_dense=dense_s / paged_s, generate_vs_engine=engine_s / paged_s,

@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--attn-impl", default="auto")
+    common.add_backend_flag(p)
     p.add_argument("--out")
     args = p.parse_args(argv)
     import jax
@@ -57,13 +57,13 @@ def main(argv=None) -> dict:
     log(f"built {args.model} in {time.perf_counter() - start:.1f} s")
     llm = common.make_llm(model, "bfloat16", max_model_len=args.prompt_len + args.new_tokens + 16,
                           max_num_seqs=max(args.batch, 1), max_num_batched_tokens=512,
-                          enable_prefix_caching=False, attn_impl=args.attn_impl)
+                          enable_prefix_caching=False, backend=args.backend)
     engine = llm.engine
-    log(f"engine: attn {engine.runner.attn_impl}, {engine.runner.num_pages} pages")
+    log(f"engine: backend {engine.runner.backend.describe()}, {engine.runner.num_pages} pages")
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True)
     result = dict(model=args.model, device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-                  attn_impl=engine.runner.attn_impl)
+                  backend=engine.runner.backend.describe())
     for batch in (1, args.batch):
         for i in range(batch):
             engine.add_request(f"b{batch}-{i}", rng.integers(0, cfg.vocab_size, args.prompt_len).tolist(), params)

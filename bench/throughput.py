@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result = dict(
         benchmark=NAME, command=common.command_line(argv, NAME), device=common.device_info(),
         model=args.model, model_shape=common.model_shape(cfg, args.dtype), model_build_s=build_s,
-        engine=dict(attn_impl=llm.engine.runner.attn_impl, block_size=args.block_size,
+        engine=dict(backend=llm.engine.runner.backend.describe(), block_size=args.block_size,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     max_num_prefill_seqs=args.max_num_prefill_seqs or None, mixed_split=not args.no_mixed_split,
                     fused_swiglu=not args.no_fused_swiglu,
@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def print_results(r: dict) -> None:
-    rows = [("device", r["device"]["device_kind"]), ("attention impl", r["engine"]["attn_impl"])]
+    rows = [("device", r["device"]["device_kind"]), ("backend", r["engine"]["backend"])]
     for name, w in r["results"].items():
         label = f"{name} ({w['workload']['num_requests']} req)"
         rows += [(f"{label} output tok/s", w["output_tok_s"]), (f"{label} total tok/s", w["total_tok_s"]),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -69,31 +70,31 @@ def summarize_per_device(trace_path, steps: int, top: int = 14) -> dict:
     return out
 
 
-def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, attn_impl: str, context: int,
+def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, backend: str, context: int,
             prefill=(), slots: int | None = None, splits=(True,), top: int = 14,
             max_prefill_seqs: int | None = None) -> list:
     """Rows of ms/step, launch time and (at `trace_tokens`) the trace summary: `batch` decodes at `context`,
     plus whole prompts of the `prefill` lengths (a mixed step), padded to each of `tokens` tokens and
     `slots` sequence rows (default: as many as tokens); once per mixed-batch split setting in `splits`.
     `max_prefill_seqs`: the static bound the engine's scheduler puts in its steps (StepInput)."""
-    import pallas_kernels
+    from pallas_kernels import select_backend
 
     cfg = mg.load_config(model_name)
     mesh = sharding.make_mesh(tp)
-    model, weights, decode_fn = mg.random_decode(cfg, mesh, jnp.bfloat16, attn_impl)
+    model, weights, decode_fn = mg.random_decode(cfg, mesh, jnp.bfloat16, backend)
     q_lens, kv_lens = [1] * batch + list(prefill), [context] * batch + list(prefill)
     pages = len(q_lens) * -(-max(kv_lens) // mg.PAGE)
     rows = []
+    base = select_backend(mesh.devices.flat[0], sharding.kv_cache_spec(model, mesh, mg.PAGE), backend)
     for split in splits:
-        pallas_kernels.SPLIT_MIXED_BATCHES = split     # read when the step is traced: one jit per setting,
-        # of a fresh function (jax.jit(decode_fn) again would reuse the first setting's trace)
-        decode = jax.jit(lambda *args: decode_fn(*args), donate_argnums=(1,))
+        decode = jax.jit(functools.partial(decode_fn, backend=dataclasses.replace(base, split_mixed=split)),
+                         donate_argnums=(1,))
         for num_tokens in tokens:
             if num_tokens < sum(q_lens):
                 continue
             step = dataclasses.replace(mg.ragged_step_input(q_lens, kv_lens, num_tokens, slots or num_tokens),
                                        max_prefill_seqs=max_prefill_seqs)
-            held = {"cache": sharding.new_kv_cache(model, mesh, pages, mg.PAGE),
+            held = {"cache": sharding.new_kv_cache(sharding.kv_cache_spec(model, mesh, mg.PAGE), mesh, pages),
                     "step": sharding.replicate(step, mesh)}
 
             def run():
@@ -112,7 +113,7 @@ def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, att
                 run()
                 launch.append(time.perf_counter() - start)
             row = dict(model=model_name, tp=tp, batch=batch, prefill=list(prefill), num_tokens=num_tokens,
-                       num_slots=slots or num_tokens, context=context, attn_impl=attn_impl, mixed_split=split,
+                       num_slots=slots or num_tokens, context=context, backend=backend, mixed_split=split,
                        max_prefill_seqs=max_prefill_seqs,
                        compile_s=compile_s, ms_per_step=1e3 * seconds,
                        launch_ms_median=1e3 * float(np.median(launch)),
@@ -132,7 +133,6 @@ def profile(model_name: str, tp: int, batch: int, tokens, trace_tokens: int, att
                 for kernel in summary["top_kernels"]:
                     print("    ", kernel, flush=True)
             rows.append(row)
-    pallas_kernels.SPLIT_MIXED_BATCHES = True
     return rows
 
 
@@ -144,12 +144,12 @@ def main(argv=None):
     p.add_argument("--tokens", default="4,16", help="comma-separated token paddings")
     p.add_argument("--trace-tokens", type=int, help="the padding traced (default the first)")
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--attn-impl", default="mosaic")
+    p.add_argument("--backend", "--attn-impl", dest="backend", default="mosaic")
     p.add_argument("--prefill", default="", help="comma-separated prompt lengths prefilled in the same step "
                    "(a mixed step, e.g. 512,512,512,291 beside --batch 221 --context 640)")
     p.add_argument("--slots", type=int, help="sequence rows of the step (default: as many as tokens)")
     p.add_argument("--mixed-split", default="on", choices=("on", "off", "both"),
-                   help="pallas_kernels.SPLIT_MIXED_BATCHES for the step; both: one run each, same weights")
+                   help="Backend.split_mixed for the step; both: one run each, same weights")
     p.add_argument("--max-prefill-seqs", type=int, help="StepInput.max_prefill_seqs (the engine passes "
                    "EngineConfig.max_num_prefill_seqs; default here: none)")
     p.add_argument("--top", type=int, default=14, help="kernels listed per device")
@@ -158,7 +158,7 @@ def main(argv=None):
     tokens = [int(t) for t in args.tokens.split(",")]
     rows = []
     for tp in (int(t) for t in args.tp.split(",")):
-        rows += profile(args.model, tp, args.batch, tokens, args.trace_tokens or tokens[0], args.attn_impl,
+        rows += profile(args.model, tp, args.batch, tokens, args.trace_tokens or tokens[0], args.backend,
                         args.context, prefill=[int(n) for n in args.prefill.split(",") if n], slots=args.slots,
                         splits={"on": (True,), "off": (False,), "both": (True, False)}[args.mixed_split],
                         top=args.top, max_prefill_seqs=args.max_prefill_seqs)

@@ -34,15 +34,15 @@ DEFAULT_VARIANTS = {
 }
 
 
-def compare(model_name: str, tp: int, num_tokens: int, variants: dict, attn_impl: str, context: int,
+def compare(model_name: str, tp: int, num_tokens: int, variants: dict, backend: str, context: int,
             rounds: int = 7, steps: int = 20) -> list[dict]:
     cfg = mg.load_config(model_name)
     mesh = sharding.make_mesh(tp)
-    model, weights, step_fn = mg.random_decode(cfg, mesh, jnp.bfloat16, attn_impl)
+    model, weights, step_fn = mg.random_decode(cfg, mesh, jnp.bfloat16, backend)
     step_fn = jax.jit(step_fn, donate_argnums=(1,))
     compiled, held = {}, {}
     for name, options in variants.items():
-        cache = sharding.new_kv_cache(model, mesh, -(-context // mg.PAGE), mg.PAGE)
+        cache = sharding.new_kv_cache(sharding.kv_cache_spec(model, mesh, mg.PAGE), mesh, -(-context // mg.PAGE))
         step = sharding.replicate(mg.decode_step_input(1, context, num_tokens), mesh)
         with jax.set_mesh(mesh):
             compiled[name] = step_fn.lower(weights, cache, step).compile(compiler_options=options or None)
@@ -74,13 +74,13 @@ def main(argv=None):
     p.add_argument("--tp", default="1,2")
     p.add_argument("--tokens", type=int, default=4, help="tokens (and sequence slots) the batch-1 step is padded to")
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--attn-impl", default="mosaic")
+    p.add_argument("--backend", "--attn-impl", dest="backend", default="mosaic")
     p.add_argument("--variants", type=json.loads, default=DEFAULT_VARIANTS)
     p.add_argument("--out", default="bench/results/xla_options_ab.json")
     args = p.parse_args(argv)
     rows = []
     for tp in (int(t) for t in args.tp.split(",")):
-        rows += compare(args.model, tp, args.tokens, args.variants, args.attn_impl, args.context)
+        rows += compare(args.model, tp, args.tokens, args.variants, args.backend, args.context)
     result = dict(bench="xla_options_ab", command="python " + " ".join(sys.argv), device=jax.devices()[0].device_kind,
                   num_devices=jax.device_count(), jax=jax.__version__, rows=rows)
     print(f"wrote {common.write_json(result, args.out, 'xla_options_ab')}")

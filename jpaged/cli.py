@@ -83,7 +83,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--data-parallel-size", type=int, default=1)
-    p.add_argument("--attn-impl", default="auto", help="'auto' (Hopper: mosaic; other GPUs: pallas; CPU: reference), 'reference', 'pallas', 'mosaic', 'mosaic_full' (opt-in Mosaic decode too) or 'interpret'")
+    p.add_argument("--backend", "--attn-impl", dest="backend", default="auto", help="kernels: 'auto' (Hopper: mosaic; other GPUs: pallas; CPU: reference), a preset ('reference', 'pallas', 'mosaic', 'interpret'), optionally with field=value overrides, e.g. 'mosaic,decode=mosaic' (pallas_kernels/backend.py)")
     p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
 
 

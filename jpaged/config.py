@@ -23,7 +23,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"         # "fcfs" | "priority"
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
-    attn_impl: str = "auto"                 # "auto" (Hopper: "mosaic", other GPUs: "pallas", CPU: "reference") or a pallas_kernels.IMPLS name
+    backend: str = "auto"                   # kernels: "auto" (the device's preset) or a pallas_kernels.select_backend override, e.g. "mosaic,decode=mosaic"
     async_scheduling: bool = True           # schedule step N+1 while step N runs (Engine.step)
     fuse_projections: bool = True           # one device: q/k/v and gate/up as one GEMM each (in place)
     seed: int = 0

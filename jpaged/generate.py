@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jpaged.kv_cache import MIN_STEP_TOKENS, KVCache, StepInput
 from jpaged.sampling import PAD_ID, SamplingTensors, sample
 from jpaged.sampling_params import SamplingParams
+from models.kv_cache import MIN_STEP_TOKENS, KVCache, KVCacheSpec, StepInput
+from pallas_kernels import Backend, select_backend
 
 
 @struct.dataclass
@@ -55,12 +56,12 @@ class _DecodeState:
 def generate(model_or_params, prompt_tokens, prompt_lens, *, max_new_tokens: int,
              sampling: SamplingParams | None = None, key: jax.Array, num_samples: int = 1,
              eos_token_ids: Sequence[int] = (), page_size: int = 16, num_pages: int | None = None,
-             attn_impl: str = "reference") -> GenerateOutput:
+             backend: Backend | str | None = None) -> GenerateOutput:
     """Generates num_samples continuations of each prompt; jit-compiled, callable inside jax.jit.
 
     Args:
       model_or_params: an NNX model with the LlamaForCausalLM contract (`model(kv_cache, step,
-        attn_impl=...) -> (logits, kv_cache)`, `new_kv_cache(num_pages, page_size)`, `config.vocab_size`),
+        backend=...) -> (logits, kv_cache)`, `kv_cache_spec(page_size)`, `config.vocab_size`),
         or its `(graphdef, state)` from `nnx.split`. Weights are arguments of the compiled call.
       prompt_tokens: [B, L] int32, prompt b in `prompt_tokens[b, :prompt_lens[b]]`.
       prompt_lens: [B] int32, each in [1, L].
@@ -72,7 +73,8 @@ def generate(model_or_params, prompt_tokens, prompt_lens, *, max_new_tokens: int
       eos_token_ids: ids that end a row (the EOS token is included in the output).
       page_size: tokens per KV page.
       num_pages: size of the pool; None sizes it for the longest possible output of every row.
-      attn_impl: a `pallas_kernels.IMPLS` name.
+      backend: the kernels (`pallas_kernels.Backend`); None picks the engine's for the default device
+        and these pages (`pallas_kernels.select_backend`), a string is an override as the engine's.
 
     Returns:
       GenerateOutput (tokens [B, N, M], lengths [B, N], optional logprobs, page counts).
@@ -100,24 +102,29 @@ def generate(model_or_params, prompt_tokens, prompt_lens, *, max_new_tokens: int
 
     if isinstance(model_or_params, nnx.Module):
         graphdef, state = nnx.split(model_or_params)
-        vocab_size = model_or_params.config.vocab_size
+        model = model_or_params
     else:
         graphdef, state = model_or_params
-        vocab_size = nnx.merge(graphdef, state).config.vocab_size
+        model = nnx.merge(graphdef, state)
+    vocab_size = model.config.vocab_size
+    spec = model.kv_cache_spec(page_size)
+    backend = select_backend(jax.devices()[0], spec, backend)
     rows = batch * num_samples
     tensors = SamplingTensors.from_params([sampling] * rows, num_rows=rows, vocab_size=vocab_size,
                                           prompt_token_ids=[[]] * rows, output_token_ids=[[]] * rows)
     return _generate(graphdef, state, prompt_tokens, prompt_lens, tensors, key,
                      max_new_tokens=max_new_tokens, num_samples=num_samples,
-                     eos_token_ids=tuple(int(t) for t in eos_token_ids), page_size=page_size,
-                     num_pages=num_pages, attn_impl=attn_impl, with_logprobs=sampling.logprobs is not None)
+                     eos_token_ids=tuple(int(t) for t in eos_token_ids), spec=spec,
+                     num_pages=num_pages, backend=backend, with_logprobs=sampling.logprobs is not None)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=(
-    "max_new_tokens", "num_samples", "eos_token_ids", "page_size", "num_pages", "attn_impl", "with_logprobs"))
+    "max_new_tokens", "num_samples", "eos_token_ids", "spec", "num_pages", "backend", "with_logprobs"))
 def _generate(graphdef, state, prompt_tokens, prompt_lens, tensors: SamplingTensors, key, *,
-              max_new_tokens, num_samples, eos_token_ids, page_size, num_pages, attn_impl, with_logprobs):
+              max_new_tokens, num_samples, eos_token_ids, spec: KVCacheSpec, num_pages, backend: Backend,
+              with_logprobs):
     model = nnx.merge(graphdef, state)
+    page_size = spec.page_size
     batch, width = prompt_tokens.shape
     rows = batch * num_samples
     pages_per_row = -(-(width + max_new_tokens - 1) // page_size)
@@ -126,9 +133,9 @@ def _generate(graphdef, state, prompt_tokens, prompt_lens, tensors: SamplingTens
         tensors = tensors.replace(prompt_tokens=jnp.repeat(history, num_samples, axis=0))
 
     prompt_table, prompt_pages = _prompt_page_table(prompt_lens, page_size, pages_per_row)
-    kv_cache = model.new_kv_cache(num_pages, page_size)
+    kv_cache = spec.create(num_pages)
     logits, kv_cache = model(kv_cache, _prefill_step(prompt_tokens, prompt_lens, prompt_table, page_size),
-                             attn_impl=attn_impl)
+                             backend=backend)
     table, copy_src, copy_dst, pages_used = _fork_rows(prompt_table, prompt_lens, prompt_pages, num_samples,
                                                        page_size, num_pages)
     kv_cache = _copy_pages(kv_cache, copy_src, copy_dst)
@@ -147,7 +154,7 @@ def _generate(graphdef, state, prompt_tokens, prompt_lens, tensors: SamplingTens
     def decode(s: _DecodeState) -> _DecodeState:
         s = _take_pages(s, page_size, num_pages)
         active = ~s.done
-        logits, kv_cache = model(s.kv_cache, _decode_step(s, active, page_size), attn_impl=attn_impl)
+        logits, kv_cache = model(s.kv_cache, _decode_step(s, active, page_size), backend=backend)
         out = _sample_rows(logits, tensors, s.tokens, s.lengths, key, s.step)
         row_ids = jnp.arange(rows)
         col = jnp.where(active, s.lengths, max_new_tokens)  # inactive rows write out of bounds: dropped

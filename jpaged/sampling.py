@@ -1,6 +1,6 @@
 """On-device sampling: one jitted function turns a batch's logits into tokens, logprobs and ranks.
 
-Sits after the model in the step (DESIGN.md "One step"): `model_runner` and `jpaged.generate` both
+Sits after the model in the step (docs/architecture.md): `model_runner` and `jpaged.generate` both
 build a `SamplingTensors` (per-row settings as arrays) and call `sample`. Semantics follow vLLM:
 penalties first (repetition over prompt + output, then frequency and presence over output), then
 rows short of `min_tokens` outputs bar their stop ids (EOS and `stop_token_ids`); greedy rows take the
@@ -210,21 +210,12 @@ def apply_min_p(logits: jax.Array, min_p: jax.Array) -> jax.Array:
     return jnp.where(keep, logits, -jnp.inf)
 
 
-def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, *, method: str = "sort") -> jax.Array:
+def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Keeps each row's top_k tokens, then the smallest set of those whose mass reaches top_p.
 
-    Both cut-offs become one logit threshold per row (tokens tied with the last kept token are kept too).
-    method="sort": one descending sort per row (3.05 ms at 256 x 128,256 on the H100, bench/sampler_cost.py).
-    method="search": the same thresholds found without a sort, by `_top_k_top_p_threshold_search`: it
-      matches "sort" except when logits tie exactly at the top_k boundary (the sort normalises the top-p
-      mass over exactly top_k of the tied tokens, the search over all of them). On the H200 it is no
-      faster: 2.72 ms against the sort's 2.64 (bench/results/sampler_cost_h200.json).
+    Both cut-offs become one logit threshold per row from one descending sort (tokens tied with the last
+    kept token are kept too).
     """
-    if method == "search":
-        threshold = _top_k_top_p_threshold_search(logits, top_k, top_p)
-        return jnp.where(_sortable_key(logits) >= threshold, logits, -jnp.inf)
-    if method != "sort":
-        raise ValueError(f"method must be 'sort' or 'search', got {method!r}")
     vocab_size = logits.shape[-1]
     ordered = -jnp.sort(-logits, axis=-1)                                      # [S, V] descending
     rank = jnp.arange(vocab_size)[None, :]
@@ -235,57 +226,6 @@ def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, *, 
     keep = keep.at[:, 0].set(True)
     threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits >= threshold, logits, -jnp.inf)
-
-
-def _sortable_key(x: jax.Array) -> jax.Array:
-    """int32 keys in the order of the float32 values (-0.0 and 0.0 equal; -inf lowest; no NaN)."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32) + 0.0, jnp.int32)   # + 0.0: -0.0 -> 0.0
-    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
-
-
-def _largest_key_where(holds, lo: jax.Array, hi: jax.Array, *, fanout: int = 16) -> jax.Array:
-    """Per row, the largest int32 key c in [lo, hi) with holds(c), for `holds` true at lo, false at hi and
-    monotone in between. Each pass tests fanout - 1 evenly spaced keys at once (one read of the row), so
-    8 passes of 16 cover the 2^32 keys; the passes are a fixed loop, with no host round trip."""
-    passes = -(-32 // (fanout.bit_length() - 1))
-    r = jnp.arange(1, fanout, dtype=jnp.uint32)[None, :]                        # [1, F - 1]
-
-    def one_pass(_, bounds):
-        lo, hi = bounds
-        span = hi.astype(jnp.uint32) - lo.astype(jnp.uint32)                    # < 2^32: exact in uint32
-        step, rest = (span // fanout)[:, None], (span % fanout)[:, None]
-        offset = step * r + (rest * r + fanout - 1) // fanout                   # ceil(span * r / fanout)
-        candidates = (lo.astype(jnp.uint32)[:, None] + offset).astype(jnp.int32)   # [S, F - 1]
-        ok = holds(candidates)
-        lo_offset = jnp.max(jnp.where(ok, offset, 0), axis=-1)
-        hi_offset = jnp.min(jnp.where(ok, span[:, None], offset), axis=-1)
-        return ((lo.astype(jnp.uint32) + lo_offset).astype(jnp.int32),
-                (lo.astype(jnp.uint32) + hi_offset).astype(jnp.int32))
-
-    return jax.lax.fori_loop(0, passes, one_pass, (lo, hi))[0]
-
-
-def _top_k_top_p_threshold_search(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """[S, 1] key thresholds of `apply_top_k_top_p` without sorting: the top_k-th largest key (the largest
-    key with >= top_k tokens at or above it), then the largest key whose tokens at or above it hold
-    >= top_p of the mass inside the top_k set (the last token the sort would keep)."""
-    keys = _sortable_key(logits)                                                # [S, V]
-    lo, hi = keys.min(axis=-1), keys.max(axis=-1) + 1
-
-    def enough_tokens(c):                                                       # c: [S, F - 1]
-        return jnp.sum(keys[:, :, None] >= c[:, None, :], axis=1) >= top_k[:, None]
-
-    k_key = _largest_key_where(enough_tokens, lo, hi)
-    in_top_k = keys >= k_key[:, None]
-    weights = jnp.where(in_top_k, jnp.exp(logits - logits.max(axis=-1, keepdims=True)), 0.0)
-    total = weights.sum(axis=-1)
-
-    def enough_mass(c):
-        mass = jnp.sum(jnp.where(keys[:, :, None] >= c[:, None, :], weights[:, :, None], 0.0), axis=1)
-        return mass >= (top_p * total)[:, None]
-
-    p_key = _largest_key_where(enough_mass, k_key, hi)
-    return jnp.where(top_p < 1.0, p_key, k_key)[:, None]
 
 
 def raw_logprob_outputs(logits: jax.Array, tokens: jax.Array, num_top_logprobs: int):

@@ -11,15 +11,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from jpaged import sharding
+from models import sharding
 from models.config import RopeScaling
+from models.kv_cache import StepInput
+from pallas_kernels import Backend
 
 
 # A norm that feeds a GEMM (`before_gemm`) puts its output behind an optimization barrier from this many
 # rows up. Without it XLA pulls the weight multiply into the GEMM's fusion, keeps cuBLAS for the GEMM and
-# emits the multiply as a pass of its own: one more read and write of [T, hidden] per norm (H100,
-# Llama-3-8B, 2,048-token mixed step 56.35 -> 55.98 ms; bench/README.md, session 8). Below it the pass
-# costs next to nothing and a barrier could keep XLA from fusing the norm into a small GEMM.
+# emits the multiply as a pass of its own: one more read and write of [T, hidden] per norm (measured in
+# bench/README.md). Below it the pass costs next to nothing and a barrier could keep XLA from fusing the
+# norm into a small GEMM.
 NORM_BARRIER_MIN_ROWS = 256
 
 
@@ -69,7 +71,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 def embed(embedding: nnx.Embed, token_ids: jax.Array) -> jax.Array:
     """token_ids [T] -> [T, E] in the embedding's dtype; split over the vocabulary under a mesh
-    (jpaged.sharding.lookup_embedding)."""
+    (models.sharding.lookup_embedding)."""
     (table,) = embedding.promote_dtype((embedding.embedding[...],), dtype=embedding.dtype, inexact=False)
     return sharding.lookup_embedding(table, token_ids)
 
@@ -80,21 +82,23 @@ def paged_attention(
     v: jax.Array,        # [T, Hkv, D]
     k_pages: jax.Array,  # [N, page_size, Hkv, D]
     v_pages: jax.Array,  # [N, page_size, Hkv, D]
-    step,                # jpaged.kv_cache.StepInput
+    step: StepInput,
     *,
     sm_scale: float,
     sliding_window: int | None,
-    impl: str,
+    backend: Backend,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The one attention call of every model: write the new K/V into pages, then attend over them.
+    """The one attention call of every model: write the new K/V into pages, then attend over them, with
+    `backend`'s kernels.
 
-    Under a mesh (`jax.set_mesh`) it runs per device on that device's heads (jpaged.sharding.per_shard).
+    Under a mesh (`jax.set_mesh`) it runs per device on that device's heads (models.sharding.per_shard).
     """
     def attend(q, k, v, k_pages, v_pages, step):
-        k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k, v, step.slot_mapping, impl=impl)
+        k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k, v, step.slot_mapping, backend=backend)
         o = pallas_kernels.ragged_paged_attention(
             q, k_pages, v_pages, step.kv_lens, step.page_table, step.cu_q_lens, step.num_seqs,
-            sm_scale=sm_scale, sliding_window=sliding_window, impl=impl, max_prefill_seqs=step.max_prefill_seqs)
+            sm_scale=sm_scale, sliding_window=sliding_window, backend=backend,
+            max_prefill_seqs=step.max_prefill_seqs)
         return o, k_pages, v_pages
 
     return sharding.per_shard(attend)(q, k, v, k_pages, v_pages, step)

@@ -1,8 +1,8 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) in Flax NNX; variants are config data.
 
 Layers are a Python list of per-layer modules, so the jitted step is unrolled over depth and each
-decode step reads every weight once (PERF_NOTES.md section 5: a rolled scan over stacked weights
-copies each layer's weights before its GEMMs, ~3x the bytes).
+decode step reads every weight once (a rolled scan over stacked weights copies each layer's weights
+before its GEMMs). Which kernels run is the `Backend` passed to `__call__` (pallas_kernels/backend.py).
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from jpaged.kv_cache import KVCache, StepInput
 from models.config import ModelConfig
+from models.kv_cache import KVCache, KVCacheSpec, StepInput
 from models.layers import RMSNorm, apply_rope, embed, paged_attention, rope_inv_freq
+from pallas_kernels import REFERENCE, Backend
 from pallas_kernels.matmul_mgpu import interleave_gate_up
 
 
@@ -70,7 +71,7 @@ class Attention(nnx.Module):
         self.qkv_proj = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
         self.q_proj = self.k_proj = self.v_proj = None
 
-    def __call__(self, x, inv_freq, k_pages, v_pages, step: StepInput, attn_impl: str):
+    def __call__(self, x, inv_freq, k_pages, v_pages, step: StepInput, backend: Backend):
         t = x.shape[0]
         if getattr(self, "qkv_proj", None) is not None:
             qkv = self.qkv_proj(x)
@@ -87,7 +88,7 @@ class Attention(nnx.Module):
         k = apply_rope(k, step.positions, inv_freq)
         o, k_pages, v_pages = paged_attention(
             q, k, v, k_pages, v_pages, step, sm_scale=self.head_dim ** -0.5,
-            sliding_window=self.sliding_window, impl=attn_impl)
+            sliding_window=self.sliding_window, backend=backend)
         return self.o_proj(o.reshape(t, -1)), k_pages, v_pages
 
 
@@ -104,9 +105,9 @@ class MLP(nnx.Module):
         self.gate_up_proj = _gate_up_linear(self.gate_proj, self.up_proj)
         self.gate_proj = self.up_proj = None
 
-    def __call__(self, x, impl: str = "reference"):
+    def __call__(self, x, backend: Backend):
         if getattr(self, "gate_up_proj", None) is not None:
-            h = pallas_kernels.gate_up_swiglu(x, self.gate_up_proj.kernel[...], impl=impl)
+            h = pallas_kernels.gate_up_swiglu(x, self.gate_up_proj.kernel[...], backend=backend)
         else:
             h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(h)
@@ -120,11 +121,11 @@ class DecoderLayer(nnx.Module):
                                                 before_gemm=True)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x, inv_freq, k_pages, v_pages, step, attn_impl):
+    def __call__(self, x, inv_freq, k_pages, v_pages, step, backend: Backend):
         h, k_pages, v_pages = self.self_attn(self.input_layernorm(x), inv_freq, k_pages, v_pages,
-                                             step, attn_impl)
+                                             step, backend)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), attn_impl)
+        x = x + self.mlp(self.post_attention_layernorm(x), backend)
         return x, k_pages, v_pages
 
 
@@ -150,20 +151,23 @@ class LlamaForCausalLM(nnx.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
 
-    def new_kv_cache(self, num_pages: int, page_size: int, dtype=None) -> KVCache:
-        cfg = self.config
-        return KVCache.create(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim,
-                              dtype or self.dtype)
+    def kv_cache_spec(self, page_size: int, dtype=None) -> KVCacheSpec:
+        """The pages of this model on one device, in `dtype` (default the model's)."""
+        return KVCacheSpec.for_model(self.config, page_size, dtype or self.dtype)
 
-    def __call__(self, kv_cache: KVCache, step: StepInput, *, attn_impl: str = "reference"
+    def new_kv_cache(self, num_pages: int, page_size: int, dtype=None) -> KVCache:
+        return self.kv_cache_spec(page_size, dtype).create(num_pages)
+
+    def __call__(self, kv_cache: KVCache, step: StepInput, *, backend: Backend = REFERENCE
                  ) -> tuple[jax.Array, KVCache]:
-        """Returns logits [len(step.logits_index), vocab] in float32 and the updated cache."""
+        """Returns logits [len(step.logits_index), vocab] in float32 and the updated cache; `backend`
+        names the kernels (a static value: part of the jit cache key of the caller's step)."""
         cfg = self.config
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = embed(self.embed_tokens, step.token_ids)                           # [T, E]
         new_k, new_v = [], []
         for layer, k_pages, v_pages in zip(self.layers, kv_cache.k, kv_cache.v):
-            x, k_pages, v_pages = layer(x, inv_freq, k_pages, v_pages, step, attn_impl)
+            x, k_pages, v_pages = layer(x, inv_freq, k_pages, v_pages, step, backend)
             new_k.append(k_pages)
             new_v.append(v_pages)
         h = self.norm(x[step.logits_index])                                     # [S, E]

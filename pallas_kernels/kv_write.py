@@ -1,11 +1,11 @@
 """KV write: put a step's new K/V rows into their cache slots, in place (the cache is donated).
 
 Two implementations of one contract (real slots distinct, as the engine's are; -1 = padding, not written):
-- `write_kv_reference`: an XLA scatter with distinct indices, in place under donation; every impl uses it.
+- `write_kv_reference`: an XLA scatter with distinct indices, in place under donation (Backend.kv_write="xla").
 - `write_kv_pallas`: a Pallas kernel (Triton lowering on GPU, `interpret=True` on CPU). One program copies
   `block_tokens` whole rows (`Hkv * D` contiguous elements each) from k / v to their slots with masked
-  vector stores; the pools are aliased to the outputs, so nothing else is read or written. On the H100 it
-  is as fast as the scatter (pallas_kernels/README.md "KV write"), so it is opt-in (JPAGED_KV_WRITE=pallas).
+  vector stores; the pools are aliased to the outputs, so nothing else is read or written
+  (Backend.kv_write="pallas"; its timing against the scatter: pallas_kernels/README.md "KV write").
 """
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ def write_kv_reference(
     num_pages, page_size, num_kv_heads, head_dim = k_pages.shape
     num_slots = num_pages * page_size
     # -1 would wrap around; send each padding token to its own row past the pool, which the scatter drops.
-    # Every index is then distinct, and telling XLA so halves the scatter's device time (bench/kernels.py
-    # kv_write: 2,048 tokens 55-68 -> 23-32 us on the H100).
+    # Every index is then distinct, and telling XLA so lets it skip the scatter's collision handling.
     slots = jnp.where(slot_mapping < 0, num_slots + jnp.arange(slot_mapping.shape[0], dtype=slot_mapping.dtype),
                       slot_mapping)
 

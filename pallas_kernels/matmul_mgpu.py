@@ -1,8 +1,8 @@
 """A Hopper GEMM for the MLP (Mosaic GPU: TMA into swizzled SMEM, wgmma, a memory warpgroup feeding two
 compute warpgroups), whose SwiGLU epilogue writes silu(gate) * up straight from the accumulator.
 
-Why: in the 8B mixed step (T = 2,048) XLA runs x @ [gate | up] as cuBLAS at ~690 TFLOP/s, writes the
-[T, 2F] product, and a separate fusion reads it back for silu(gate) * up (56 us a layer). Here a CTA
+Why: XLA runs x @ [gate | up] as cuBLAS, writes the [T, 2F] product, and a separate fusion reads it
+back for silu(gate) * up. Here a CTA
 computes a [256, 128] tile whose columns are 64 of gate and the same 64 of up (`interleave_gate_up`), so
 the epilogue has both in registers and writes the [256, 64] tile of h = silu(gate) * up: the product
 never reaches HBM. Numbers and the versions measured: pallas_kernels/README.md "GEMMs".
@@ -104,7 +104,7 @@ def _check_epilogue(epilogue: str) -> None:
 
 
 MAX_STAGES = 4
-DEFAULT_NUM_SMS = 132                                  # H100 SXM, when the device does not say
+DEFAULT_NUM_SMS = 132                                  # an sm_90 SXM part, when the device does not say
 
 
 def out_tiles(epilogue: str) -> int:

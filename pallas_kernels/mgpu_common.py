@@ -17,9 +17,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+# TMA into (8, 64)-tiled SMEM: GMEM row offsets must be multiples of ROW_ALIGN (defined with the page
+# format checks in the semantics module).
+from pallas_kernels.ragged_paged_attention import ROW_ALIGN
+
 ROWS = 64                 # wgmma M per compute warpgroup
-ROW_ALIGN = 8             # TMA into (8, 64)-tiled SMEM: GMEM row offsets must be multiples of this
-SMEM_BYTES = 227 * 1024   # per CTA on H100
+SMEM_BYTES = 227 * 1024   # per CTA (sm_90)
 MASK_VALUE = -1e30        # finite: exp2(MASK_VALUE - m) == 0 for any real row max m
 LOG2E = math.log2(math.e)
 LOWERINGS = {"lane": "Lane", "warpgroup": "Warpgroup"}

@@ -2,11 +2,10 @@
 
 The Mosaic GPU prefill kernel gives every sequence at least one CTA per kv head with a 2 x 16-token q
 tile, so a decode (one new token) fills 4 of its 64 rows and pays the CTA's whole prologue and epilogue to
-read its context: in bench/kernels_mgpu.py, 64 decodes at ctx 2k beside a 512-token chunk added 142 us to
-the chunk's 93, 1.9 TB/s of KV, where the decode kernel reads the same bytes at 2.7 TB/s. The engine's
-mixed steps carry ~220 decodes beside each prefill chunk. So `attend_mixed` sends the decodes' rows to a
-decode-shaped call (one row per sequence slot) and the rest to the prefill call with the decodes left
-out of its work list, then scatters the decode rows over the prefill output.
+read its context, where the decode kernel reads the same bytes faster (pallas_kernels/README.md, "Mixed
+batches"). So `attend_mixed` sends the decodes' rows to a decode-shaped call (one row per sequence slot)
+and the rest to the prefill call with the decodes left out of its work list, then scatters the decode
+rows over the prefill output.
 
 Semantics are `ragged_paged_attention.py`'s; the split is exact (each row's attention is computed by one
 of the two calls, over the same pages).

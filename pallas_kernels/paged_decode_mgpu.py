@@ -1,10 +1,7 @@
 """Paged-attention decode (flash-decoding) as a Mosaic GPU kernel (Hopper: TMA + wgmma, warp specialisation).
 
-Status: passes every device check on the H100 (`bench/decode_mgpu.py --only check`, session 4) and
-matches the jnp reference in Mosaic GPU's interpreter on CPU. With `choose_config`'s sweep-picked launch it
-reads KV at 0.96-1.00x the Triton decode path at the engine's decode shapes (256 x 512: 208 vs 201 us;
-256 x 1k: 382 both), so only the opt-in `impl="mosaic_full"` routes to it; `impl="mosaic"`, the default on
-Hopper, sends decode batches to the Triton kernel (pallas_kernels/README.md, session 4).
+Routed when `Backend.decode == "mosaic"` (pallas_kernels/backend.py); its measurements against the
+Triton decode kernel are in pallas_kernels/README.md.
 
 One CTA = one token x one kv head x one kv split (grid `(T, Hkv, K)`), two warpgroups:
 - the memory warpgroup streams the split's kv blocks (`block_kv` tokens = `block_kv / page_size` pages)
@@ -17,7 +14,7 @@ One CTA = one token x one kv head x one kv split (grid `(T, Hkv, K)`), two warpg
   already lowers in jax 0.10.2 and 0.11.2.
 
 q without a copy: q is viewed as `[T * Hq, D]` (a bitcast). A TMA into the (8, 64)-tiled q tile needs a
-GMEM row offset that is a multiple of 8 (the ROW_ALIGN trap, PERF_NOTES), so the CTA loads the `qrows`
+GMEM row offset that is a multiple of 8 (ROW_ALIGN), so the CTA loads the `qrows`
 (8 or 16) rows from `(t * Hq + h * group)` rounded down to 8; its heads are rows `r0 .. r0 + group` of the
 tile (neighbouring heads fill the rest, computed and thrown away).
 
@@ -26,7 +23,7 @@ rows straight into `o[T, Hq, D]` (every row of o is written by exactly one CTA; 
 empty kv range and store zeros). K > 1 splits: each CTA stores its `qrows` rows (f32, normalised) and
 their log-sum-exp (base 2), and one XLA fusion merges the splits (`_merge_splits`).
 
-Sequence lookup: a jnp pre-pass (`token_info`, one small fusion, loop-invariant across layers in a model
+Sequence lookup: a jnp pre-pass (`ragged_paged_attention.token_info`, one small fusion, loop-invariant across layers in a model
 step) gives each token its slot and kv range end (`pos + 1`; 0 for padding tokens). Any q_len mix with
 T <= S is exact (0/1 in the engine's decode steps, short chunks too).
 
@@ -53,9 +50,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.mgpu_common import (LOG2E, MASK_VALUE, ROWS, ROW_ALIGN, SMEM_BYTES, accumulate_pv,
                                         check_lowering, compiler_params, interpret_params, next_pow2,
                                         softmax_state, tiled_smem, wgmma_iota, zero_stale_v)
-from pallas_kernels.ragged_paged_attention_kernel import static_validate_inputs
+from pallas_kernels.ragged_paged_attention import (mosaic_inputs_reason, mosaic_page_format_reason,
+                                                   static_validate_inputs, token_info)
 
-NUM_SMS = 132             # H100 SXM
+NUM_SMS = 132             # SMs of an sm_90 SXM part; the split heuristic fills them once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +98,8 @@ def q_rows(num_q_heads: int, num_kv_heads: int) -> int:
 def choose_config(num_tokens: int, num_slots: int, pages_per_seq: int, num_q_heads: int,
                   num_kv_heads: int, page_size: int, block_kv: int = 128,
                   num_stages: int = 2) -> DecodeConfig:
-    """From the H100 sweep (`bench/results/decode_mgpu_h100_v1_sweep*.json`, pallas_kernels/README.md):
-    128-token blocks in 2 stages (best or within 1 % of the best at 5 of 6 shapes: 256 x 512 2.65 TB/s
-    against 2.53 with 64-token blocks), and kv splits in powers of two only until tokens x kv heads x splits
-    fills the SMs once (16 x 8k: 2 splits 2.69, 4 splits 2.62; 1 x 32k: 32 splits 1.96-2.04, 64 1.89)."""
+    """128-token blocks in 2 stages, and kv splits in powers of two only until tokens x kv heads x splits
+    fills the SMs once (the sweep behind it: pallas_kernels/README.md, Mosaic GPU decode kernel)."""
     del num_slots, num_q_heads
     ctas = max(1, num_tokens * num_kv_heads)
     blocks = max(1, pl.cdiv(pages_per_seq * page_size, block_kv))
@@ -119,12 +115,18 @@ def smem_bytes(head_dim: int, itemsize: int, config: DecodeConfig) -> int:
     return tiles + out + 8 * (1 + 4 * config.num_stages) + 2048
 
 
+def page_format_reason(*, head_dim: int, page_size: int, dtype, config: DecodeConfig | None = None) -> str | None:
+    """Why this kernel cannot read pages of this format (None when it can)."""
+    return mosaic_page_format_reason(head_dim=head_dim, page_size=page_size, dtype=dtype,
+                                     block_kv=(config or DecodeConfig()).block_kv)
+
+
 def unsupported_reason(q, k_pages, page_table=None, *, sliding_window=None, soft_cap=None,
                        config: DecodeConfig | None = None) -> str | None:
     """Why this kernel cannot take these inputs (None when it can); shapes and dtypes only, no tracing."""
     config = config or DecodeConfig()
     num_tokens, num_q_heads, head_dim = q.shape
-    _, page_size, num_kv_heads, _ = k_pages.shape
+    num_kv_heads = k_pages.shape[2]
     if sliding_window is not None:
         return "sliding_window is not supported by the Mosaic GPU decode kernel yet"
     if soft_cap is not None:
@@ -132,40 +134,13 @@ def unsupported_reason(q, k_pages, page_table=None, *, sliding_window=None, soft
     if page_table is not None and num_tokens > page_table.shape[0]:
         return (f"prefill-shaped batch (T={num_tokens} > S={page_table.shape[0]}): the decode kernel takes "
                 f"T <= S; use the prefill kernel")
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or k_pages.dtype != q.dtype:
-        return f"dtype must be bf16 or f16 for q and pages alike, got {q.dtype} and {k_pages.dtype}"
-    if head_dim not in (64, 128):
-        return f"head_dim must be 64 or 128, got {head_dim}"
-    if page_size < ROW_ALIGN or page_size & (page_size - 1) or config.block_kv % page_size:
-        return f"page_size must be a power of two in [8, {config.block_kv}], got {page_size}"
+    if (reason := mosaic_inputs_reason(q, k_pages, block_kv=config.block_kv)) is not None:
+        return reason
     if num_q_heads % num_kv_heads or q_rows(num_q_heads, num_kv_heads) > ROWS:
         return f"q heads per kv head must fit a {ROWS}-row tile, got {num_q_heads}/{num_kv_heads}"
     if (smem := smem_bytes(head_dim, jnp.dtype(q.dtype).itemsize, config)) > SMEM_BYTES:
         return f"{config} needs {smem} bytes of SMEM at head_dim {head_dim}, more than {SMEM_BYTES}"
     return None
-
-
-# --- per-token metadata (jnp) --------------------------------------------------------------------------
-
-def token_info(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, num_tokens: int,
-               max_kv: int) -> jax.Array:
-    """info[T, 2] int32 = (slot, kv_hi): the token's sequence slot (clamped) and its kv range end.
-
-    Token t belongs to sequence #{s in 1..num_seqs : cu_q_lens[s] <= t} (as the Triton decode kernel,
-    so entries past num_seqs are never trusted); padding tokens get kv_hi = 0 (they store zeros).
-    kv_hi = position + 1, clipped to the page table's capacity."""
-    num_slots = kv_lens.shape[0]
-    num_seqs = jnp.minimum(jnp.reshape(num_seqs, ()), num_slots)
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    s1 = jnp.arange(1, num_slots + 1, dtype=jnp.int32)
-    seq = jnp.sum((s1[None, :] <= num_seqs) & (cu_q_lens[1:][None, :] <= t[:, None]), axis=1,
-                  dtype=jnp.int32)
-    real = seq < num_seqs
-    s = jnp.minimum(seq, num_slots - 1)
-    q_start, q_end = cu_q_lens[s], cu_q_lens[s + 1]
-    pos = kv_lens[s] - (q_end - q_start) + (t - q_start)
-    kv_hi = jnp.where(real, jnp.clip(pos + 1, 0, max_kv), 0)
-    return jnp.stack([s, kv_hi], axis=1).astype(jnp.int32)
 
 
 # --- kernel ------------------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
 """Ragged paged attention: one call serves a batch mixing prefill chunks and decodes over a paged KV cache.
 
-Semantics (DESIGN.md, "Kernel semantics"): sequence s owns the new tokens
+Semantics, which every kernel of this package implements: sequence s owns the new tokens
 `cu_q_lens[s]:cu_q_lens[s+1]` of `q`; its i-th new token sits at position
 `p = kv_lens[s] - q_len + i` and attends to every cached position j with `j <= p` and, with a
 window W, `p - j < W`. Rows of padding (tokens past `cu_q_lens[num_seqs]`) come out as zeros.
 
 KV layout: `k_pages, v_pages: [num_pages, page_size, Hkv, D]`; page `page_table[s, j // page_size]`
 holds position j of sequence s at offset `j % page_size`.
+
+Besides the jnp oracle, this module holds what every kernel shares: `static_validate_inputs` (the
+operand checks), `token_info` (each token's sequence and kv range) and the checks of the page format
+and of the semantics' options that the kernels' `unsupported_reason` functions are built from.
 """
 from __future__ import annotations
 
@@ -14,6 +18,91 @@ import jax
 import jax.numpy as jnp
 
 DEFAULT_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+ROW_ALIGN = 8   # the Mosaic kernels' TMA row granularity: the smallest page they take
+
+
+def static_validate_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs) -> None:
+    """Trace-time checks of every operand; ValueError names the operand, NotImplementedError the limit."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [T, Hq, D], got shape {q.shape}")
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages and v_pages must both be [N, page_size, Hkv, D], got {k_pages.shape} "
+                         f"and {v_pages.shape}")
+    _, num_q_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, kv_head_dim = k_pages.shape
+    if kv_head_dim != head_dim:
+        raise ValueError(f"k_pages head dim {kv_head_dim} must equal q head dim {head_dim}")
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    if k_pages.dtype != v_pages.dtype:
+        raise ValueError(f"k_pages and v_pages must share a dtype, got {k_pages.dtype}, {v_pages.dtype}")
+    if page_table.ndim != 2:
+        raise ValueError(f"page_table must be [S, P], got shape {page_table.shape}")
+    num_slots = page_table.shape[0]
+    if kv_lens.shape != (num_slots,):
+        raise ValueError(f"kv_lens must be [S]=[{num_slots}], got shape {kv_lens.shape}")
+    if cu_q_lens.shape != (num_slots + 1,):
+        raise ValueError(f"cu_q_lens must be [S + 1]=[{num_slots + 1}], got shape {cu_q_lens.shape}")
+    if jnp.shape(num_seqs) not in ((), (1,)):
+        raise ValueError(f"num_seqs must be a scalar, got shape {jnp.shape(num_seqs)}")
+    for name, x in (("kv_lens", kv_lens), ("page_table", page_table), ("cu_q_lens", cu_q_lens)):
+        if x.dtype != jnp.int32:
+            raise ValueError(f"{name} must be int32, got {x.dtype}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise NotImplementedError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if page_size & (page_size - 1):
+        raise NotImplementedError(f"page_size must be a power of two, got {page_size}")
+
+
+def options_reason(sliding_window, soft_cap) -> str | None:
+    """Why these semantics options are invalid (None when they are valid)."""
+    if sliding_window is not None and sliding_window < 1:
+        return f"sliding_window must be >= 1 or None, got {sliding_window}"
+    if soft_cap is not None and not soft_cap > 0:
+        return f"soft_cap must be > 0 or None, got {soft_cap}"
+    return None
+
+
+def mosaic_page_format_reason(*, head_dim: int, page_size: int, dtype, block_kv: int) -> str | None:
+    """Why a Mosaic GPU kernel streaming `block_kv`-token blocks cannot read pages of this format."""
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return f"dtype must be bf16 or f16, got {jnp.dtype(dtype)}"
+    if head_dim not in (64, 128):
+        return f"head_dim must be 64 or 128, got {head_dim}"
+    if page_size < ROW_ALIGN or page_size & (page_size - 1) or block_kv % page_size:
+        return f"page_size must be a power of two in [{ROW_ALIGN}, {block_kv}], got {page_size}"
+    return None
+
+
+def mosaic_inputs_reason(q, k_pages, *, block_kv: int) -> str | None:
+    """`mosaic_page_format_reason` of these pages, and q of the pages' dtype."""
+    if k_pages.dtype != q.dtype:
+        return f"q and pages must share a dtype, got {q.dtype} and {k_pages.dtype}"
+    return mosaic_page_format_reason(head_dim=q.shape[2], page_size=k_pages.shape[1], dtype=q.dtype,
+                                     block_kv=block_kv)
+
+
+def token_info(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, num_tokens: int,
+               max_kv: int) -> jax.Array:
+    """info[T, 2] int32 = (slot, kv_hi): the token's sequence slot (clamped) and its kv range end.
+
+    Token t belongs to sequence #{s in 1..num_seqs : cu_q_lens[s] <= t}, so entries past num_seqs are
+    never trusted; padding tokens get kv_hi = 0 (they store zeros). kv_hi = position + 1, clipped to
+    the page table's capacity `max_kv`."""
+    num_slots = kv_lens.shape[0]
+    num_seqs = jnp.minimum(jnp.reshape(num_seqs, ()), num_slots)
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    s1 = jnp.arange(1, num_slots + 1, dtype=jnp.int32)
+    seq = jnp.sum((s1[None, :] <= num_seqs) & (cu_q_lens[1:][None, :] <= t[:, None]), axis=1,
+                  dtype=jnp.int32)
+    real = seq < num_seqs
+    s = jnp.minimum(seq, num_slots - 1)
+    q_start, q_end = cu_q_lens[s], cu_q_lens[s + 1]
+    pos = kv_lens[s] - (q_end - q_start) + (t - q_start)
+    kv_hi = jnp.where(real, jnp.clip(pos + 1, 0, max_kv), 0)
+    return jnp.stack([s, kv_hi], axis=1).astype(jnp.int32)
 
 
 def token_sequence_ids(cu_q_lens: jax.Array, num_tokens: int) -> jax.Array:

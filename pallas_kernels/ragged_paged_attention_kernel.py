@@ -9,9 +9,8 @@ Two launches share one set of semantics (`ragged_paged_attention.py`):
   fetched), and stores its `group` rows of the output directly. No work list, no padding copies, no
   zeroed output, no scatter: one launch, and with `num_kv_splits > 1` (flash-decoding) a second tiny
   Pallas kernel merges the splits' partial outputs by log-sum-exp and writes `[T, Hq, D]`.
-- Work-list path (`block_q > 1`, prefill-shaped batches; also the v3 decode path behind
-  `lean_decode=False`, kept for A/B timing): one program per work item (`block_q` new tokens of one
-  sequence) x kv head x kv split. Rows are packed tokens x q-heads-per-kv-head (GQA). The kv loop walks
+- Work-list path (`block_q > 1`, prefill-shaped batches): one program per work item (`block_q` new
+  tokens of one sequence) x kv head. Rows are packed tokens x q-heads-per-kv-head (GQA). The kv loop walks
   `pages_per_block` pages at a time through the page table; blocks wholly below the causal diagonal take
   an unmasked body.
 
@@ -30,9 +29,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.ragged_paged_attention import DEFAULT_MASK_VALUE
+from pallas_kernels.ragged_paged_attention import DEFAULT_MASK_VALUE, options_reason, static_validate_inputs
 
-NUM_SMS = 132                 # H100 SXM; the split heuristic aims for a few waves over them
+NUM_SMS = 132                 # SMs of an sm_90 SXM part; the split heuristic aims for a few waves over them
 MIN_DOT_ROWS = 16             # Triton's smallest matmul M
 DECODE_TARGET_PROGRAMS = 2 * NUM_SMS   # decode splits kv until (tokens x kv heads x splits) reaches this
 MIN_BLOCKS_PER_SPLIT = 4               # ... but beyond one program per SM, not into shorter splits
@@ -79,7 +78,7 @@ def padded_group(num_q_heads: int, num_kv_heads: int, block_q: int) -> int:
 
 def choose_config(num_tokens: int, num_seqs: int, pages_per_seq: int, num_q_heads: int,
                   num_kv_heads: int, page_size: int) -> TuningConfig:
-    """Pick the launch from the static shapes; measured on H100 (README, v4 sweep).
+    """Pick the launch from the static shapes (the sweep behind it: pallas_kernels/README.md, v4).
 
     Decode-shaped batches (T <= S): 64-token kv blocks, 4 warps, 2 stages, and kv split over programs
     (a power of two) until tokens x kv heads x splits reaches 2 per SM, but past one per SM only while
@@ -117,13 +116,13 @@ def _kernel(
     q_ref,           # [T + block_q, Hkv, Gp, D]
     k_pages_ref,     # [N, page_size, Hkv, D]
     v_pages_ref,     # [N, page_size, Hkv, D]
-    _o_init_ref,     # aliased with o_ref (single split) or unused
+    _o_init_ref,     # aliased with o_ref
     # outputs
-    *out_refs,       # single split: o [T + block_q, Hkv, Gp, D]; else o_part [W, Hkv, K, M, D], lse [W, Hkv, K, M]
-    sm_scale: float, sliding_window: int | None, soft_cap: float | None, block_q: int,
-    pages_per_block: int, num_kv_splits: int, num_q_heads_per_kv: int, exact: bool,
+    o_ref,           # [T + block_q, Hkv, Gp, D]
+    *, sm_scale: float, sliding_window: int | None, soft_cap: float | None, block_q: int,
+    pages_per_block: int, num_q_heads_per_kv: int, exact: bool,
 ):
-    w, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    w, h = pl.program_id(0), pl.program_id(1)
     _, page_size, _, head_dim = k_pages_ref.shape
     group_p = q_ref.shape[2]
     rows = block_q * group_p
@@ -139,10 +138,7 @@ def _kernel(
     last_pos = kv_len - q_len + jnp.minimum(t0 + block_q, q_end) - 1 - q_start
     hi_tok = jnp.where(has_work, last_pos + 1, 0)
     lo_tok = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
-    lo_page, hi_page = lo_tok // page_size, pl.cdiv(hi_tok, page_size)
-    per_split = pl.cdiv(jnp.maximum(hi_page - lo_page, 0), num_kv_splits)
-    split_lo = lo_page + split * per_split
-    split_hi = jnp.minimum(hi_page, split_lo + per_split)
+    split_lo, split_hi = lo_tok // page_size, pl.cdiv(hi_tok, page_size)
 
     row = lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
     row_tok = row // group_p
@@ -187,7 +183,6 @@ def _kernel(
     num_blocks = pl.cdiv(jnp.maximum(split_hi - split_lo, 0), pages_per_block)
     # Blocks wholly at or before every row's position (and inside the kv range) need no mask; the
     # rest (the causal diagonal, the last partial page, a window's edges) take the masked body.
-    # Decode keeps one masked loop: measured faster on H100 (README, v2 -> v3).
     if sliding_window is None and block_q > 1:
         full_end = jnp.minimum(jnp.minimum(first_pos + 1, hi_tok), split_hi * page_size)
         full_end = jnp.where(has_work & (t0 < q_end), full_end, 0)  # row 0 is real
@@ -195,19 +190,11 @@ def _kernel(
     else:
         num_full = 0
     carry = lax.fori_loop(0, num_full, functools.partial(body, masked=False), init)
-    acc, m, l = lax.fori_loop(num_full, num_blocks, functools.partial(body, masked=True), carry)
+    acc, _, l = lax.fori_loop(num_full, num_blocks, functools.partial(body, masked=True), carry)
     out = acc / jnp.maximum(l, 1e-30)
-
-    if num_kv_splits == 1:
-        (o_ref,) = out_refs
-        mask = jnp.broadcast_to(row_valid, (rows, head_dim)).reshape(block_q, group_p, head_dim)
-        pltriton.store(o_ref.at[pl.ds(t0, block_q), h, :, :],
-                       out.reshape(block_q, group_p, head_dim).astype(o_ref.dtype), mask=mask)
-    else:
-        o_part_ref, lse_ref = out_refs
-        o_part_ref[w, h, split, :, :] = out
-        lse_ref[w, h, split, :] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)),
-                                            DEFAULT_MASK_VALUE).reshape(rows)
+    mask = jnp.broadcast_to(row_valid, (rows, head_dim)).reshape(block_q, group_p, head_dim)
+    pltriton.store(o_ref.at[pl.ds(t0, block_q), h, :, :],
+                   out.reshape(block_q, group_p, head_dim).astype(o_ref.dtype), mask=mask)
 
 
 def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int, block_q: int
@@ -229,13 +216,6 @@ def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int, block
     return jnp.where(valid, seq_c, -1), jnp.where(valid, start, 0).astype(jnp.int32)
 
 
-def _merge_splits(o_part: jax.Array, lse: jax.Array) -> jax.Array:
-    """Combine per-split softmaxes: o_part [W, Hkv, K, M, D], lse [W, Hkv, K, M] -> [W, Hkv, M, D]."""
-    weights = jnp.exp(lse - lse.max(axis=2, keepdims=True))
-    weights = weights / weights.sum(axis=2, keepdims=True)
-    return jnp.einsum("whkm,whkmd->whmd", weights, o_part)
-
-
 _SEQ_CHUNK = 256   # cu_q_lens entries compared per vector in the decode kernel's sequence lookup
 
 
@@ -246,19 +226,19 @@ def _decode_kernel(
     num_seqs_ref,    # [1] int32
     page_table_ref,  # [S, P] int32, read with masked loads (entries past a range are never used)
     q_ref,           # [T, Hq, D]
-    k_ref,           # [N * page_size, Hkv, D] (token-major pool, flattened) or [Hkv, N * page_size, D]
+    k_ref,           # [N * page_size, Hkv, D] (the pool, flattened)
     v_ref,           # same as k_ref
     # outputs
     *out_refs,       # one split: o [T, Hq, D]; else o_part [T * Hkv * Kp * Gq, D] f32, lse [T * Hkv * Kp * Gq]
     sm_scale: float, sliding_window: int | None, soft_cap: float | None, page_size: int,
     pages_per_block: int, num_kv_splits: int, splits_p: int, group: int, group_p: int, group_q: int,
-    head_major: bool, exact: bool,
+    exact: bool,
 ):
     """One token x one kv head x one kv split; rows = the kv head's q heads, padded to `group_p`."""
     t, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_slots = kv_lens_ref.shape[0]
     head_dim = q_ref.shape[2]
-    num_kv_heads = k_ref.shape[0] if head_major else k_ref.shape[1]
+    num_kv_heads = k_ref.shape[1]
     block_kv = pages_per_block * page_size
 
     # Token t belongs to sequence #{s' in 1..num_seqs : cu_q_lens[s'] <= t} (cu_q_lens is nondecreasing);
@@ -299,7 +279,7 @@ def _decode_kernel(
         kv_pos = page0 * page_size + kv_iota
         kv_valid = (kv_pos >= lo_tok) & (kv_pos < split_hi_tok)            # [BK]
         # Masked loads: rows outside the range (stale slots may hold NaN) are never fetched, they read 0.
-        index = (h, slot, d_iota) if head_major else (slot, h, d_iota)
+        index = (slot, h, d_iota)
         k = pltriton.load(k_ref.at[index], mask=kv_valid[:, None], other=0)     # [BK, D]
         v = pltriton.load(v_ref.at[index], mask=kv_valid[:, None], other=0)     # [BK, D]
         scores = _dot(q, k, ((1,), (1,)), exact) * sm_scale                # [M, BK]
@@ -351,17 +331,11 @@ def _merge_kernel(o_part_ref, lse_ref, o_ref, *, num_kv_heads: int, splits_p: in
 
 def _decode_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float,
                  sliding_window: int | None, soft_cap: float | None, config: TuningConfig,
-                 interpret: bool, head_major: bool = False) -> jax.Array:
-    """The decode path: one launch (plus the merge launch when kv is split). Pools are
-    `[N, page_size, Hkv, D]`, or `[Hkv, N, page_size, D]` with `head_major=True` (bench/kernels.py's
-    layout comparison; the public API takes the token-major layout only)."""
+                 interpret: bool) -> jax.Array:
+    """The decode path: one launch (plus the merge launch when kv is split) over `[N, page_size, Hkv, D]` pools."""
     num_tokens, num_q_heads, head_dim = q.shape
-    if head_major:
-        num_kv_heads, num_pages, page_size, _ = k_pages.shape
-        flat = (num_kv_heads, num_pages * page_size, head_dim)
-    else:
-        num_pages, page_size, num_kv_heads, _ = k_pages.shape
-        flat = (num_pages * page_size, num_kv_heads, head_dim)
+    num_pages, page_size, num_kv_heads, _ = k_pages.shape
+    flat = (num_pages * page_size, num_kv_heads, head_dim)
     group = num_q_heads // num_kv_heads
     group_p = padded_group(num_q_heads, num_kv_heads, 1)
     group_q = _next_pow2(group)
@@ -376,7 +350,7 @@ def _decode_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, 
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
         page_size=page_size, pages_per_block=config.pages_per_block, num_kv_splits=splits,
-        splits_p=splits_p, group=group, group_p=group_p, group_q=group_q, head_major=head_major,
+        splits_p=splits_p, group=group, group_p=group_p, group_q=group_q,
         exact=q.dtype == jnp.float32)
     out = pl.pallas_call(
         kernel,
@@ -401,42 +375,8 @@ def _decode_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, 
     )(*out)
 
 
-def static_validate_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs) -> None:
-    """Trace-time checks of every operand; ValueError names the operand, NotImplementedError the limit."""
-    if q.ndim != 3:
-        raise ValueError(f"q must be [T, Hq, D], got shape {q.shape}")
-    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
-        raise ValueError(f"k_pages and v_pages must both be [N, page_size, Hkv, D], got {k_pages.shape} "
-                         f"and {v_pages.shape}")
-    num_tokens, num_q_heads, head_dim = q.shape
-    _, page_size, num_kv_heads, kv_head_dim = k_pages.shape
-    if kv_head_dim != head_dim:
-        raise ValueError(f"k_pages head dim {kv_head_dim} must equal q head dim {head_dim}")
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
-    if k_pages.dtype != v_pages.dtype:
-        raise ValueError(f"k_pages and v_pages must share a dtype, got {k_pages.dtype}, {v_pages.dtype}")
-    if page_table.ndim != 2:
-        raise ValueError(f"page_table must be [S, P], got shape {page_table.shape}")
-    num_slots = page_table.shape[0]
-    if kv_lens.shape != (num_slots,):
-        raise ValueError(f"kv_lens must be [S]=[{num_slots}], got shape {kv_lens.shape}")
-    if cu_q_lens.shape != (num_slots + 1,):
-        raise ValueError(f"cu_q_lens must be [S + 1]=[{num_slots + 1}], got shape {cu_q_lens.shape}")
-    if jnp.shape(num_seqs) not in ((), (1,)):
-        raise ValueError(f"num_seqs must be a scalar, got shape {jnp.shape(num_seqs)}")
-    for name, x in (("kv_lens", kv_lens), ("page_table", page_table), ("cu_q_lens", cu_q_lens)):
-        if x.dtype != jnp.int32:
-            raise ValueError(f"{name} must be int32, got {x.dtype}")
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise NotImplementedError(f"head_dim must be a power of two >= 16, got {head_dim}")
-    if page_size & (page_size - 1):
-        raise NotImplementedError(f"page_size must be a power of two, got {page_size}")
-    del num_tokens
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "config",
-                                              "interpret", "lean_decode"))
+                                              "interpret"))
 def ragged_paged_attention_pallas(
     q: jax.Array,           # [T, Hq, D]
     k_pages: jax.Array,     # [N, page_size, Hkv, D]
@@ -451,7 +391,6 @@ def ragged_paged_attention_pallas(
     soft_cap: float | None = None,
     config: TuningConfig | None = None,
     interpret: bool = False,
-    lean_decode: bool = True,
 ) -> jax.Array:
     """Ragged paged attention (semantics in `ragged_paged_attention.py`) as a Pallas kernel.
 
@@ -465,15 +404,13 @@ def ragged_paged_attention_pallas(
       sm_scale, sliding_window, soft_cap: as the reference.
       config: launch shape; None picks one from the static shapes (`choose_config`).
       interpret: run the same kernel in Pallas' interpreter (CPU).
-      lean_decode: with `config.block_q == 1`, take the decode path (default). False runs v3's
-        work-list path instead (bench/kernels.py's before/after timing).
 
     Returns:
       o: [T, Hq, D] in q's dtype; padding rows are zeros.
     """
     static_validate_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    if (reason := options_reason(sliding_window, None)) is not None:
+        raise ValueError(reason)
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_slots, pages_per_seq = page_table.shape
@@ -481,14 +418,13 @@ def ragged_paged_attention_pallas(
         config = choose_config(num_tokens, num_slots, pages_per_seq, num_q_heads, num_kv_heads, page_size)
     if num_tokens == 0:
         return jnp.zeros(q.shape, q.dtype)
-    if config.block_q == 1 and lean_decode:
+    if config.block_q == 1:
         return _decode_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
                             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                             config=config, interpret=interpret)
-    block_q, splits = config.block_q, config.num_kv_splits
+    block_q = config.block_q
     group = num_q_heads // num_kv_heads
     group_p = padded_group(num_q_heads, num_kv_heads, block_q)
-    rows = block_q * group_p
 
     work_seq, work_start = work_items(cu_q_lens, jnp.reshape(num_seqs, ()), num_tokens, block_q)
     num_items = work_seq.shape[0]
@@ -498,32 +434,14 @@ def ragged_paged_attention_pallas(
 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, block_q=block_q,
-        pages_per_block=config.pages_per_block, num_kv_splits=splits, num_q_heads_per_kv=group,
-        exact=q.dtype == jnp.float32)
-    if splits == 1:
-        o_init = jnp.zeros(q4.shape, q.dtype)
-        out_shape = jax.ShapeDtypeStruct(q4.shape, q.dtype)
-        aliases = {8: 0}
-    else:
-        o_init = jnp.zeros((), q.dtype)
-        out_shape = (jax.ShapeDtypeStruct((num_items, num_kv_heads, splits, rows, head_dim), jnp.float32),
-                     jax.ShapeDtypeStruct((num_items, num_kv_heads, splits, rows), jnp.float32))
-        aliases = {}
+        pages_per_block=config.pages_per_block, num_q_heads_per_kv=group, exact=q.dtype == jnp.float32)
     out = pl.pallas_call(
         kernel,
-        out_shape=out_shape,
-        grid=(num_items, num_kv_heads, splits),
-        input_output_aliases=aliases,
+        out_shape=jax.ShapeDtypeStruct(q4.shape, q.dtype),
+        grid=(num_items, num_kv_heads),
+        input_output_aliases={8: 0},
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="jpaged_ragged_paged_attention",
-    )(work_seq, work_start, kv_lens, cu_q_lens, table, q4, k_pages, v_pages, o_init)
-
-    if splits == 1:
-        o4 = out[:num_tokens]
-    else:
-        merged = _merge_splits(*out)                                        # [W, Hkv, Gp, D] (block_q == 1)
-        dest = jnp.where(work_seq >= 0, work_start, num_tokens)
-        o4 = jnp.zeros((num_tokens, num_kv_heads, group_p, head_dim), q.dtype)
-        o4 = o4.at[dest].set(merged.astype(q.dtype), mode="drop")
-    return o4[:, :, :group, :].reshape(num_tokens, num_q_heads, head_dim)
+    )(work_seq, work_start, kv_lens, cu_q_lens, table, q4, k_pages, v_pages, jnp.zeros(q4.shape, q.dtype))
+    return out[:num_tokens, :, :group, :].reshape(num_tokens, num_q_heads, head_dim)

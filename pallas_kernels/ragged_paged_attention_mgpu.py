@@ -10,7 +10,7 @@ row `r = g * block_t + t` (head-major inside the tile, so that every head is one
 64 rows = `group_p * block_t`, where `group_p` is the group padded to a power of two (<= 8).
 
 Ragged q: a TMA into a tiled SMEM buffer needs a GMEM row offset that is a multiple of 8
-(PERF_NOTES, TilingTransform trap), so each sequence's tiles start at its first token rounded down to 8.
+(ROW_ALIGN, the TilingTransform constraint), so each sequence's tiles start at its first token rounded down to 8.
 Rows outside the sequence are computed and never stored: a full tile goes out through the (by then
 free) tiled q tile, a partial one through an untiled SMEM tile as TMA boxes of power-of-two row counts
 that cover exactly the sequence's rows. Padding tokens (from `cu_q_lens[num_seqs]` to T) get work items
@@ -47,7 +47,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.mgpu_common import (LOG2E, MASK_VALUE, ROWS, ROW_ALIGN, SMEM_BYTES, accumulate_pv,
                                         check_lowering, compiler_params, interpret_params, next_pow2,
                                         softmax_state, tiled_smem, wgmma_iota, zero_stale_v)
-from pallas_kernels.ragged_paged_attention_kernel import static_validate_inputs
+from pallas_kernels.ragged_paged_attention import (mosaic_inputs_reason, mosaic_page_format_reason, options_reason,
+                                                   static_validate_inputs)
 
 NUM_COMPUTE_WGS = 2
 MAX_GROUP = ROWS // ROW_ALIGN
@@ -79,22 +80,22 @@ def tile_shape(num_q_heads: int, num_kv_heads: int) -> tuple[int, int, int]:
     return group, group_p, ROWS // group_p
 
 
+def page_format_reason(*, head_dim: int, page_size: int, dtype, config: MosaicConfig | None = None) -> str | None:
+    """Why this kernel cannot read pages of this format (None when it can)."""
+    return mosaic_page_format_reason(head_dim=head_dim, page_size=page_size, dtype=dtype,
+                                     block_kv=(config or MosaicConfig()).block_kv)
+
+
 def unsupported_reason(q, k_pages, *, sliding_window=None, soft_cap=None,
                        config: MosaicConfig | None = None) -> str | None:
     """Why this kernel cannot take these inputs (None when it can); shapes and dtypes only, no tracing."""
     config = config or MosaicConfig()
     _, num_q_heads, head_dim = q.shape
-    _, page_size, num_kv_heads, _ = k_pages.shape
-    if sliding_window is not None and sliding_window < 1:
-        return f"sliding_window must be >= 1 or None, got {sliding_window}"
-    if soft_cap is not None and not soft_cap > 0:
-        return f"soft_cap must be > 0 or None, got {soft_cap}"
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or k_pages.dtype != q.dtype:
-        return f"dtype must be bf16 or f16 for q and pages alike, got {q.dtype} and {k_pages.dtype}"
-    if head_dim not in (64, 128):
-        return f"head_dim must be 64 or 128, got {head_dim}"
-    if page_size < ROW_ALIGN or page_size & (page_size - 1) or config.block_kv % page_size:
-        return f"page_size must be a power of two in [8, {config.block_kv}], got {page_size}"
+    num_kv_heads = k_pages.shape[2]
+    if (reason := options_reason(sliding_window, soft_cap)) is not None:
+        return reason
+    if (reason := mosaic_inputs_reason(q, k_pages, block_kv=config.block_kv)) is not None:
+        return reason
     if num_q_heads % num_kv_heads or num_q_heads // num_kv_heads > MAX_GROUP:
         return f"q heads per kv head must be <= {MAX_GROUP}, got {num_q_heads}/{num_kv_heads}"
     if (smem := smem_bytes(head_dim, jnp.dtype(q.dtype).itemsize, config)) > SMEM_BYTES:
@@ -114,8 +115,8 @@ def max_work_items(num_tokens: int, num_slots: int, tokens_per_item: int) -> int
     """Static bound on the items of `work_items`. A non-empty interval (a sequence or the padding) of L
     rows starting r < ROW_ALIGN rows past an 8-row boundary takes ceil((L + r) / tokens_per_item) <=
     (L + ROW_ALIGN - 1 + tokens_per_item - 1) / tokens_per_item items, and at most min(S + 1, T) intervals
-    are non-empty. Every item past the live ones is still a CTA per kv head (~2.8 µs each on the H100,
-    README "Dead work items"), so the bound is kept tight: 369 items at 2,048 tokens and 256 slots (the
+    are non-empty. Every item past the live ones is still a CTA per kv head (pallas_kernels/README.md,
+    "Dead work items"), so the bound is kept tight: 369 items at 2,048 tokens and 256 slots (the
     looser `cdiv(T, tpi) + 2 (S + 1)` gave 578)."""
     intervals = min(num_slots + 1, num_tokens)
     return (num_tokens + intervals * (tokens_per_item + ROW_ALIGN - 2)) // tokens_per_item
@@ -151,7 +152,7 @@ def work_items(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, nu
 
     bound = num_slots if max_seqs is None else min(num_slots, max_seqs)
     item = jnp.arange(max_work_items(num_tokens, bound, tokens_per_item), dtype=jnp.int32)
-    # compare_all: one fused op; the default binary search is a device loop (README, v1 -> v2).
+    # compare_all: one fused op; the default binary search is a device loop.
     interval = jnp.searchsorted(ends, item, side="right", method="compare_all").astype(jnp.int32)
     interval = jnp.minimum(interval, num_slots)
     live = item < ends[-1]

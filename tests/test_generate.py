@@ -71,12 +71,12 @@ def test_greedy_equals_hf_for_mixed_prompt_lengths_and_several_samples():
     assert int(out.pages_in_use) == pages_needed(LENS, [[8, 8]] * 3, PAGE)
 
 
-@pytest.mark.parametrize("attn_impl", ["reference", "interpret"])
-def test_a_single_row_padded_to_the_smallest_step_still_equals_hf(attn_impl):
+@pytest.mark.parametrize("backend", ["reference", "interpret"])
+def test_a_single_row_padded_to_the_smallest_step_still_equals_hf(backend):
     """One row decodes in steps padded to MIN_STEP_TOKENS tokens and sequence slots (empty ones)."""
     hf, model = hf_and_model()
     tokens, lens = prompts()
-    out = generate(model, tokens[1:2], lens[1:2], max_new_tokens=6, key=KEY, page_size=PAGE, attn_impl=attn_impl)
+    out = generate(model, tokens[1:2], lens[1:2], max_new_tokens=6, key=KEY, page_size=PAGE, backend=backend)
     assert out.tokens[0, 0].tolist() == hf_greedy(hf, tokens[1, :LENS[1]], 6)
 
 

@@ -1,4 +1,4 @@
-"""jpaged.sharding: tensor/data parallel on 8 virtual CPU devices give one device's tokens; shardings
+"""jpaged.sharding, models.sharding and jpaged.loader.sharded: tensor/data parallel on 8 virtual CPU devices give one device's tokens; shardings
 follow the specs; loading reads only each device's slice; 2 processes on loopback reproduce 1 device.
 
 Tests marked `@on_cpu_devices(n)` run their body in a child process with n CPU devices
@@ -46,8 +46,10 @@ def test_data_parallel_replicas_each_match_one_device():
         got = greedy_replicas(sharding.shard_model(model, mesh), mesh, requests)
         for r in range(2):
             np.testing.assert_array_equal(got[r], want[r], err_msg=f"tp={tp} replica {r}")
-    cache = sharding.new_replica_kv_cache(model, sharding.make_mesh(1, 2), num_pages=4, page_size=4)
-    assert cache.k[0].sharding.spec == sharding.REPLICA_KV_CACHE_SPEC
+    from models.sharding import REPLICA_KV_CACHE_SPEC
+    mesh = sharding.make_mesh(1, 2)
+    cache = sharding.new_replica_kv_cache(sharding.kv_cache_spec(model, mesh, page_size=4), mesh, num_pages=4)
+    assert cache.k[0].sharding.spec == REPLICA_KV_CACHE_SPEC
     assert [s.data.shape[0] for s in cache.k[0].addressable_shards] == [1, 1]
     assert len({s.device for s in cache.k[0].addressable_shards}) == 2 <= jax.device_count()
 
@@ -82,7 +84,9 @@ def test_parameter_and_cache_shardings_follow_the_specs():
     assert spec_and_shard(attn.v_proj.bias[...]) == (P("model"), (16,))
     assert spec_and_shard(attn.q_proj.bias[...]) == (P("model"), (16,))
     assert spec_and_shard(m.embed_tokens.embedding[...]) == (P("model", None), (32, 64))
-    cache = sharding.new_kv_cache(m, mesh, num_pages=3, page_size=4)
+    spec = sharding.kv_cache_spec(m, mesh, page_size=4)
+    assert spec.bytes_per_page == 2 * 2 * 4 * 1 * 16 * 4    # per shard: K and V, 2 layers, 1 of 8 kv heads, f32
+    cache = sharding.new_kv_cache(spec, mesh, num_pages=3)
     assert spec_and_shard(cache.k[0]) == (P(None, None, "model"), (3, 4, 1, 16))  # kv heads; no trailing None
     assert {s.device for s in cache.v[1].addressable_shards} == set(jax.devices())
 
@@ -95,12 +99,12 @@ def test_attention_and_embedding_run_per_shard_under_shard_map():
     from flax import nnx
     from jax.sharding import PartitionSpec as P
     from jpaged import sharding
-    from jpaged.kv_cache import StepInput
+    from models.kv_cache import StepInput
     from tests.multihost.greedy import PROMPTS, batch_step, tiny_model
     mesh = sharding.make_mesh(4, 2)
     model = sharding.shard_model(tiny_model("kv2"), mesh)
     graphdef, state = nnx.split(model)
-    cache = sharding.new_kv_cache(model, mesh, num_pages=12, page_size=4)
+    cache = sharding.new_kv_cache(sharding.kv_cache_spec(model, mesh, page_size=4), mesh, num_pages=12)
     step = StepInput(**batch_step([list(p) for p in PROMPTS], [0, 0]))
     with jax.set_mesh(mesh):
         jaxpr = jax.make_jaxpr(lambda s, c, x: nnx.merge(graphdef, s)(c, x))(state, cache, step)
@@ -119,20 +123,21 @@ def test_embedding_lookup_split_over_the_vocabulary_equals_a_gather():
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jpaged import sharding
+    from models.sharding import lookup_embedding
     table = jax.random.normal(jax.random.key(0), (64, 16), jnp.float32)
     ids = jnp.asarray([0, 7, 8, 15, 16, 31, 32, 63, 5, 5, 40], jnp.int32)
     for tp, dp in ((2, 1), (4, 2), (8, 1)):
         mesh = sharding.make_mesh(tp, dp)
         split = jax.device_put(table, NamedSharding(mesh, P("model", None)))
         with jax.set_mesh(mesh):
-            lookup = jax.jit(sharding.lookup_embedding)
+            lookup = jax.jit(lookup_embedding)
             got = lookup(split, ids)
             hlo = lookup.lower(split, ids).compile().as_text()
         np.testing.assert_array_equal(np.asarray(got), np.asarray(table)[np.asarray(ids)], err_msg=f"tp={tp}")
         assert "all-gather" not in hlo, f"tp={tp}: the table was gathered"
     odd = jnp.ones((63, 16), jnp.float32)  # a vocabulary the axis does not divide stays replicated
     with jax.set_mesh(sharding.make_mesh(2)):
-        np.testing.assert_array_equal(np.asarray(sharding.lookup_embedding(odd, ids[:7])), np.ones((7, 16)))
+        np.testing.assert_array_equal(np.asarray(lookup_embedding(odd, ids[:7])), np.ones((7, 16)))
 
 
 @pytest.mark.slow
@@ -146,6 +151,7 @@ def test_safetensors_load_reads_only_each_devices_slice():
     from flax import nnx
     from safetensors.numpy import save_file
     from jpaged import sharding
+    from jpaged.loader.sharded import load_safetensors_sharded
     from tests.multihost.greedy import CONFIGS, greedy, tiny_model
 
     tmp_path = pathlib.Path(tempfile.mkdtemp())
@@ -187,7 +193,7 @@ def test_safetensors_load_reads_only_each_devices_slice():
         safetensors.safe_open = SpyOpen
         try:
             mesh = sharding.make_mesh(tp)
-            loaded = sharding.load_safetensors_sharded(files, CONFIGS[name], mesh, dtype=jnp.float32)
+            loaded = load_safetensors_sharded(files, CONFIGS[name], mesh, dtype=jnp.float32)
         finally:
             safetensors.safe_open = real_open
         q = "model.layers.0.self_attn.q_proj.weight"
@@ -195,6 +201,29 @@ def test_safetensors_load_reads_only_each_devices_slice():
         k = "model.layers.0.self_attn.k_proj.weight"
         assert all(shape[0] < tensors[k].shape[0] for t, shape in reads if t == k), name
         np.testing.assert_array_equal(greedy(loaded, mesh)[0], greedy(model)[0])
+
+
+@on_cpu_devices(4)
+def test_load_model_under_a_mesh_reads_an_hf_dir_straight_into_shards():
+    """What tensor-parallel serving loads through: every weight arrives placed on the mesh, equal to the
+    one-device load (kv heads repeated to one per device)."""
+    import tempfile
+
+    import jax
+    from flax import nnx
+    from jpaged import sharding
+    from jpaged.loader import load_model
+    from tests.hf_reference import tiny_hf_model
+    from tests.multihost.greedy import greedy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny_hf_model("llama3", seed=3).save_pretrained(tmp, safe_serialization=True)
+        mesh = sharding.make_mesh(4)
+        placed, _ = load_model(tmp, dtype="float32", mesh=mesh)
+        one, _ = load_model(tmp, dtype="float32")
+    assert all(x.sharding.mesh == mesh for x in jax.tree.leaves(nnx.state(placed)))
+    assert placed.config.num_kv_heads == 4
+    np.testing.assert_array_equal(greedy(placed, mesh)[0], greedy(one)[0])
 
 
 def _hf_name(path) -> str:
@@ -213,13 +242,14 @@ def test_orbax_restore_places_each_shard():
     from flax import nnx
     from jax.sharding import PartitionSpec as P
     from jpaged import sharding
+    from jpaged.loader.sharded import load_orbax_sharded
     from tests.multihost.greedy import CONFIGS, greedy, tiny_model
     model = tiny_model("kv2")
     with tempfile.TemporaryDirectory() as tmp, ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(tmp, "ckpt"), nnx.to_pure_dict(nnx.state(model)))
         ckpt.wait_until_finished()
         mesh = sharding.make_mesh(4)
-        loaded = sharding.load_orbax_sharded(os.path.join(tmp, "ckpt"), CONFIGS["kv2"], mesh, dtype=jnp.float32)
+        loaded = load_orbax_sharded(os.path.join(tmp, "ckpt"), CONFIGS["kv2"], mesh, dtype=jnp.float32)
     assert loaded.layers[0].mlp.gate_proj.kernel[...].sharding.spec == P(None, "model")
     np.testing.assert_array_equal(greedy(loaded, mesh)[0], greedy(model)[0])
 
@@ -246,7 +276,7 @@ def test_generate_under_a_user_mesh_matches_one_device():
 def test_repeated_kv_heads_serve_the_same_q_heads(num_kv_heads, group, tp):
     """After tp_model_config repeats kv heads, q head i still reads its original kv head's values."""
     import jax.numpy as jnp
-    from jpaged.sharding import _repeat_heads, tp_model_config
+    from models.sharding import repeat_heads, tp_model_config
     from tests.multihost.greedy import CONFIGS
     num_heads, head_dim = num_kv_heads * group, 2
     if num_heads % tp or (num_kv_heads < tp and tp % num_kv_heads):
@@ -256,7 +286,7 @@ def test_repeated_kv_heads_serve_the_same_q_heads(num_kv_heads, group, tp):
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim), tp)
     assert cfg.num_kv_heads % tp == 0
     kv = np.arange(num_kv_heads * head_dim, dtype=np.float32)[None]              # [1, Hkv * D]
-    repeated = np.asarray(_repeat_heads(jnp.asarray(kv), head_dim, cfg.num_kv_heads // num_kv_heads))
+    repeated = np.asarray(repeat_heads(jnp.asarray(kv), head_dim, cfg.num_kv_heads // num_kv_heads))
     for i in range(num_heads):
         new_head = i // (num_heads // cfg.num_kv_heads)
         old_head = i // (num_heads // num_kv_heads)
@@ -266,17 +296,19 @@ def test_repeated_kv_heads_serve_the_same_q_heads(num_kv_heads, group, tp):
 
 
 def test_mesh_and_config_errors_name_the_argument():
+    from jax.sharding import PartitionSpec as P
     from jpaged import sharding
+    from models.sharding import param_spec, tp_model_config
     from tests.multihost.greedy import CONFIGS
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         sharding.make_mesh(0)
     with pytest.raises(ValueError, match="devices needed"):
         sharding.make_mesh(4096)
     with pytest.raises(ValueError, match="num_heads"):
-        sharding.tp_model_config(CONFIGS["kv8"], 3)
+        tp_model_config(CONFIGS["kv8"], 3)
     with pytest.raises(ValueError, match="no partition spec"):
-        sharding.param_spec("layers.0.mystery.kernel", (4, 4), 2)
-    assert sharding.param_spec("lm_head.kernel", (64, 250), 8) == sharding.P()  # odd vocab: replicated
+        param_spec("layers.0.mystery.kernel", (4, 4), 2)
+    assert param_spec("lm_head.kernel", (64, 250), 8) == P()  # odd vocab: replicated
     with pytest.raises(ValueError, match="process_id"):
         sharding.initialize_distributed("127.0.0.1:1", 2, 5)
     with pytest.raises(ValueError, match="num_processes"):

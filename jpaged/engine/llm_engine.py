@@ -18,12 +18,13 @@ from jpaged import sharding
 from jpaged.config import EngineConfig
 from jpaged.engine import beam_search
 from jpaged.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
-from jpaged.engine.model_runner import InFlight, ModelRunner, SampleRow
+from jpaged.engine.model_runner import InFlight, ModelRunner, SampleRow, serving_mesh, serving_spec
 from jpaged.engine.prompt_logprobs import PromptScorer
 from jpaged.engine.scheduler import Scheduler
 from jpaged.engine.sequence import PLACEHOLDER, Sequence
 from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jpaged.sampling_params import SamplingParams
+from pallas_kernels import select_backend
 
 CPU_KV_CACHE_BYTES = 1 << 30  # pool size on CPU when num_kv_blocks is not given
 
@@ -65,17 +66,6 @@ class _Request:
         return self.pending_forks == 0 and all(st.finish_reason for st in self.states.values())
 
 
-def resolve_attn_impl(attn_impl: str, device=None) -> str:
-    """'auto': on Hopper (sm_90) "mosaic" (the wgmma/TMA kernel for prefill and mixed batches, the
-    Triton-lowered one for decode), on other NVIDIA GPUs "pallas" (Triton only), else the jnp reference."""
-    if attn_impl != "auto":
-        return attn_impl
-    device = device or jax.devices()[0]
-    if device.platform != "gpu":
-        return "reference"
-    return "mosaic" if getattr(device, "compute_capability", None) == "9.0" else "pallas"
-
-
 class Engine:
     def __init__(self, config: EngineConfig, *, model=None, tokenizer=None, devices=None):
         """One replica of the model. `devices`: its tensor-parallel group when tensor_parallel_size > 1
@@ -83,9 +73,10 @@ class Engine:
         if config.data_parallel_size > 1:
             raise ValueError("Engine is one replica; build data_parallel_size > 1 with "
                              "jpaged.engine.data_parallel.make_engine (LLM and jpaged serve do)")
-        if model is None:
+        mesh = serving_mesh(config, devices)
+        if model is None:  # under tensor parallelism each weight is read straight into its shards
             from jpaged.loader import load_model
-            model, tokenizer = load_model(config.model, dtype=config.dtype)
+            model, tokenizer = load_model(config.model, dtype=config.dtype, mesh=mesh)
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -93,16 +84,15 @@ class Engine:
         mcfg = model.config
         self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
         self.eos_token_ids = set(getattr(tokenizer, "eos_token_ids", None) or mcfg.eos_token_ids)
-        num_pages = config.num_kv_blocks or self._default_num_pages(model)
+        self.kv_spec = serving_spec(model, config)
+        self.backend = select_backend(mesh.devices.flat[0] if mesh is not None else jax.devices()[0], self.kv_spec,
+                                      config.backend)
+        num_pages = config.num_kv_blocks or self._default_num_pages()
         self.scheduler = Scheduler(config, num_blocks=num_pages, max_model_len=self.max_model_len,
                                    sliding_window=mcfg.sliding_window)
-        self.runner = ModelRunner(
-            model, num_pages=num_pages, page_size=config.block_size, max_model_len=self.max_model_len,
-            max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-            max_prefill_seqs=config.max_num_prefill_seqs, num_host_pages=config.num_host_kv_blocks,
-            attn_impl=resolve_attn_impl(config.attn_impl),
-            seed=config.seed, tensor_parallel_size=config.tensor_parallel_size,
-            fuse_projections=config.fuse_projections, devices=devices)
+        self.runner = ModelRunner(config, model, spec=self.kv_spec, backend=self.backend, num_pages=num_pages,
+                                  max_model_len=self.max_model_len, mesh=mesh)
+        self.model = self.runner.model  # the weights being served (sharded under TP): no other copy is kept
         self.runner.eos_token_ids = tuple(self.eos_token_ids)  # the sampler bars them before min_tokens
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
@@ -111,10 +101,8 @@ class Engine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
-    def _default_num_pages(self, model) -> int:
-        cfg, c = model.config, self.config
-        page_bytes = 2 * cfg.num_layers * c.block_size * cfg.num_kv_heads * cfg.head_dim * (
-            4 if c.dtype == "float32" else 2)
+    def _default_num_pages(self) -> int:
+        c, page_bytes = self.config, self.kv_spec.bytes_per_page
         device = jax.local_devices()[0]
         stats = device.memory_stats() if device.platform == "gpu" else None
         if stats:
@@ -122,7 +110,7 @@ class Engine:
             budget = int(free * c.kv_cache_memory_fraction)
         else:
             budget = CPU_KV_CACHE_BYTES
-        needed = c.max_num_seqs * -(-self.max_model_len // c.block_size)
+        needed = c.max_num_seqs * self.kv_spec.pages_for(self.max_model_len)
         # Every process of a multi-host job takes process 0's figure: the pools must be one shape.
         return int(sharding.broadcast_from_scheduler(np.int32(max(1, min(budget // page_bytes, needed)))))
 
@@ -160,7 +148,7 @@ class Engine:
     @functools.cached_property
     def prompt_scorer(self) -> PromptScorer:
         """Built (and compiled) on the first request that asks for prompt logprobs."""
-        return PromptScorer(self.model, page_size=self.config.block_size, attn_impl=self.runner.attn_impl)
+        return PromptScorer(self.model, spec=self.kv_spec, backend=self.backend, mesh=self.runner.mesh)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

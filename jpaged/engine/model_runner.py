@@ -23,8 +23,10 @@ from flax import nnx
 
 from jpaged import sampling, sharding
 from jpaged.engine import packing
-from jpaged.kv_cache import MIN_STEP_TOKENS, KVCache, StepInput
 from jpaged.sampling_params import SamplingParams
+from models.kv_cache import MIN_STEP_TOKENS, KVCache, KVCacheSpec, StepInput
+from models.sharding import tp_model_config
+from pallas_kernels import Backend
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
@@ -36,13 +38,11 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
 def token_buckets(max_num_batched_tokens: int) -> list[int]:
     """The token counts a step is padded to: 4, 16, 64, 256, then powers of two, then the budget.
 
-    Each bucket costs a compile (~9 s for Llama-3-8B on the H100). Up to 256 tokens, powers of four:
-    padding a decode batch up to 4x costs little while the step is bound by reading the weights. Past
-    256 the GEMMs are compute-bound (an H100's ridge is ~300 rows), so padding costs its full FLOPs:
-    powers of two (with powers of four, 322 decodes ran 1024 rows, 30 ms a step). The smallest is
-    MIN_STEP_TOKENS (4), not 1 (see there) nor 16: each padding token costs a little in the attention and
-    in the per-layer all-reduces under tensor parallelism (H200, Llama-3-8B, batch 1: 4.50 ms a step at
-    TP 1 with 4 tokens against 4.85 with 16; 3.77 against 4.02 ms at TP 2).
+    Each bucket costs a compile. Up to 256 tokens, powers of four: padding a decode batch up to 4x costs
+    little while the step is bound by reading the weights. Past 256 the GEMMs are compute-bound, so
+    padding costs its full FLOPs: powers of two. The smallest is MIN_STEP_TOKENS (4), not 1 (see there)
+    nor 16: each padding token costs a little in the attention and in the per-layer all-reduces under
+    tensor parallelism (the measurements: bench/README.md).
     """
     buckets, t = [], MIN_STEP_TOKENS
     while t < max_num_batched_tokens:
@@ -70,20 +70,20 @@ class InFlight:
 
 def make_step_fn(graphdef, state_treedef, max_pending_rows: int):
     """The pure step over the model's flat weight list. graphdef and treedef are closed over, not jit
-    arguments: hashing a static NNX graphdef on every call cost ~10 ms of host time per step.
+    arguments: hashing a static NNX graphdef on every call costs milliseconds of host time per step.
 
     `token_src[t] >= 0` takes token t from the previous step's sampled tokens (`prev_tokens`, still on
     the device) instead of `step.token_ids[t]`: how a step is launched before the one it follows has
     been read back (async scheduling)."""
 
-    def step_fn(weights, kv_cache: KVCache, int_buf, float_buf, base_key, prev_tokens, *, layout, attn_impl: str,
-                num_top_logprobs: int):
+    def step_fn(weights, kv_cache: KVCache, int_buf, float_buf, base_key, prev_tokens, *, layout,
+                backend: Backend, num_top_logprobs: int):
         model = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
         step, tensors, step_counter, token_src = packing.unpack(int_buf, float_buf, layout)
         token_ids = jnp.where(token_src >= 0, prev_tokens[jnp.maximum(token_src, 0)], step.token_ids)
         step = dataclasses.replace(step, token_ids=token_ids)
         key = jax.random.fold_in(base_key, step_counter)  # a fresh key per step, no host-side split
-        logits, kv_cache = model(kv_cache, step, attn_impl=attn_impl)
+        logits, kv_cache = model(kv_cache, step, backend=backend)
         out = sampling.sample(logits, tensors, key, num_top_logprobs=num_top_logprobs)
         n = min(max_pending_rows, out.tokens.shape[0])
         tokens = jnp.zeros(max_pending_rows, jnp.int32).at[:n].set(out.tokens[:n].astype(jnp.int32))
@@ -91,6 +91,13 @@ def make_step_fn(graphdef, state_treedef, max_pending_rows: int):
         return packed, tokens, kv_cache
 
     return step_fn
+
+
+def _placed_on(model, mesh) -> bool:
+    """Whether every weight of `model` already lives on `mesh` (a shard-direct load or shard_model)."""
+    leaves = jax.tree.leaves(nnx.state(model))
+    return all(isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) and x.sharding.mesh == mesh
+               for x in leaves)
 
 
 def _copy_pages(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
@@ -107,62 +114,83 @@ def _write_pages(kv_cache: KVCache, pages: jax.Array, k_data, v_data) -> KVCache
                    v=tuple(v.at[pages].set(d) for v, d in zip(kv_cache.v, v_data)))
 
 
+def serving_mesh(config, devices=None):
+    """The ("data", "model") mesh of one replica's tensor-parallel group, or None with one device.
+    `devices`: the group (default the first tensor_parallel_size of jax.devices())."""
+    if config.tensor_parallel_size == 1:
+        return None
+    return sharding.make_mesh(config.tensor_parallel_size, devices=devices)
+
+
+def serving_spec(model, config) -> KVCacheSpec:
+    """The pages the engine serves `model` with: its kv heads (repeated under tensor parallelism, as
+    `shard_model` does) split over the tensor-parallel group, in the model's dtype."""
+    tp = config.tensor_parallel_size
+    return KVCacheSpec.for_model(tp_model_config(model.config, tp), config.block_size, model.dtype, kv_shards=tp)
+
+
 class ModelRunner:
-    def __init__(self, model, *, num_pages: int, page_size: int, max_model_len: int,
-                 max_num_batched_tokens: int, max_num_seqs: int, max_prefill_seqs: int | None = None,
-                 num_host_pages: int = 0,
-                 attn_impl: str = "reference", kv_dtype=None, seed: int = 0, tensor_parallel_size: int = 1,
-                 fuse_projections: bool = True, devices=None):
-        # Tensor parallel: weights and pages split over a "model" mesh axis, attention per shard
-        # (jpaged/sharding.py); the step is traced under the mesh. `devices`: the tensor-parallel group
-        # (default the first tensor_parallel_size of jax.devices()), e.g. one data-parallel replica's.
-        self.mesh = sharding.make_mesh(tensor_parallel_size, devices=devices) if tensor_parallel_size > 1 else None
+    """Tensors in, tokens out, for one replica: the jitted step over `model` (placed on `mesh` when it is
+    not already; `model` itself is changed in place only on one device, where its projections are fused)
+    and the page pool of `spec`, with `backend`'s kernels."""
+
+    def __init__(self, config, model, *, spec: KVCacheSpec, backend: Backend, num_pages: int, max_model_len: int,
+                 mesh=None):
+        if (mesh is None) != (config.tensor_parallel_size == 1):
+            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs a mesh of that many "
+                             "devices (serving_mesh), one device none")
+        self.mesh = mesh
         if self.mesh is not None:
-            model = sharding.shard_model(model, self.mesh)
-        elif fuse_projections and hasattr(model, "fuse_projections"):
+            if not _placed_on(model, self.mesh):
+                model = sharding.shard_model(model, self.mesh)
+        elif config.fuse_projections and hasattr(model, "fuse_projections"):
             model.fuse_projections()  # in place: 2 GEMVs per layer where there were 5
-        cfg = model.config
-        self.model_config = cfg
-        self.page_size = page_size
+        if spec.page_size != config.block_size or spec.kv_shards != config.tensor_parallel_size:
+            raise ValueError(f"spec {spec} does not match block_size={config.block_size}, "
+                             f"tensor_parallel_size={config.tensor_parallel_size}")
+        self.model = model
+        self.model_config = model.config
+        self.spec, self.backend = spec, backend
+        self.page_size = spec.page_size
         self.num_pages = num_pages
-        self.max_pages_per_seq = -(-max_model_len // page_size)
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
+        self.max_pages_per_seq = spec.pages_for(max_model_len)
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_num_seqs = config.max_num_seqs
         # The scheduler's cap on sequences with > 1 new token per step, carried to the kernels as a static
         # bound (StepInput.max_prefill_seqs); build_step_input checks every batch against it.
-        self.max_prefill_seqs = max_prefill_seqs
-        self.attn_impl = attn_impl
-        self.base_key = jax.random.PRNGKey(seed)
+        self.max_prefill_seqs = config.max_num_prefill_seqs
+        self.base_key = jax.random.PRNGKey(config.seed)
         graphdef, state = nnx.split(model)
         self.weights, treedef = jax.tree.flatten(state)
-        self.kv_cache = (model.new_kv_cache(num_pages, page_size, kv_dtype) if self.mesh is None
-                         else sharding.new_kv_cache(model, self.mesh, num_pages, page_size, kv_dtype))
-        page_shape = (num_host_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-        kv_np_dtype = self.kv_cache.k[0].dtype
-        self.host_k = [np.zeros(page_shape, kv_np_dtype) for _ in range(cfg.num_layers)]
-        self.host_v = [np.zeros(page_shape, kv_np_dtype) for _ in range(cfg.num_layers)]
+        self.kv_cache = (spec.create(num_pages) if self.mesh is None
+                         else sharding.new_kv_cache(spec, self.mesh, num_pages))
+        self.host_k, self.host_v = spec.host_pool(config.num_host_kv_blocks)
         # Rows of one step whose tokens the next step may take on the device (async scheduling):
         # one per sequence, so as many as a step has sequences.
-        self.max_pending_rows = max(4, min(self.token_buckets()[-1], max_num_seqs))
+        self.max_pending_rows = max(4, min(self.token_buckets()[-1], self.max_num_seqs))
         # Placed as the step places its sampled tokens (replicated over the mesh), or the first step
         # after an idle spell would compile again for another input sharding.
         self._no_prev_tokens = jnp.zeros(self.max_pending_rows, jnp.int32)
         if self.mesh is not None:
             self._no_prev_tokens = jax.device_put(
                 self._no_prev_tokens, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
-        self._jit_step = jax.jit(make_step_fn(graphdef, treedef, self.max_pending_rows),
-                                 static_argnames=("layout", "attn_impl", "num_top_logprobs"),
-                                 donate_argnames=("kv_cache",))
-        self._jit_copy = jax.jit(_copy_pages, donate_argnames=("kv_cache",))
-        self._jit_read = jax.jit(_read_pages)
-        self._jit_write = jax.jit(_write_pages, donate_argnames=("kv_cache",))
+        # The device calls, by name: every jitted function the runner calls goes through `self.calls`,
+        # so a multi-host leader can publish each call and its followers replay it (engine/multihost.py).
+        self.calls = {
+            "step": jax.jit(make_step_fn(graphdef, treedef, self.max_pending_rows),
+                            static_argnames=("layout", "backend", "num_top_logprobs"),
+                            donate_argnames=("kv_cache",)),
+            "copy_pages": jax.jit(_copy_pages, donate_argnames=("kv_cache",)),
+            "read_pages": jax.jit(_read_pages),
+            "write_pages": jax.jit(_write_pages, donate_argnames=("kv_cache",)),
+        }
 
     def _mesh_context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     @property
     def num_compilations(self) -> int:
-        return self._jit_step._cache_size()
+        return self.calls["step"]._cache_size()
 
     # -- page movement ---------------------------------------------------------------------------
 
@@ -170,14 +198,14 @@ class ModelRunner:
         if not pairs:
             return
         src, dst = (jnp.asarray(np.array(x, np.int32)) for x in zip(*pairs))
-        self.kv_cache = self._jit_copy(self.kv_cache, src, dst)
+        self.kv_cache = self.calls["copy_pages"](self.kv_cache, src, dst)
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Device page -> host page, for each (device, host) pair."""
         if not pairs:
             return
         dev, host = (np.array(x, np.int32) for x in zip(*pairs))
-        k_data, v_data = jax.device_get(self._jit_read(self.kv_cache, jnp.asarray(dev)))
+        k_data, v_data = jax.device_get(self.calls["read_pages"](self.kv_cache, jnp.asarray(dev)))
         for layer in range(len(self.host_k)):
             self.host_k[layer][host] = k_data[layer]
             self.host_v[layer][host] = v_data[layer]
@@ -189,7 +217,7 @@ class ModelRunner:
         host, dev = (np.array(x, np.int32) for x in zip(*pairs))
         k_data = [jnp.asarray(h[host]) for h in self.host_k]
         v_data = [jnp.asarray(h[host]) for h in self.host_v]
-        self.kv_cache = self._jit_write(self.kv_cache, jnp.asarray(dev), k_data, v_data)
+        self.kv_cache = self.calls["write_pages"](self.kv_cache, jnp.asarray(dev), k_data, v_data)
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -200,7 +228,7 @@ class ModelRunner:
         # The kernels read only up to kv_lens, so P costs them nothing: one bucket. The jnp reference
         # gathers all P pages per token, so on it P follows the batch's longest sequence, in powers of
         # four (each bucket is a compile; CPU test runs spent most of their time compiling).
-        if self.attn_impl != "reference":
+        if self.backend.uses_kernels:
             return [self.max_pages_per_seq]
         buckets, p = [], 4
         while p < self.max_pages_per_seq:
@@ -234,7 +262,7 @@ class ModelRunner:
 
         `pending` maps seq_id -> (position, row): that token is row `row` of the previous step's
         samples, not read back yet. Returns the StepInput and token_src ([T], the row or -1)."""
-        # Vectorised over the entries: at batch 256 a per-entry loop of numpy calls cost ~3 ms of host time.
+        # Vectorised over the entries: at large batches a per-entry loop of numpy calls costs milliseconds.
         ps, n_e = self.page_size, len(entries)
         starts = np.fromiter((e.start for e in entries), np.int64, n_e)
         counts = np.fromiter((e.num_tokens for e in entries), np.int64, n_e)
@@ -321,7 +349,7 @@ class ModelRunner:
         int_buf, float_buf, layout = packing.pack((step, tensors, np.int32(step_counter), token_src))
         prev_tokens = prev.tokens if prev is not None else self._no_prev_tokens
         with self._mesh_context():
-            packed, tokens, self.kv_cache = self._jit_step(
+            packed, tokens, self.kv_cache = self.calls["step"](
                 self.weights, self.kv_cache, int_buf, float_buf, self.base_key, prev_tokens,
-                layout=layout, attn_impl=self.attn_impl, num_top_logprobs=top)
+                layout=layout, backend=self.backend, num_top_logprobs=top)
         return InFlight(packed=packed, tokens=tokens, num_rows=len(seqs))

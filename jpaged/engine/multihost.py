@@ -2,14 +2,14 @@
 
 Where it sits: after `sharding.initialize_distributed`, every process builds the same engine
 (`data_parallel.make_engine`: same config and weights, one mesh over the devices of all processes,
-e.g. TP 16 over two 8-GPU hosts). On process 0, `lead(engine)` makes the runner publish each call of
-a jitted function (the step, page copies) just before making it; every other process runs
+e.g. TP 16 over two 8-GPU hosts). On process 0, `lead(engine)` makes the runner publish each of its
+device calls (`DEVICE_CALLS`: the step, page copies, swaps) just before making it; every other process runs
 `follower_loop(engine)`, which makes the same calls with the same arguments in the same order, so
 each collective inside a step meets all processes. Only process 0 schedules, reads tokens back and
 talks to clients; `stop_followers(engine)` ends the other processes' loops. `lead_or_follow(engine,
 body)` is the whole pattern in one call (`jpaged serve` and `jpaged generate` use it).
 
-A call travels as the jitted function's name, whether it ran under the runner's mesh, and its
+A call travels as its name in `DEVICE_CALLS`, whether it ran under the runner's mesh, and its
 flattened arguments: host values (the packed step buffers of jpaged/engine/packing.py, the static
 layout and flags) as they are; device arrays as names that every process resolves to its own copy
 (a runner attribute such as the weights, or an output of a recent call such as the previous step's
@@ -35,6 +35,8 @@ _WINDOW = 1024       # calls kept in the store; a follower is never that far beh
 _KEEP_CALLS = 16     # recent calls whose outputs later calls may take by name
 _POLL_MS = 60_000    # a follower waits this long per try while the leader is idle
 _STOP = "stop"
+# The wire protocol: the runner's device calls (`ModelRunner.calls`), each a jitted function.
+DEVICE_CALLS = ("step", "copy_pages", "read_pages", "write_pages")
 T = TypeVar("T")
 
 
@@ -80,11 +82,11 @@ def _exit_on_sigterm(signum, frame):
 
 
 def lead(engine) -> None:
-    """Makes `engine`'s runner publish every jitted call to the other processes (process 0 only)."""
+    """Makes `engine`'s runner publish every device call to the other processes (process 0 only)."""
     runner = engine.runner
+    calls = _device_calls(runner)
     names, channel = _Names(runner), _Channel()
-    for attr, fn in _jitted(runner).items():
-        setattr(runner, attr, _Published(attr, fn, runner, names, channel))
+    runner.calls = {name: _Published(name, fn, runner, names, channel) for name, fn in calls.items()}
     runner.multihost_channel = channel
 
 
@@ -96,29 +98,33 @@ def stop_followers(engine) -> None:
 def follower_loop(engine) -> None:
     """Makes each call process 0's runner publishes, in order, until `stop_followers` (processes > 0)."""
     runner = engine.runner
-    names, channel, jitted = _Names(runner), _Channel(), _jitted(runner)
+    names, channel, calls = _Names(runner), _Channel(), _device_calls(runner)
     while (call := channel.receive()) != _STOP:
-        attr, under_mesh, treedef, described = call
+        name, under_mesh, treedef, described = call
+        if name not in calls:
+            raise RuntimeError(f"process 0 published the device call {name!r}, not one of {DEVICE_CALLS}")
         args, kwargs = jax.tree.unflatten(treedef, [names.resolve(d) for d in described])
         with runner._mesh_context() if under_mesh else contextlib.nullcontext():
-            names.add_outputs(jitted[attr](*args, **kwargs))
+            names.add_outputs(calls[name](*args, **kwargs))
 
 
-def _jitted(runner) -> dict[str, Callable]:
-    """The runner's jitted functions (its `_jit_*` attributes), by attribute name."""
-    return {attr: fn for attr, fn in vars(runner).items() if attr.startswith("_jit_")}
+def _device_calls(runner) -> dict[str, Callable]:
+    """The runner's device calls, checked against the protocol's list."""
+    if tuple(runner.calls) != DEVICE_CALLS:
+        raise RuntimeError(f"the runner's device calls {tuple(runner.calls)} are not the protocol's {DEVICE_CALLS}")
+    return dict(runner.calls)
 
 
 class _Published:
-    """A jitted function of the leader's runner whose every call is published before it is made."""
+    """A device call of the leader's runner whose every call is published before it is made."""
 
-    def __init__(self, attr: str, fn: Callable, runner, names: "_Names", channel: "_Channel"):
-        self._attr, self._fn, self._runner, self._names, self._channel = attr, fn, runner, names, channel
+    def __init__(self, name: str, fn: Callable, runner, names: "_Names", channel: "_Channel"):
+        self._name, self._fn, self._runner, self._names, self._channel = name, fn, runner, names, channel
 
     def __call__(self, *args, **kwargs):
         leaves, treedef = jax.tree.flatten((args, kwargs))
         under_mesh = self._runner.mesh is not None and not jax.sharding.get_abstract_mesh().empty
-        self._channel.publish((self._attr, under_mesh, treedef, [self._names.describe(x) for x in leaves]))
+        self._channel.publish((self._name, under_mesh, treedef, [self._names.describe(x) for x in leaves]))
         out = self._fn(*args, **kwargs)
         self._names.add_outputs(out)
         return out

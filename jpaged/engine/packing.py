@@ -1,7 +1,7 @@
 """One transfer each way per step: host pytrees of small arrays packed into two flat buffers.
 
-A step's inputs (StepInput and SamplingTensors) are ~20 small arrays; sending each on its own cost
-~2 ms per step on the H100, and fetching the sampler's 5 outputs ~1.5 ms. `pack` flattens any pytree
+A step's inputs (StepInput and SamplingTensors) are ~20 small arrays; sending each on its own, and
+fetching the sampler's 5 outputs one by one, costs milliseconds of host time per step. `pack` flattens any pytree
 of numpy arrays into one int32 and one float32 buffer plus a hashable layout (a static jit argument);
 `unpack` rebuilds the pytree inside the jitted step. Outputs travel back as one int32 array.
 """

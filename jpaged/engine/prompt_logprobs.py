@@ -13,6 +13,7 @@ Shapes: L prompt tokens, Lp padded length, C chunk, V vocab, K = SamplingParams.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import jax
@@ -20,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jpaged.kv_cache import StepInput
 from jpaged.outputs import Logprob
 from jpaged.sampling_params import SamplingParams
+from models.kv_cache import KVCacheSpec, StepInput
+from pallas_kernels import Backend
 
 CHUNK = 512
 MIN_LEN = 16
@@ -48,14 +50,14 @@ def _chunk_step(start, length, chunk: int, num_pages: int, token_ids) -> StepInp
 def make_score_fn(graphdef, state_treedef):
     """The pure scoring function over the model's flat weight list (graphdef, treedef closed over)."""
 
-    def score_fn(weights, token_ids, length, *, chunk: int, page_size: int, num_top: int, attn_impl: str):
+    def score_fn(weights, token_ids, length, *, chunk: int, spec: KVCacheSpec, num_top: int, backend: Backend):
         """token_ids: [Lp] i32 (L real); returns the logprob and rank [Lp] of token i+1 after tokens
         0..i, and the top `num_top` ids and logprobs [Lp, K] at each position i."""
         model = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
         padded = token_ids.shape[0]
-        num_pages = -(-padded // page_size)
+        num_pages = spec.pages_for(padded)
         targets = jnp.roll(token_ids, -1)                                       # [Lp] next token
-        init = (model.new_kv_cache(num_pages, page_size),
+        init = (spec.create(num_pages),
                 jnp.zeros((padded,), jnp.float32), jnp.zeros((padded,), jnp.int32),
                 jnp.zeros((padded, num_top), jnp.int32), jnp.zeros((padded, num_top), jnp.float32))
 
@@ -64,7 +66,7 @@ def make_score_fn(graphdef, state_treedef):
             start = c * chunk
             ids = jax.lax.dynamic_slice(token_ids, (start,), (chunk,))
             logits, kv_cache = model(kv_cache, _chunk_step(start, length, chunk, num_pages, ids),
-                                     attn_impl=attn_impl)
+                                     backend=backend)
             logprobs = jax.nn.log_softmax(logits, axis=-1)                      # [C, V]
             nxt = jax.lax.dynamic_slice(targets, (start,), (chunk,))
             chosen = jnp.take_along_axis(logprobs, nxt[:, None], axis=-1)[:, 0]
@@ -81,17 +83,19 @@ def make_score_fn(graphdef, state_treedef):
 
 
 class PromptScorer:
-    """Scores prompts with `model`'s weights (the same arrays the engine serves; nothing is copied)."""
+    """Scores prompts with `model`'s weights (pass the weights being served: nothing is copied), its pages
+    as `spec` describes them and `backend`'s kernels (the engine's own). `mesh`: the mesh a sharded model
+    lives on, under which the scoring function is traced (None on one device)."""
 
-    def __init__(self, model, *, page_size: int, attn_impl: str, chunk: int = CHUNK):
+    def __init__(self, model, *, spec: KVCacheSpec, backend: Backend, mesh=None, chunk: int = CHUNK):
         if chunk < MIN_LEN or chunk & (chunk - 1):
             raise ValueError(f"chunk must be a power of two >= {MIN_LEN}, got {chunk}")
         graphdef, state = nnx.split(model)
         self._weights, treedef = jax.tree.flatten(state)
         self._num_top = min(SamplingParams.MAX_LOGPROBS, model.config.vocab_size)
-        self._page_size, self._attn_impl, self._chunk = page_size, attn_impl, chunk
+        self._spec, self._backend, self._chunk, self._mesh = spec, backend, chunk, mesh
         self._jit_score = jax.jit(make_score_fn(graphdef, treedef),
-                                  static_argnames=("chunk", "page_size", "num_top", "attn_impl"))
+                                  static_argnames=("chunk", "spec", "num_top", "backend"))
 
     def score(self, token_ids: list[int]) -> tuple[np.ndarray, ...]:
         """(logprobs [L-1], ranks [L-1], top_ids [L-1, K], top_logprobs [L-1, K]); row i is about
@@ -100,8 +104,9 @@ class PromptScorer:
         padded = padded_length(length)
         ids = np.zeros(padded, np.int32)
         ids[:length] = token_ids
-        outs = self._jit_score(self._weights, ids, np.int32(length), chunk=min(self._chunk, padded),
-                               page_size=self._page_size, num_top=self._num_top, attn_impl=self._attn_impl)
+        with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
+            outs = self._jit_score(self._weights, ids, np.int32(length), chunk=min(self._chunk, padded),
+                                   spec=self._spec, num_top=self._num_top, backend=self._backend)
         return tuple(np.asarray(o)[:length - 1] for o in outs)
 
     def prompt_logprobs(self, token_ids: list[int], k: int,

@@ -5,6 +5,7 @@ from scipy.special import log_softmax
 
 from jpaged.engine.prompt_logprobs import PromptScorer, padded_length
 from jpaged.sampling_params import SamplingParams
+from pallas_kernels import REFERENCE
 from tests.engine.test_engine import make_engine
 from tests.hf_reference import hf_logits
 
@@ -19,8 +20,8 @@ def test_scores_equal_log_softmax_of_a_full_forward_pass(tiny_llama):
     length, chunk = 40, 16  # three chunks into the scratch cache (one chunk: the engine test below)
     prompt = np.random.RandomState(length).randint(3, 256, size=length).tolist()
     want = reference(hf, prompt)
-    logprobs, ranks, top_ids, top_logprobs = PromptScorer(model, page_size=16, attn_impl="reference",
-                                                          chunk=chunk).score(prompt)
+    logprobs, ranks, top_ids, top_logprobs = PromptScorer(model, spec=model.kv_cache_spec(16),
+                                                          backend=REFERENCE, chunk=chunk).score(prompt)
     nxt = np.asarray(prompt[1:])
     chosen = want[np.arange(length - 1), nxt]
     np.testing.assert_allclose(logprobs, chosen, atol=2e-4)

@@ -5,6 +5,8 @@ import jax
 import numpy as np
 import pytest
 
+import pallas_kernels
+
 from jpaged.engine import packing
 
 
@@ -32,14 +34,16 @@ def test_token_buckets_are_powers_of_four_from_4_to_256_then_powers_of_two():
 
 def test_the_prefill_cap_rides_in_the_step_layout_and_an_over_cap_batch_is_refused(tiny_llama):
     """StepInput.max_prefill_seqs is static: it survives pack/unpack (a jit cache key, no buffer element)."""
+    from jpaged.config import EngineConfig
     from jpaged.engine.model_runner import ModelRunner, SampleRow
     from jpaged.engine.scheduler import ScheduledSeq
     from jpaged.engine.sequence import Sequence
     from jpaged.sampling_params import SamplingParams
 
     _, model = tiny_llama
-    runner = ModelRunner(model, num_pages=32, page_size=16, max_model_len=128, max_num_batched_tokens=64,
-                         max_num_seqs=8, max_prefill_seqs=2)
+    config = EngineConfig(block_size=16, max_num_batched_tokens=64, max_num_seqs=8, max_num_prefill_seqs=2)
+    runner = ModelRunner(config, model, spec=model.kv_cache_spec(16), backend=pallas_kernels.REFERENCE,
+                         num_pages=32, max_model_len=128)
     seqs = [Sequence(i, f"r{i}", list(range(1, 6)), SamplingParams()) for i in range(3)]
     for i, seq in enumerate(seqs):
         seq.block_table = [i]

@@ -1,6 +1,8 @@
 """The public dispatch in pallas_kernels and the KV write."""
 from __future__ import annotations
 
+import types
+
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -9,12 +11,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import pallas_kernels
+from models.kv_cache import KVCacheSpec
+from pallas_kernels import PRESETS, REFERENCE, Backend, select_backend
 from pallas_kernels.kv_write import write_kv_pallas
 
+MOSAIC = PRESETS["mosaic"]
 
-def test_unknown_impl_is_rejected_by_name():
-    with pytest.raises(ValueError, match="impl must be one of"):
-        pallas_kernels.write_kv(None, None, None, None, None, impl="cuda")
+
+def test_a_backend_that_is_not_a_backend_is_rejected_by_name():
+    with pytest.raises(TypeError, match="backend must be a pallas_kernels.Backend"):
+        pallas_kernels.write_kv(None, None, None, None, None, backend="mosaic")
+    with pytest.raises(ValueError, match="Backend.decode must be one of"):
+        Backend(prefill="triton", decode="cuda")
+
+
+def test_backends_are_hashable_values_so_jit_caches_them_as_static_arguments():
+    assert hash(MOSAIC) == hash(Backend(prefill="mosaic", decode="triton", gate_up="mosaic"))
+    assert len({MOSAIC, PRESETS["mosaic"], REFERENCE}) == 2
 
 
 def test_interpret_impl_matches_reference_through_the_public_api():
@@ -24,8 +37,8 @@ def test_interpret_impl_matches_reference_through_the_public_api():
     v = jnp.asarray(rng.standard_normal((8, 16, 2, 64)), jnp.float32)
     args = (q, k, v, jnp.array([20, 9], jnp.int32), jnp.array([[3, 5], [1, 0]], jnp.int32),
             jnp.array([0, 5, 6], jnp.int32), jnp.array(2, jnp.int32))
-    out = pallas_kernels.ragged_paged_attention(*args, sm_scale=0.125, impl="interpret")
-    ref = pallas_kernels.ragged_paged_attention(*args, sm_scale=0.125, impl="reference")
+    out = pallas_kernels.ragged_paged_attention(*args, sm_scale=0.125, backend=PRESETS["interpret"])
+    ref = pallas_kernels.ragged_paged_attention(*args, sm_scale=0.125, backend=REFERENCE)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
@@ -33,7 +46,7 @@ def test_write_kv_puts_rows_in_their_slots_and_skips_padding_in_place():
     k_pages = jnp.zeros((4, 2, 1, 3), jnp.float32)
     new = jnp.arange(9, dtype=jnp.float32).reshape(3, 1, 3) + 1
     slots = jnp.array([5, -1, 0], jnp.int32)
-    write = jax.jit(lambda kp, vp: pallas_kernels.write_kv(kp, vp, new, -new, slots, impl="reference"),
+    write = jax.jit(lambda kp, vp: pallas_kernels.write_kv(kp, vp, new, -new, slots, backend=REFERENCE),
                     donate_argnums=(0, 1))
     k_out, v_out = write(k_pages, jnp.zeros_like(k_pages))
     flat_k, flat_v = np.asarray(k_out).reshape(8, 3), np.asarray(v_out).reshape(8, 3)
@@ -76,19 +89,18 @@ def test_pallas_kv_write_names_the_argument_with_the_wrong_shape():
         write_kv_pallas(pages, pages, k, jnp.zeros((3, 1, 8)), jnp.zeros((3,), jnp.int32), interpret=True)
 
 
-def test_kv_write_is_the_scatter_unless_the_env_selects_the_pallas_kernel(monkeypatch):
+def test_kv_write_is_the_scatter_unless_the_backend_names_the_pallas_kernel():
     pages = jax.ShapeDtypeStruct((64, 16, 8, 128), jnp.bfloat16)
     rows = jax.ShapeDtypeStruct((32, 8, 128), jnp.bfloat16)
     slots = jax.ShapeDtypeStruct((32,), jnp.int32)
 
-    def lowered():
-        fn = jax.jit(lambda *a: pallas_kernels.write_kv(*a, impl="mosaic"), donate_argnums=(0, 1))
+    def lowered(backend):
+        fn = jax.jit(lambda *a: pallas_kernels.write_kv(*a, backend=backend), donate_argnums=(0, 1))
         return fn.trace(pages, pages, rows, rows, slots).lower(lowering_platforms=("cuda",)).as_text()
 
-    text = lowered()
+    text = lowered(MOSAIC)
     assert "jpaged_kv_write" not in text and "scatter" in text
-    monkeypatch.setenv("JPAGED_KV_WRITE", "pallas")
-    text = lowered()
+    text = lowered(select_backend(None, None, "mosaic,kv_write=pallas"))
     assert "jpaged_kv_write" in text and "scatter" not in text
 
 
@@ -128,36 +140,56 @@ def _lowered_backends(num_tokens, num_slots, **kwargs) -> set[str]:
     (64, 2, {"mosaic_gpu", "triton"}),      # prefill chunks to Mosaic, the batch's decodes to Triton
     (4, 4, {"triton"})])
 def test_mosaic_impl_lowers_prefill_to_mosaic_and_decode_to_triton(num_tokens, num_slots, backends):
-    assert _lowered_backends(num_tokens, num_slots, impl="mosaic") == backends
+    assert _lowered_backends(num_tokens, num_slots, backend=MOSAIC) == backends
 
 
-def test_mosaic_impl_without_the_mixed_split_lowers_prefill_to_mosaic_alone(monkeypatch):
-    monkeypatch.setattr(pallas_kernels, "SPLIT_MIXED_BATCHES", False)
-    assert _lowered_backends(64, 2, impl="mosaic") == {"mosaic_gpu"}
+def test_mosaic_without_the_mixed_split_lowers_prefill_to_mosaic_alone():
+    assert _lowered_backends(64, 2, backend=select_backend(None, None, "mosaic,split_mixed=false")) == {"mosaic_gpu"}
 
 
-@pytest.mark.parametrize("num_tokens,num_slots,window,soft_cap,impl", [
-    (64, 2, 256, None, "mosaic"), (64, 2, None, 30.0, "mosaic"), (64, 2, 256, None, "mosaic_full"),
-    (64, 2, None, 30.0, "mosaic_full"), (64, 2, 8, 50.0, "mosaic_full")])
-def test_window_and_soft_cap_prefill_go_to_the_mosaic_kernel(num_tokens, num_slots, window, soft_cap, impl):
+MOSAIC_DECODE = select_backend(None, None, "mosaic,decode=mosaic")
+
+
+@pytest.mark.parametrize("num_tokens,num_slots,window,soft_cap,backend", [
+    (64, 2, 256, None, MOSAIC), (64, 2, None, 30.0, MOSAIC), (64, 2, 256, None, MOSAIC_DECODE),
+    (64, 2, None, 30.0, MOSAIC_DECODE), (64, 2, 8, 50.0, MOSAIC_DECODE)])
+def test_window_and_soft_cap_prefill_go_to_the_mosaic_kernel(num_tokens, num_slots, window, soft_cap, backend):
     assert "mosaic_gpu" in _lowered_backends(num_tokens, num_slots, sliding_window=window, soft_cap=soft_cap,
-                                             impl=impl)
+                                             backend=backend)
 
 
 @pytest.mark.parametrize("num_tokens,num_slots,window,backends", [
     (64, 2, None, {"mosaic_gpu"}), (4, 4, None, {"mosaic_gpu"}), (4, 4, 128, {"triton"})])
-def test_mosaic_full_impl_sends_decode_to_the_mosaic_decode_kernel_when_supported(num_tokens, num_slots, window,
-                                                                                  backends):
-    assert _lowered_backends(num_tokens, num_slots, sliding_window=window, impl="mosaic_full") == backends
+def test_decode_mosaic_sends_decode_to_the_mosaic_decode_kernel_when_supported(num_tokens, num_slots, window,
+                                                                               backends):
+    assert _lowered_backends(num_tokens, num_slots, sliding_window=window, backend=MOSAIC_DECODE) == backends
 
 
-def test_auto_attention_impl_is_mosaic_on_hopper_pallas_on_other_gpus_reference_on_cpu():
-    import types
+def _gpu(cc):
+    return types.SimpleNamespace(platform="gpu", compute_capability=cc)
 
-    from jpaged.engine.llm_engine import resolve_attn_impl
 
-    gpu = lambda cc: types.SimpleNamespace(platform="gpu", compute_capability=cc)  # noqa: E731
-    assert resolve_attn_impl("auto", gpu("9.0")) == "mosaic"
-    assert resolve_attn_impl("auto", gpu("8.0")) == "pallas"
-    assert resolve_attn_impl("auto", types.SimpleNamespace(platform="cpu")) == "reference"
-    assert resolve_attn_impl("pallas", gpu("9.0")) == "pallas"
+def test_auto_is_mosaic_on_hopper_pallas_on_other_gpus_reference_on_cpu():
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=8, head_dim=128, page_size=16, dtype=jnp.bfloat16)
+    assert select_backend(_gpu("9.0"), spec) == MOSAIC
+    assert select_backend(_gpu("9.0"), spec, "auto") == MOSAIC
+    assert select_backend(_gpu("8.0"), spec) == PRESETS["pallas"]
+    assert select_backend(types.SimpleNamespace(platform="cpu"), spec) == REFERENCE
+    assert select_backend(_gpu("9.0"), spec, "pallas") == PRESETS["pallas"]
+    assert select_backend(_gpu("9.0"), spec, "auto,decode=mosaic").decode == "mosaic"
+
+
+def test_auto_on_hopper_falls_back_to_triton_for_pages_the_mosaic_kernels_cannot_read():
+    fp32 = KVCacheSpec(num_layers=2, num_kv_heads=8, head_dim=128, page_size=16, dtype=jnp.float32)
+    assert select_backend(_gpu("9.0"), fp32) == PRESETS["pallas"]
+    with pytest.raises(ValueError, match="prefill='mosaic': dtype must be bf16 or f16"):
+        select_backend(_gpu("9.0"), fp32, "mosaic")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("cuda", "must start with 'auto' or a preset"), ("mosaic,decode", "must be field=value"),
+    ("mosaic,colour=red", "must be field=value"), ("mosaic,split_mixed=yes", "true or false"),
+    ("pallas,decode=fast", "Backend.decode must be one of")])
+def test_bad_backend_overrides_are_refused_by_name(text, match):
+    with pytest.raises(ValueError, match=match):
+        select_backend(_gpu("9.0"), None, text)

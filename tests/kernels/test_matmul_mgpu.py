@@ -74,12 +74,12 @@ def test_unknown_epilogue_is_rejected():
         mm.matmul_reference(jnp.zeros((2, 2)), jnp.zeros((2, 2)), epilogue="gelu")
 
 
-@pytest.mark.parametrize("rows,impl,mosaic", [(512, "mosaic", True), (256, "mosaic_full", True),
-                                              (200, "mosaic", False), (512, "pallas", False)])
-def test_gate_up_swiglu_lowers_to_mosaic_only_where_the_kernel_takes_the_shape(rows, impl, mosaic):
+@pytest.mark.parametrize("rows,preset,mosaic", [(512, "mosaic", True), (256, "mosaic", True),
+                                                (200, "mosaic", False), (512, "pallas", False)])
+def test_gate_up_swiglu_lowers_to_mosaic_only_where_the_kernel_takes_the_shape(rows, preset, mosaic):
     x = jax.ShapeDtypeStruct((rows, 128), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((128, 2 * 256), jnp.bfloat16)
-    fn = jax.jit(lambda x, w: pallas_kernels.gate_up_swiglu(x, w, impl=impl))
+    fn = jax.jit(lambda x, w: pallas_kernels.gate_up_swiglu(x, w, backend=pallas_kernels.PRESETS[preset]))
     text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert ("mosaic_gpu" in text) == mosaic
 
@@ -88,5 +88,5 @@ def test_gate_up_swiglu_falls_back_to_xla_with_the_same_values():
     kx, kw = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (7, 64), jnp.float32)
     w = jax.random.normal(kw, (64, 256), jnp.float32)
-    np.testing.assert_allclose(pallas_kernels.gate_up_swiglu(x, w, impl="mosaic"),
+    np.testing.assert_allclose(pallas_kernels.gate_up_swiglu(x, w, backend=pallas_kernels.PRESETS["mosaic"]),
                                mm.matmul_reference(x, w, epilogue="swiglu"), rtol=1e-5, atol=1e-5)

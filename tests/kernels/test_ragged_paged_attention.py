@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
-from pallas_kernels.ragged_paged_attention_kernel import (TuningConfig, _decode_call, choose_config,
+from pallas_kernels.ragged_paged_attention_kernel import (TuningConfig, choose_config,
                                                           ragged_paged_attention_pallas, work_items)
 
 NUM_PAGES = 24
@@ -58,12 +58,12 @@ def make_batch(rng, q_lens, kv_extra, *, num_tokens, pages_per_seq, page_size, h
             jnp.asarray(num_seqs_real, jnp.int32))
 
 
-def check_against_reference(args, *, sm_scale, sliding_window, soft_cap, config, tol, lean_decode=True):
+def check_against_reference(args, *, sm_scale, sliding_window, soft_cap, config, tol):
     q, k, v, kv_lens, table, cu, num_seqs = args
     safe_table = jnp.clip(table, 0, NUM_PAGES - 1)  # the reference gathers every table entry
     out = ragged_paged_attention_pallas(q, k, v, kv_lens, table, cu, num_seqs, sm_scale=sm_scale,
                                         sliding_window=sliding_window, soft_cap=soft_cap, config=config,
-                                        interpret=True, lean_decode=lean_decode)
+                                        interpret=True)
     q_ref = jnp.where(jnp.isnan(q), 0, q)
     ref = reference(q_ref.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), kv_lens,
                     safe_table, cu, num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
@@ -165,26 +165,6 @@ def test_decode_path_serves_prefill_chunks_token_by_token():
                       pages_per_seq=6, page_size=16, hq=4, hkv=2, d=64, dtype=jnp.float32, num_seqs_real=4)
     check_against_reference(args, sm_scale=0.125, sliding_window=20, soft_cap=None,
                             config=TuningConfig(block_q=1, pages_per_block=2, num_kv_splits=2), tol=2e-5)
-
-
-def test_v3_work_list_decode_path_still_matches_reference():
-    args = make_batch(np.random.default_rng(4), [1, 0, 1, 1], [40, 9, 95, 3], num_tokens=4, pages_per_seq=6,
-                      page_size=16, hq=8, hkv=2, d=64, dtype=jnp.float32, num_seqs_real=4)
-    check_against_reference(args, sm_scale=0.125, sliding_window=None, soft_cap=None, lean_decode=False,
-                            config=TuningConfig(block_q=1, pages_per_block=2, num_kv_splits=3), tol=2e-5)
-
-
-def test_head_major_decode_variant_matches_token_major():
-    """The layout comparison's head-major variant computes the same thing on the same pages."""
-    q, k, v, kv_lens, table, cu, num_seqs = make_batch(
-        np.random.default_rng(5), [1, 1, 0, 1], [70, 3, 20, 90], num_tokens=4, pages_per_seq=6, page_size=16,
-        hq=8, hkv=2, d=64, dtype=jnp.float32, num_seqs_real=4)
-    config = TuningConfig(block_q=1, pages_per_block=2, num_kv_splits=2)
-    kw = dict(sm_scale=0.2, sliding_window=None, soft_cap=None, config=config, interpret=True)
-    token_major = _decode_call(q, k, v, kv_lens, table, cu, num_seqs, **kw)
-    head_major = _decode_call(q, jnp.moveaxis(k, 2, 0), jnp.moveaxis(v, 2, 0), kv_lens, table, cu, num_seqs,
-                              head_major=True, **kw)
-    np.testing.assert_allclose(np.asarray(head_major), np.asarray(token_major), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("splits, launches", [(1, 1), (4, 2)])

@@ -118,7 +118,8 @@ def test_the_mixed_split_lowers_for_cuda_with_a_static_prefill_bound():
     list is sized by StepInput.max_prefill_seqs (a static argument all the way down)."""
     import pallas_kernels
 
-    fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1, impl="mosaic",
+    fn = jax.jit(lambda *a: pallas_kernels.ragged_paged_attention(*a, sm_scale=0.1,
+                                                                  backend=pallas_kernels.PRESETS["mosaic"],
                                                                   max_prefill_seqs=2))
     text = fn.trace(*_shapes(64, 32, 8, 128, 16)).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from jpaged.kv_cache import contiguous_step_input
+from models.kv_cache import contiguous_step_input
 from jpaged.loader import load_model
 from tests.hf_reference import hf_logits, tiny_hf_model
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpaged.kv_cache import contiguous_step_input
+from models.kv_cache import contiguous_step_input
 from tests.hf_reference import FAMILIES, hf_greedy, hf_logits, jpaged_from_hf, tiny_hf_model
 
 PAGE = 16

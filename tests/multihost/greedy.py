@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from jpaged import sharding
-from jpaged.kv_cache import StepInput
+from models.kv_cache import StepInput
 from models import LlamaForCausalLM, ModelConfig
 
 PAGE = 4
@@ -71,7 +71,7 @@ def greedy(model, mesh=None, prompts=PROMPTS, new_tokens=NEW_TOKENS):
     if mesh is None:
         cache, put = model.new_kv_cache(num_pages, PAGE), lambda d: StepInput(**d)
     else:
-        cache = sharding.new_kv_cache(model, mesh, num_pages, PAGE)
+        cache = sharding.new_kv_cache(sharding.kv_cache_spec(model, mesh, PAGE), mesh, num_pages)
         put = lambda d: sharding.replicate(StepInput(**d), mesh)  # noqa: E731
     tokens, starts, out, first_logits = [list(p) for p in prompts], [0] * len(prompts), [], None
     for _ in range(new_tokens):
@@ -91,7 +91,7 @@ def greedy(model, mesh=None, prompts=PROMPTS, new_tokens=NEW_TOKENS):
 def greedy_replicas(model, mesh, prompt_sets, new_tokens=NEW_TOKENS):
     """Greedy tokens [R, S, new_tokens]: replica r serves prompt_sets[r], all in one SPMD step."""
     num_pages = len(prompt_sets[0]) * PAGES_PER_SEQ
-    cache = sharding.new_replica_kv_cache(model, mesh, num_pages, PAGE)
+    cache = sharding.new_replica_kv_cache(sharding.kv_cache_spec(model, mesh, PAGE), mesh, num_pages)
     graphdef, state = nnx.split(model)
 
     def step_fn(state, kv_cache, step):
