@@ -112,7 +112,7 @@ class ModelRunner:
                  max_num_batched_tokens: int, max_num_seqs: int, max_prefill_seqs: int | None = None,
                  num_host_pages: int = 0,
                  attn_impl: str = "reference", kv_dtype=None, seed: int = 0, tensor_parallel_size: int = 1,
-                 fuse_projections: bool = True, devices=None):
+                 fuse_projections: bool = True, devices=None, eos_token_ids=()):
         # Tensor parallel: weights and pages split over a "model" mesh axis, attention per shard
         # (jpaged/sharding.py); the step is traced under the mesh. `devices`: the tensor-parallel group
         # (default the first tensor_parallel_size of jax.devices()), e.g. one data-parallel replica's.
@@ -132,6 +132,7 @@ class ModelRunner:
         # bound (StepInput.max_prefill_seqs); build_step_input checks every batch against it.
         self.max_prefill_seqs = max_prefill_seqs
         self.attn_impl = attn_impl
+        self.eos_token_ids = tuple(eos_token_ids)  # the sampler bars them before a row's min_tokens
         self.base_key = jax.random.PRNGKey(seed)
         graphdef, state = nnx.split(model)
         self.weights, treedef = jax.tree.flatten(state)
@@ -313,7 +314,7 @@ class ModelRunner:
             output_positions=[seq.num_output_tokens for seq in seqs],
             prompt_token_ids=[seq.token_ids[:seq.num_prompt_tokens] for seq in seqs] if penalties else None,
             output_token_ids=[seq.output_token_ids for seq in seqs] if penalties else None,
-            eos_token_ids=getattr(self, "eos_token_ids", ()))  # set by Engine: barred before min_tokens
+            eos_token_ids=self.eos_token_ids)
         # Two sizes only, so logprobs requests do not multiply compilations.
         top = 0 if all(p.logprobs is None and not p.use_beam_search for p in params) else SamplingParams.MAX_LOGPROBS
         if token_src is None:

@@ -23,7 +23,8 @@ def load_model(spec: str = "default", dtype: str = "float32"):
     Args:
       spec: "default", an HF model dir (config.json + *.safetensors), a .gguf file, a dir written by
         `jpaged convert`, or a preset name from configs/ (random weights, byte tokenizer).
-      dtype: "float32" or "bfloat16", the dtype of the parameters (and the default KV cache).
+      dtype: one of jpaged.config.DTYPES, or "auto" (jpaged.config.resolve_dtype), the dtype of the
+        parameters (and the default KV cache).
 
     Returns:
       (model, tokenizer): a `LlamaForCausalLM` and a `Tokenizer`; the tokenizer is None for an HF dir
@@ -32,9 +33,9 @@ def load_model(spec: str = "default", dtype: str = "float32"):
     Raises:
       ValueError naming what is wrong: unknown spec, unsupported architecture, unreadable files.
     """
-    from jpaged.loader.hf import jax_dtype
+    from jpaged.config import resolve_dtype
 
-    jax_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"model must be a non-empty string, got {spec!r}")
     if spec == "default":

@@ -42,9 +42,9 @@ class FakeModel:
             self.kv.write(e.seq, e.start, e.num_tokens)
         for e in batch.entries:
             self.kv.check_reads(e.seq, e.start, e.start + e.num_tokens)
-        sched.postprocess(batch, {e.seq.seq_id: next_token(e.seq) for e in batch.entries if e.sample})
+        sched.postprocess(batch, {e.seq.seq_id: [next_token(e.seq)] for e in batch.entries if e.num_samples})
         for e in batch.entries:
-            if e.sample and e.seq.num_output_tokens >= e.seq.sampling_params.max_tokens:
+            if e.num_samples and e.seq.num_output_tokens >= e.seq.sampling_params.max_tokens:
                 sched.finish(e.seq, "length")
         sched.check_invariants()
         return batch
