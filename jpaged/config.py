@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 DTYPES = ("bfloat16", "float32")  # parameter dtypes the loader builds; "auto" resolves to one of them
+BLOCK_SIZES = (8, 16, 32, 64)
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:
@@ -32,7 +33,7 @@ class EngineConfig:
                        "checkpoint dir or a preset name")
     dtype: str = _knob("auto", "parameter dtype; 'auto': bfloat16 on a GPU, float32 on CPU",
                        choices=("auto", *DTYPES))
-    block_size: int = _knob(16, "tokens per KV page", choices=(8, 16, 32, 64))
+    block_size: int = _knob(16, "tokens per KV page", choices=BLOCK_SIZES)
     max_num_seqs: int = _knob(256, "most sequences in one step")
     max_num_batched_tokens: int = _knob(2048, "token budget of one step")
     max_num_prefill_seqs: int | None = _knob(
@@ -65,7 +66,7 @@ class EngineConfig:
 
         check(self.dtype == "auto" or self.dtype in DTYPES,
               f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        check(self.block_size in (8, 16, 32, 64), f"block_size must be 8, 16, 32 or 64, got {self.block_size}")
+        check(self.block_size in BLOCK_SIZES, f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
         check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         check(self.max_num_batched_tokens >= self.max_num_seqs or self.max_num_batched_tokens >= 16,
               f"max_num_batched_tokens must be >= 16, got {self.max_num_batched_tokens}")
