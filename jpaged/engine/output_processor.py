@@ -142,33 +142,38 @@ class OutputProcessor:
         tokens = out.tokens.tolist()
         runs: dict[int, list[int]] = {}  # seq_id -> its rows, in order
         beam_rows: dict[str, list[int]] = {}
+        fork_rows = []
         for r, row in enumerate(rows):
             if isinstance(row, ForkSample):
+                fork_rows.append(r)
                 continue
-            runs.setdefault(row.seq_id, []).append(r)
-            req = self.requests.get(row.request_id)
-            if req is not None and req.hypotheses is not None:
+            run = runs.get(row.seq_id)
+            if run is None:
+                runs[row.seq_id] = [r]
+            else:
+                run.append(r)
+            if row.sampling_params.use_beam_search:
                 beam_rows.setdefault(row.request_id, []).append(r)
         sampled = {seq_id: [tokens[r] for r in rs] for seq_id, rs in runs.items()}
         beam_plans = [self._choose_beams(self.requests[rid], [rows[r] for r in rs], out, rs, sampled)
-                      for rid, rs in beam_rows.items()]
+                      for rid, rs in beam_rows.items() if rid in self.requests]
         self.scheduler.fill(step.batch, sampled)
         touched: dict[str, RequestState] = {}
         for req, plan in beam_plans:
             self._apply_beams(req, plan)
             if req.beam_done:
                 touched[req.request_id] = req
-        for seq_id, rs in runs.items():
+        for rs in runs.values():
             seq = rows[rs[0]]
             req = self.requests.get(seq.request_id)
             if req is None or seq.is_finished or req.hypotheses is not None:
                 continue  # aborted, or ended by the step before (its extra token is dropped)
             self._on_run(req, seq, tokens, out, rs, step.positions[rs[0]])
             touched[req.request_id] = req
-        for r, row in enumerate(rows):
-            if isinstance(row, ForkSample) and row.request_id in self.requests:
-                req = self.requests[row.request_id]
-                self._on_run(req, self._fork(req, row, tokens[r]), tokens, out, [r], step.positions[r])
+        for r in fork_rows:
+            req = self.requests.get(rows[r].request_id)
+            if req is not None:
+                self._on_run(req, self._fork(req, rows[r], tokens[r]), tokens, out, [r], step.positions[r])
         return [self._report(req) for req in touched.values()
                 if req.params.output_kind == "cumulative" or req.finished]
 
