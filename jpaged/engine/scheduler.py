@@ -320,12 +320,11 @@ class Scheduler:
         position = entry.start + entry.num_tokens
         end = position + entry.num_samples
         assert seq.token_ids[position] == PLACEHOLDER, (seq.seq_id, position)
+        if len(run) < entry.num_samples and end != seq.num_tokens:
+            raise ValueError(f"seq_id {seq.seq_id}: a run shorter than its {entry.num_samples} samples "
+                             "must be read back before the next step is launched")
         seq.token_ids[position:position + len(run)] = run
-        if len(run) < entry.num_samples:
-            if end != seq.num_tokens:
-                raise ValueError(f"seq_id {seq.seq_id}: a run shorter than its {entry.num_samples} samples "
-                                 "must be read back before the next step is launched")
-            del seq.token_ids[position + len(run):]
+        del seq.token_ids[position + len(run):end]
 
     def _register_full_pages(self, seq: Sequence) -> None:
         """Offers seq's full pages of known tokens to the prefix cache (the check first: most steps fill no page)."""
