@@ -15,7 +15,8 @@ from jpaged.config import DTYPES, EngineConfig
 
 # What `jpaged serve` imports beyond the engine (pyproject's base dependencies; `jpaged[serve]` names them too).
 SERVER_MODULES = ("fastapi", "uvicorn", "pydantic", "prometheus_client")
-SCALARS = {"int": int, "float": float, "str": str}
+SCALARS = {"int": int, "float": float, "str": str}  # EngineConfig field types -> argparse types
+SEPARATOR = "---"  # the line between the completions of several prompts (one prompt: the completion alone)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,10 +60,6 @@ def _generate(args: argparse.Namespace) -> None:
             print(out.outputs[0].text, flush=True)
 
     multihost.lead_or_follow(llm.engine, print_completions)  # other processes of a multi-host run follow
-
-
-# Printed between the completions of several prompts (one prompt: the completion alone).
-SEPARATOR = "---"
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -124,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="complete prompts; prints only the completions on stdout")
     gen.add_argument("prompt", nargs="+", metavar="PROMPT",
-                     help=f"text to complete (one completion per PROMPT; several are separated by a line {SEPARATOR!r})")
+                     help=f"text to complete (one completion per PROMPT; a line {SEPARATOR!r} between them)")
     gen.add_argument("--max-tokens", type=int, default=64, help="most new tokens per prompt (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    gen.add_argument("--seed", dest="sampling_seed", metavar="SEED", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--seed", dest="sampling_seed", metavar="SEED", type=int, default=0,
+                     help="sampling seed (default 0)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar (there is one only when "
                      "stderr is a terminal)")
