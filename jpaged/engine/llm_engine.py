@@ -177,7 +177,7 @@ class Engine:
         return list(unique.values())
 
     def _launch(self, batch: ScheduledBatch, prev: _Launched | None) -> _Launched:
-        rows, positions, offset, forked = [], [], 0, False
+        rows, seqs, positions, offset, forked = [], [], [], 0, False
         for entry in batch.entries:
             offset += entry.num_tokens
             if not entry.num_samples:
@@ -186,11 +186,14 @@ class Engine:
                 raise ValueError(f"seq_id {entry.seq.seq_id}: the runner samples one token per sequence a "
                                  f"step, not {entry.num_samples}")
             position = entry.start + entry.num_tokens
-            # n > 1: the samples still to fork share the prompt's pages and draw from the same logits.
-            forks = self.output_processor.fork_samples(entry.seq)
+            # n > 1: the samples still to fork share the prompt's pages and draw from the same logits
+            # (only ever at the prompt's end: the check keeps the decode path to two attribute reads).
+            forks = (self.output_processor.fork_samples(entry.seq)
+                     if entry.seq.num_prompt_tokens == len(entry.seq.token_ids) else ())
             forked = forked or bool(forks)
             for seq in (entry.seq, *forks):
                 rows.append(SampleRow(offset - 1, seq))
+                seqs.append(seq)
                 positions.append(position)
         overlappable = (self.config.async_scheduling and not forked
                         and len(rows) <= self.runner.max_pending_rows
@@ -200,8 +203,8 @@ class Engine:
                                     prev=prev.handle if prev is not None else None)
         self._num_steps += 1
         self.scheduler.advance(batch)
-        pending = {row.seq.seq_id: (pos, r) for r, (row, pos) in enumerate(zip(rows, positions))}
-        return _Launched(batch, rows, positions, handle, overlappable, pending)
+        pending = {seq.seq_id: (pos, r) for r, (seq, pos) in enumerate(zip(seqs, positions))}
+        return _Launched(batch, seqs, positions, handle, overlappable, pending)
 
     def _resolve(self, launched: _Launched) -> list[RequestOutput]:
         """Reads a launched step's samples back (waiting for it) and does their bookkeeping."""
@@ -209,8 +212,7 @@ class Engine:
         batch = launched.batch
         self.prompt_tokens_total += sum(max(0, min(e.start + e.num_tokens, e.seq.num_prompt_tokens) - e.start)
                                         for e in batch.entries)
-        return self.output_processor.process(
-            StepResult(batch, [row.seq for row in launched.rows], launched.positions, samples))
+        return self.output_processor.process(StepResult(batch, launched.seqs, launched.positions, samples))
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -229,7 +231,7 @@ class _Launched:
     """A step on the device: what it computes, who it samples for, and where those tokens go."""
 
     batch: ScheduledBatch
-    rows: list[SampleRow]
+    seqs: list  # per sample row: the Sequence it samples for, or an n > 1 ForkSample
     positions: list[int]  # per row: the position its token takes in its sequence
     handle: InFlight
     overlappable: bool  # the next step may be scheduled before this one is read back

@@ -75,8 +75,8 @@ class ForkSample:
 class StepResult:
     """A read-back step: who each sampler row was for and what it drew.
 
-    Rows of one sequence, in order, are its run of new tokens; `positions[r]` is where row r's token
-    goes in its sequence. `samples` is a `jpaged.sampling.SamplerOutput` of numpy arrays: tokens [R],
+    Rows of one sequence are consecutive and, in order, its run of new tokens; `positions[r]` is where
+    row r's token goes in its sequence. `samples` is a `jpaged.sampling.SamplerOutput` of numpy arrays: tokens [R],
     logprobs [R], ranks [R], top_ids [R, K], top_logprobs [R, K].
     """
 
@@ -140,21 +140,21 @@ class OutputProcessor:
         """Writes the step's tokens into its sequences and returns the outputs it produced."""
         rows, out = step.rows, step.samples
         tokens = out.tokens.tolist()
-        runs: dict[int, list[int]] = {}  # seq_id -> its rows, in order
+        sampled: dict[int, list[int]] = {}  # seq_id -> its run of tokens
+        firsts, fork_rows = [], []  # each sequence's first row; the n > 1 samples to fork
         beam_rows: dict[str, list[int]] = {}
-        fork_rows = []
         for r, row in enumerate(rows):
             if isinstance(row, ForkSample):
                 fork_rows.append(r)
                 continue
-            run = runs.get(row.seq_id)
+            run = sampled.get(row.seq_id)
             if run is None:
-                runs[row.seq_id] = [r]
+                sampled[row.seq_id] = [tokens[r]]
+                firsts.append(r)
             else:
-                run.append(r)
+                run.append(tokens[r])
             if row.sampling_params.use_beam_search:
                 beam_rows.setdefault(row.request_id, []).append(r)
-        sampled = {seq_id: [tokens[r] for r in rs] for seq_id, rs in runs.items()}
         beam_plans = [self._choose_beams(self.requests[rid], [rows[r] for r in rs], out, rs, sampled)
                       for rid, rs in beam_rows.items() if rid in self.requests]
         self.scheduler.fill(step.batch, sampled)
@@ -163,17 +163,17 @@ class OutputProcessor:
             self._apply_beams(req, plan)
             if req.beam_done:
                 touched[req.request_id] = req
-        for rs in runs.values():
-            seq = rows[rs[0]]
+        for r in firsts:
+            seq = rows[r]
             req = self.requests.get(seq.request_id)
             if req is None or seq.is_finished or req.hypotheses is not None:
                 continue  # aborted, or ended by the step before (its extra token is dropped)
-            self._on_run(req, seq, tokens, out, rs, step.positions[rs[0]])
+            self._on_run(req, seq, tokens, out, r, len(sampled[seq.seq_id]), step.positions[r])
             touched[req.request_id] = req
         for r in fork_rows:
             req = self.requests.get(rows[r].request_id)
             if req is not None:
-                self._on_run(req, self._fork(req, rows[r], tokens[r]), tokens, out, [r], step.positions[r])
+                self._on_run(req, self._fork(req, rows[r], tokens[r]), tokens, out, r, 1, step.positions[r])
         return [self._report(req) for req in touched.values()
                 if req.params.output_kind == "cumulative" or req.finished]
 
@@ -186,42 +186,38 @@ class OutputProcessor:
         req.pending_forks -= 1
         return child
 
-    def _on_run(self, req: RequestState, seq: Sequence, tokens: list[int], out, rows: list[int],
+    def _on_run(self, req: RequestState, seq: Sequence, tokens: list[int], out, first_row: int, num: int,
                 position: int) -> None:
-        """Bookkeeping for seq's new tokens (rows of `out`, the first at `position` of seq), in order,
-        up to the first that ends it."""
+        """Bookkeeping for seq's `num` new tokens (rows first_row.. of `out`, the first at `position` of
+        seq), in order, up to the first that ends it: logprobs, text, stop conditions."""
         state = req.states[seq.seq_id]
         params = seq.sampling_params
         req.first_token_time = req.first_token_time or time.monotonic()
-        for i, row in enumerate(rows):
+        for row in range(first_row, first_row + num):
             token = tokens[row]
             self.generation_tokens += 1
             state.cumulative_logprob += float(out.logprobs[row])
             if state.logprobs is not None:
                 state.logprobs.append(self._logprob_entry(out, row, token, params.logprobs))
-            reason, stop_reason = self._stop(state, params, token, position + i + 1 - seq.num_prompt_tokens)
-            if reason is None and position + i + 1 >= self.max_model_len:
+            num_out = position + 1 - seq.num_prompt_tokens
+            reason, stop_reason = None, None
+            if token in params.stop_token_ids and num_out >= params.min_tokens:
+                reason, stop_reason = "stop", token
+            elif token in self.eos_token_ids and not params.ignore_eos and num_out >= params.min_tokens:
+                reason = "stop"
+            elif state.deferred is not None:
+                state.deferred.append(token)
+            else:
+                emitted, matched = state.stops.feed(state.detok.add_tokens([token]))
+                state.text += emitted
+                if matched is not None:
+                    reason, stop_reason = "stop", matched
+            if reason is None and (num_out >= params.max_tokens or position + 1 >= self.max_model_len):
                 reason = "length"
             if reason is not None:
-                self._finish(seq, state, position + i, reason, stop_reason)
+                self._finish(seq, state, position, reason, stop_reason)
                 return
-
-    def _stop(self, state: SeqState, params: SamplingParams, token: int, num_out: int):
-        """(finish reason, stop reason) if `token`, the num_out-th output token, ends the sequence;
-        else (None, None) after adding its text."""
-        if num_out >= params.min_tokens:
-            if token in params.stop_token_ids:
-                return "stop", token
-            if token in self.eos_token_ids and not params.ignore_eos:
-                return "stop", None
-        if state.deferred is not None:
-            state.deferred.append(token)
-        else:
-            emitted, matched = state.stops.feed(state.detok.add_tokens([token]))
-            state.text += emitted
-            if matched is not None:
-                return "stop", matched
-        return ("length", None) if num_out >= params.max_tokens else (None, None)
+            position += 1
 
     def _finish(self, seq: Sequence, state: SeqState, position: int, reason: str, stop_reason) -> None:
         """Ends seq at its token at `position`: the text's tail is flushed, later tokens (the rest of

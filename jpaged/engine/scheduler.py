@@ -306,9 +306,9 @@ class Scheduler:
             if entry.num_samples:
                 run = sampled.get(seq.seq_id)
                 position = entry.start + entry.num_tokens
-                if run is not None and len(run) == entry.num_samples and seq.token_ids[position] == PLACEHOLDER:
-                    seq.token_ids[position:position + len(run)] = run
-                else:  # a run shorter than its samples, or a bad one
+                if run is not None and len(run) == 1 == entry.num_samples and seq.token_ids[position] == PLACEHOLDER:
+                    seq.token_ids[position] = run[0]
+                else:  # a multi-token run, or a bad one
                     self._fill_run(seq, entry, run)
             if seq.status is SequenceStatus.RUNNING:
                 self._register_full_pages(seq)
