@@ -6,10 +6,17 @@ and exit status 1 (2 for bad flags), never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import sys
 from typing import Sequence
 
-DTYPES = ("float32", "bfloat16")
+from jpaged.config import DTYPES, EngineConfig
+
+# What `jpaged serve` imports beyond the engine (pyproject's base dependencies; `jpaged[serve]` names them too).
+SERVER_MODULES = ("fastapi", "uvicorn", "pydantic", "prometheus_client")
+SCALARS = {"int": int, "float": float, "str": str}  # EngineConfig field types -> argparse types
+SEPARATOR = "---"  # the line between the completions of several prompts (one prompt: the completion alone)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,18 +44,19 @@ def _generate(args: argparse.Namespace) -> None:
 
     if not all(p.strip() for p in args.prompt):
         raise ValueError("PROMPT must be non-empty text")
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed)
     _join_distributed(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer (an HF dir needs tokenizer.json)")
-    llm = LLM(args.model, model_obj=model, tokenizer=tokenizer, dtype=args.dtype,
-              max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
-              data_parallel_size=args.data_parallel_size)
+    llm = LLM(model_obj=model, tokenizer=tokenizer, **_engine_args(args))
     prompts = [llm.chat_prompt_ids([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]
 
     def print_completions():
-        for out in llm.generate(prompts, params, use_tqdm=sys.stderr.isatty()):
+        outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress and sys.stderr.isatty())
+        for i, out in enumerate(outputs):
+            if i:
+                print(SEPARATOR)
             print(out.outputs[0].text, flush=True)
 
     multihost.lead_or_follow(llm.engine, print_completions)  # other processes of a multi-host run follow
@@ -60,31 +68,35 @@ def _serve(args: argparse.Namespace) -> None:
 
     settings = server_settings(args)  # a bad flag fails before the distributed join and the model load
     _join_distributed(args)
-    serve(args, settings, log_level=args.log_level)
+    serve(EngineConfig(**_engine_args(args)), settings, log_level=args.log_level)
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    """EngineConfig fields as flags (names match, so the server's engine_config picks them up)."""
-    from jpaged.config import EngineConfig
+def _missing_server_module() -> str | None:
+    return next((m for m in SERVER_MODULES if importlib.util.find_spec(m) is None), None)
 
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter dtype (default bfloat16)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    p.add_argument("--max-num-prefill-seqs", type=int, default=EngineConfig.max_num_prefill_seqs,
-                   help="most sequences with more than one new token (prefill chunks) in one step; sizes the "
-                   "Mosaic prefill kernel's work list")
-    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion")
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pages in the pool (default: sized "
-                   "from free device memory)")
-    p.add_argument("--num-host-kv-blocks", type=int, default=0, help="host pages for swap preemption")
-    p.add_argument("--preemption-mode", choices=("recompute", "swap"), default="recompute")
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    p.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--data-parallel-size", type=int, default=1)
-    p.add_argument("--backend", "--attn-impl", dest="backend", default="auto", help="kernels: 'auto' (Hopper: mosaic; other GPUs: pallas; CPU: reference), a preset ('reference', 'pallas', 'mosaic', 'interpret'), optionally with field=value overrides, e.g. 'mosaic,decode=mosaic' (pallas_kernels/backend.py)")
-    p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded requests")
+
+def _engine_args(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields the flags set."""
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def add_engine_flags(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """One flag per EngineConfig field (--max-num-seqs for max_num_seqs; a field that defaults to
+    True gets --no-NAME, without its `enable_`), with the field's default and its metadata's help."""
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in skip:
+            continue
+        help_text = f.metadata.get("help", "")
+        if isinstance(f.default, bool):
+            name = f.name.removeprefix("enable_").replace("_", "-")
+            flag, action = (f"--no-{name}", "store_false") if f.default else (f"--{name}", "store_true")
+            p.add_argument(flag, dest=f.name, action=action, help=f"do not {help_text}" if f.default else help_text)
+            continue
+        kind = SCALARS[str(f.type).split(" |")[0]]
+        default = f" (default: {f.default})" if f.default is not None else ""
+        p.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()), dest=f.name, type=kind, default=f.default,
+                       choices=f.metadata.get("choices"), help=help_text + default)
 
 
 def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
@@ -106,30 +118,27 @@ def _convert(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jpaged", description="LLM inference in JAX with paged attention.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="complete prompts; prints only the completions on stdout")
-    gen.add_argument("prompt", nargs="+", metavar="PROMPT", help="text to complete (one completion per PROMPT)")
-    gen.add_argument("--model", default="default",
-                     help="'default' (SmolLM2-135M-Instruct), an HF dir, a .gguf file, a converted dir or a preset")
+    gen.add_argument("prompt", nargs="+", metavar="PROMPT",
+                     help=f"text to complete (one completion per PROMPT; a line {SEPARATOR!r} between them)")
     gen.add_argument("--max-tokens", type=int, default=64, help="most new tokens per prompt (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--seed", dest="sampling_seed", metavar="SEED", type=int, default=0,
+                     help="sampling seed (default 0)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype (default float32)")
-    gen.add_argument("--max-model-len", type=int, default=4096, help="longest prompt + completion (default 4096)")
-    gen.add_argument("--tensor-parallel-size", type=int, default=1, help="devices to shard the model over")
-    gen.add_argument("--data-parallel-size", type=int, default=1,
-                     help="model replicas, each on --tensor-parallel-size devices of its own; prompts spread over them")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar (there is one only when "
+                     "stderr is a terminal)")
+    add_engine_flags(gen, skip=("seed",))
     _add_distributed_flags(gen)
     gen.set_defaults(run=_generate)
 
     srv = sub.add_parser("serve", help="serve the OpenAI API (completions, chat, models, health, metrics)")
-    srv.add_argument("--model", default="default", help="as for generate")
-    from jpaged.server.cli_args import add_server_args
-
-    add_server_args(srv)
-    _add_engine_flags(srv)
+    if _missing_server_module() is None:
+        from jpaged.server.cli_args import add_server_args
+        add_server_args(srv)
+    add_engine_flags(srv)
     _add_distributed_flags(srv)
     srv.set_defaults(run=_serve)
 
@@ -138,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", metavar="DST", help="new directory to write the checkpoint to")
     conv.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to store (default float32)")
     conv.set_defaults(run=_convert)
+
+    from jpaged.bench_cli import BENCHMARKS
+    sub.add_parser("bench", help=f"run a benchmark from bench/ ({', '.join(BENCHMARKS)}); "
+                   "jpaged bench --help lists them", add_help=False)
     return parser
 
 
@@ -146,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         from jpaged.bench_cli import main as bench_main
         return bench_main(argv[1:])
+    if argv[:1] == ["serve"] and (missing := _missing_server_module()) is not None:
+        print(f"jpaged serve: error: the server needs the {missing} package; pip install 'jpaged[serve]'",
+              file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -1,41 +1,74 @@
-"""EngineConfig: every knob of the engine in one frozen, validated dataclass."""
+"""EngineConfig: every knob of the engine in one frozen, validated dataclass.
+
+Each field's `metadata` holds its command-line help (and choices where there are few), so the
+`jpaged` flags are generated from the fields (jpaged/cli.py) and no default is written twice.
+"""
 from __future__ import annotations
 
 import dataclasses
 
+DTYPES = ("bfloat16", "float32")  # parameter dtypes the loader builds; "auto" resolves to one of them
+BLOCK_SIZES = (8, 16, 32, 64)
+
+
+def resolve_dtype(dtype: str, platform: str | None = None) -> str:
+    """'auto': bfloat16 on a GPU, float32 elsewhere (`platform` default: JAX's default backend)."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
+        return dtype
+    if platform is None:
+        import jax
+        platform = jax.default_backend()
+    return "bfloat16" if platform == "gpu" else "float32"
+
+
+def _knob(default, help: str, *, choices: tuple | None = None, aliases: tuple[str, ...] = ()):
+    """A field with its command-line help, choices and extra flag names (jpaged/cli.py builds the flags)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    model: str = "default"
-    dtype: str = "bfloat16"
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_num_prefill_seqs: int | None = 32   # most sequences with > 1 new token in a step (None: no cap); the
-                                            # Mosaic prefill kernel's work list is sized by it
-    max_model_len: int | None = None        # None: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    num_kv_blocks: int | None = None        # None: sized from device memory (or a CPU default)
-    kv_cache_memory_fraction: float = 0.85  # of free device memory after weights, when sizing the pool
-    num_host_kv_blocks: int = 0             # host pages for swap preemption
-    preemption_mode: str = "recompute"      # "recompute" | "swap"
-    scheduling_policy: str = "fcfs"         # "fcfs" | "priority"
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    backend: str = "auto"                   # kernels: "auto" (the device's preset) or a pallas_kernels.select_backend override, e.g. "mosaic,decode=mosaic"
-    async_scheduling: bool = True           # schedule step N+1 while step N runs (Engine.step)
-    fuse_projections: bool = True           # one device: q/k/v and gate/up as one GEMM each (in place)
-    seed: int = 0
+    model: str = _knob("default", "'default' (SmolLM2-135M-Instruct), an HF dir, a .gguf file, a converted "
+                       "checkpoint dir or a preset name")
+    dtype: str = _knob("auto", "parameter dtype; 'auto': bfloat16 on a GPU, float32 on CPU",
+                       choices=("auto", *DTYPES))
+    block_size: int = _knob(16, "tokens per KV page", choices=BLOCK_SIZES)
+    max_num_seqs: int = _knob(256, "most sequences in one step")
+    max_num_batched_tokens: int = _knob(2048, "token budget of one step")
+    max_num_prefill_seqs: int | None = _knob(
+        32, "most sequences with more than one new token (prefill chunks) in one step; sizes the Mosaic "
+        "prefill kernel's work list")
+    max_model_len: int | None = _knob(None, "longest prompt + completion (default: the model's context length)")
+    enable_prefix_caching: bool = _knob(True, "reuse the KV pages of shared prompt prefixes")
+    enable_chunked_prefill: bool = _knob(True, "split long prompts over steps so decodes never wait")
+    num_kv_blocks: int | None = _knob(None, "KV pages in the pool (default: sized from free device memory, "
+                                      "or a fixed pool on CPU)")
+    kv_cache_memory_fraction: float = _knob(0.85, "share of free device memory (after the weights) for the "
+                                            "KV pool when num_kv_blocks is not given")
+    num_host_kv_blocks: int = _knob(0, "host pages for swap preemption")
+    preemption_mode: str = _knob("recompute", "what a preempted sequence loses: its pages (recompute) or "
+                                 "nothing (swap to host pages)", choices=("recompute", "swap"))
+    scheduling_policy: str = _knob("fcfs", "order of admission: arrival, or (priority, arrival)",
+                                   choices=("fcfs", "priority"))
+    tensor_parallel_size: int = _knob(1, "devices to shard the model over")
+    data_parallel_size: int = _knob(1, "model replicas, each on tensor_parallel_size devices of its own")
+    backend: str = _knob("auto", "kernels: 'auto' (the device's preset), a preset ('reference', 'pallas', "
+                         "'interpret', 'mosaic') or a preset with field overrides, e.g. 'mosaic,decode=mosaic'",
+                         aliases=("--attn-impl",))
+    async_scheduling: bool = _knob(True, "schedule step N+1 while step N runs")
+    fuse_projections: bool = _knob(True, "fuse q/k/v and gate/up into one GEMM each (one device)")
+    seed: int = _knob(0, "engine seed for requests without a seed of their own")
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
             if not ok:
                 raise ValueError(msg)
 
-        check(self.dtype in ("bfloat16", "float32", "float16"),
-              f"dtype must be bfloat16, float32 or float16, got {self.dtype!r}")
-        check(self.block_size in (8, 16, 32, 64), f"block_size must be 8, 16, 32 or 64, got {self.block_size}")
+        check(self.dtype == "auto" or self.dtype in DTYPES,
+              f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check(self.block_size in BLOCK_SIZES, f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
         check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         check(self.max_num_batched_tokens >= self.max_num_seqs or self.max_num_batched_tokens >= 16,
               f"max_num_batched_tokens must be >= 16, got {self.max_num_batched_tokens}")

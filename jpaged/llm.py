@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 from typing import Sequence
 
 from tqdm.auto import tqdm
@@ -14,7 +15,8 @@ from jpaged.sampling_params import SamplingParams
 
 class LLM:
     def __init__(self, model: str = "default", *, model_obj=None, tokenizer=None, **engine_args):
-        """engine_args are EngineConfig fields (dtype, block_size, max_num_seqs, ...)."""
+        """engine_args are EngineConfig fields (dtype, default "auto": bfloat16 on a GPU, float32 on CPU;
+        block_size, max_num_seqs, ...)."""
         from jpaged.engine.data_parallel import make_engine
         self.engine = make_engine(EngineConfig(model=model, **engine_args), model=model_obj, tokenizer=tokenizer)
         self._ids = itertools.count()
@@ -25,8 +27,9 @@ class LLM:
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Runs every prompt to completion; outputs in the order of `prompts`."""
+                 *, use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Runs every prompt to completion; outputs in the order of `prompts`. A progress bar shows
+        with use_tqdm=True, or by default when stderr is a terminal."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
@@ -51,7 +54,7 @@ class LLM:
             raise
         return self._run(order, use_tqdm)
 
-    def chat(self, messages, sampling_params: SamplingParams | None = None, *, use_tqdm: bool = True
+    def chat(self, messages, sampling_params: SamplingParams | None = None, *, use_tqdm: bool | None = None
              ) -> list[RequestOutput]:
         """`messages`: one conversation (a list of {"role", "content"}) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -62,8 +65,10 @@ class LLM:
         text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, order: dict[str, int], use_tqdm: bool | None) -> list[RequestOutput]:
         results: list[RequestOutput | None] = [None] * len(order)
+        if use_tqdm is None:
+            use_tqdm = sys.stderr.isatty()
         bar = tqdm(total=len(order), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
         prompt_tokens, gen_tokens = self.engine.prompt_tokens_total, self.engine.generation_tokens_total
         remaining = len(order)

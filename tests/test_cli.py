@@ -1,11 +1,16 @@
 """`jpaged` CLI: generate prints only the completion; bad input is one error line and a non-zero exit."""
+import dataclasses
 import os
 import subprocess
 import sys
 
 import pytest
 
+from jpaged import cli
+from jpaged.cli import SEPARATOR
+from jpaged.config import EngineConfig
 from jpaged.loader import load_model
+from jpaged.server.cli_args import server_settings
 from tests.hf_reference import hf_greedy, tiny_hf_model
 from tests.loader.helpers import write_gguf, write_hf_tokenizer
 
@@ -94,3 +99,52 @@ def test_convert_to_existing_destination(tiny_dir, tmp_path):
     _, path = tiny_dir
     (tmp_path / "x").write_text("")
     assert_one_line_error(run_cli("convert", str(path), str(tmp_path / "x")), "already exists")
+
+
+def test_several_prompts_print_their_completions_apart_and_no_progress_bar_off_a_terminal(tiny_dir):
+    hf, path = tiny_dir
+    prompts = ["Hello world", "The cat"]
+    proc = run_cli("generate", "--model", str(path), "--max-tokens", "6", *prompts)
+    assert proc.returncode == 0, proc.stderr
+    _, tok = load_model(str(path))
+    texts = []
+    for prompt in prompts:
+        expected = hf_greedy(hf, tok.encode(prompt), 6)
+        texts.append(tok.decode(expected[: expected.index(2)] if 2 in expected else expected))
+    assert proc.stdout == f"{texts[0]}\n{SEPARATOR}\n{texts[1]}\n"
+    assert "Generating" not in proc.stderr  # stderr is a pipe here, not a terminal
+
+
+def test_serve_without_the_server_packages_names_the_install(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "SERVER_MODULES", ("jpaged_no_such_module",))
+    assert cli.main(["serve", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "jpaged_no_such_module" in err and "pip install 'jpaged[serve]'" in err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("generate", "serve", "convert", "bench"))
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_engine_flags_are_engine_config_fields_with_its_defaults(command):
+    args = cli.build_parser().parse_args([command] + (["hi"] if command == "generate" else []))
+    fields = [f for f in dataclasses.fields(EngineConfig) if not (command == "generate" and f.name == "seed")]
+    assert {f.name: getattr(args, f.name) for f in fields} == {f.name: f.default for f in fields}
+    assert args.dtype == "auto"
+    assert cli.build_parser().parse_args(["serve", "--no-prefix-caching"]).enable_prefix_caching is False
+
+
+def test_an_unsupported_dtype_is_a_usage_error():
+    proc = run_cli("generate", "--dtype", "float16", "hi")
+    assert proc.returncode == 2 and "--dtype" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_flags_reach_the_server():
+    args = cli.build_parser().parse_args(["serve", "--port", "9", "--api-key", "k", "--max-n", "3"])
+    settings = server_settings(args)
+    assert (settings["port"], settings["api_key"], settings["max_n"], settings["host"]) == (9, "k", 3, "127.0.0.1")

@@ -8,7 +8,7 @@ Every device page is in exactly one of three places: the free deque, held (refco
 more block tables), or idle in the `PrefixCache` (cached, refcount 0, reusable until evicted LRU when
 the free deque is empty). "Available" pages = free + idle.
 
-Rules (DESIGN.md "Block manager rules"):
+Rules:
 - fork shares every page; the first write into a shared page copies it (copy-on-write). Only partly
   filled pages are ever written, so only those are copied.
 - a full computed page is offered to the prefix cache; admission reuses the longest cached chain.
@@ -260,7 +260,7 @@ class BlockManager:
     # -- invariants ------------------------------------------------------------------------------
 
     def check_invariants(self, holders: Iterable[Sequence]) -> None:
-        """Asserts DESIGN.md's invariants, given every sequence that holds pages (device or host)."""
+        """Asserts the rules above, given every sequence that holds pages (device or host)."""
         holders = list(holders)
         held = collections.Counter()
         host_held = collections.Counter()

@@ -1,69 +1,32 @@
-"""Engine: add_request / step / abort. The loop that ties scheduler, runner, sampling and outputs together.
+"""Engine: add_request / step / abort. The loop that ties scheduler, runner and output processor together.
 
 One `step()`: the scheduler picks sequences under the token budget -> the runner moves pages it was
-asked to (swap, copy-on-write), runs the jitted model+sampling step -> the scheduler appends the
-sampled tokens -> here: n > 1 forks, incremental detokenization, stop checks, RequestOutputs.
+asked to (swap, copy-on-write), runs the jitted model+sampling step -> the output processor
+(jpaged/engine/output_processor.py) writes the sampled tokens into the sequences and turns them into
+RequestOutputs (n > 1 forks, beam search, detokenization, stop checks).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import itertools
-import time
 
 import jax
 import numpy as np
 
 from jpaged import sharding
-from jpaged.config import EngineConfig
-from jpaged.engine import beam_search
-from jpaged.engine.detokenizer import IncrementalDetokenizer, StopStringChecker
+from jpaged.config import EngineConfig, resolve_dtype
 from jpaged.engine.model_runner import InFlight, ModelRunner, SampleRow, serving_mesh, serving_spec
+from jpaged.engine.output_processor import OutputProcessor, StepResult
 from jpaged.engine.prompt_logprobs import PromptScorer
-from jpaged.engine.scheduler import Scheduler
-from jpaged.engine.sequence import PLACEHOLDER, Sequence
-from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
+from jpaged.engine.scheduler import ScheduledBatch, Scheduler
+from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 from pallas_kernels import select_backend
 
 CPU_KV_CACHE_BYTES = 1 << 30  # pool size on CPU when num_kv_blocks is not given
 
 
-@dataclasses.dataclass
-class _SeqState:
-    """Per-sequence output bookkeeping that the scheduler does not need."""
-
-    index: int
-    detok: IncrementalDetokenizer
-    stops: StopStringChecker
-    text: str = ""
-    cumulative_logprob: float = 0.0
-    logprobs: list | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    deferred: list[int] | None = None  # token ids not detokenized yet (final_only without stop strings)
-
-
-@dataclasses.dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    states: dict[int, _SeqState]
-    pending_forks: int
-    arrival_time: float
-    first_token_time: float | None = None
-    hypotheses: list[beam_search.Hypothesis] | None = None  # beam search: finished hypotheses
-    beam_done: bool = False
-    prompt_logprobs: list | None = None  # SamplingParams.prompt_logprobs: scored once, at admission
-
-    @property
-    def finished(self) -> bool:
-        if self.hypotheses is not None:
-            return self.beam_done
-        return self.pending_forks == 0 and all(st.finish_reason for st in self.states.values())
 
 
 class Engine:
@@ -73,6 +36,7 @@ class Engine:
         if config.data_parallel_size > 1:
             raise ValueError("Engine is one replica; build data_parallel_size > 1 with "
                              "jpaged.engine.data_parallel.make_engine (LLM and jpaged serve do)")
+        config = dataclasses.replace(config, dtype=resolve_dtype(config.dtype))
         mesh = serving_mesh(config, devices)
         if model is None:  # under tensor parallelism each weight is read straight into its shards
             from jpaged.loader import load_model
@@ -83,7 +47,7 @@ class Engine:
         self.model_name = config.model
         mcfg = model.config
         self.max_model_len = config.max_model_len or mcfg.max_position_embeddings
-        self.eos_token_ids = set(getattr(tokenizer, "eos_token_ids", None) or mcfg.eos_token_ids)
+        self.eos_token_ids = tuple(getattr(tokenizer, "eos_token_ids", None) or mcfg.eos_token_ids)
         self.kv_spec = serving_spec(model, config)
         self.backend = select_backend(mesh.devices.flat[0] if mesh is not None else jax.devices()[0], self.kv_spec,
                                       config.backend)
@@ -91,15 +55,22 @@ class Engine:
         self.scheduler = Scheduler(config, num_blocks=num_pages, max_model_len=self.max_model_len,
                                    sliding_window=mcfg.sliding_window)
         self.runner = ModelRunner(config, model, spec=self.kv_spec, backend=self.backend, num_pages=num_pages,
-                                  max_model_len=self.max_model_len, mesh=mesh)
+                                  max_model_len=self.max_model_len, mesh=mesh, eos_token_ids=self.eos_token_ids)
         self.model = self.runner.model  # the weights being served (sharded under TP): no other copy is kept
-        self.runner.eos_token_ids = tuple(self.eos_token_ids)  # the sampler bars them before min_tokens
-        self.requests: dict[str, _Request] = {}
-        self._seq_ids = itertools.count()
+        self.output_processor = OutputProcessor(tokenizer, self.scheduler, eos_token_ids=self.eos_token_ids,
+                                                max_model_len=self.max_model_len, seq_ids=itertools.count())
         self._num_steps = 0
         self._inflight: _Launched | None = None  # the launched step not read back yet
         self.prompt_tokens_total = 0
-        self.generation_tokens_total = 0
+
+    @property
+    def requests(self) -> dict:
+        """Unfinished requests by id (the output processor's RequestStates)."""
+        return self.output_processor.requests
+
+    @property
+    def generation_tokens_total(self) -> int:
+        return self.output_processor.generation_tokens
 
     def _default_num_pages(self) -> int:
         c, page_bytes = self.config, self.kv_spec.bytes_per_page
@@ -135,15 +106,8 @@ class Engine:
         if params.prompt_logprobs is not None:
             prompt_logprobs = self.prompt_scorer.prompt_logprobs(prompt_ids, params.prompt_logprobs,
                                                                  self.tokenizer.decode)
-        seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, token_ids=list(prompt_ids),
-                       sampling_params=params, priority=priority)
-        self.scheduler.add(seq)
-        self.requests[request_id] = _Request(
-            request_id=request_id, prompt=prompt_text, prompt_token_ids=list(prompt_ids), params=params,
-            seqs=[seq], states={seq.seq_id: self._seq_state(0, prompt_ids, params)},
-            pending_forks=0 if params.use_beam_search else params.best_of - 1,
-            hypotheses=[] if params.use_beam_search else None, arrival_time=arrival_time or time.monotonic(),
-            prompt_logprobs=prompt_logprobs)
+        self.output_processor.add(request_id, prompt_text, prompt_ids, params, priority=priority,
+                                  arrival_time=arrival_time, prompt_logprobs=prompt_logprobs)
 
     @functools.cached_property
     def prompt_scorer(self) -> PromptScorer:
@@ -163,18 +127,9 @@ class Engine:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         return None, [int(t) for t in ids]
 
-    def _seq_state(self, index: int, prompt_ids, params: SamplingParams) -> _SeqState:
-        return _SeqState(
-            index=index,
-            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens),
-            stops=StopStringChecker(params.stop),
-            deferred=[] if params.output_kind == "final_only" and not params.stop else None,
-            logprobs=[] if params.logprobs is not None else None)
-
     def abort(self, request_id: str) -> None:
         """Frees every page of the request, whatever state it is in; no more outputs for it."""
-        if self.requests.pop(request_id, None) is not None:
-            self.scheduler.abort(request_id)
+        self.output_processor.abort(request_id)
 
     def warmup(self) -> None:
         """Compiles every step shape up front (serving calls it; steady state then never compiles)."""
@@ -211,205 +166,43 @@ class Engine:
             unique[out.request_id] = out
         return list(unique.values())
 
-    def _launch(self, batch, prev: _Launched | None) -> _Launched:
-        rows, positions, forks, offset = [], [], [], 0
+    def _launch(self, batch: ScheduledBatch, prev: _Launched | None) -> _Launched:
+        rows, seqs, positions, offset, forked = [], [], [], 0, False
         for entry in batch.entries:
             offset += entry.num_tokens
-            if not entry.sample:
+            if not entry.num_samples:
                 continue
-            rows.append(SampleRow(offset - 1, entry.seq))
-            positions.append(entry.start + entry.num_tokens)
-            req = self.requests[entry.seq.request_id]
-            if req.pending_forks and entry.seq is req.seqs[0]:
-                # n > 1: the samples share the prompt's pages; each draws its first token from the same logits.
-                for i in range(req.pending_forks):
-                    child_params = req.params if req.params.seed is None else dataclasses.replace(
-                        req.params, seed=hash((req.params.seed, len(req.seqs) + i)) % (1 << 63))
-                    forks.append((req, len(rows)))
-                    rows.append(SampleRow(offset - 1, _SampleProxy(entry.seq, child_params)))
-                    positions.append(entry.start + entry.num_tokens)
-        overlappable = (self.config.async_scheduling and not forks and len(rows) <= self.runner.max_pending_rows
+            if entry.num_samples > 1:
+                raise ValueError(f"seq_id {entry.seq.seq_id}: the runner samples one token per sequence a "
+                                 f"step, not {entry.num_samples}")
+            position = entry.start + entry.num_tokens
+            # n > 1: the samples still to fork share the prompt's pages and draw from the same logits
+            # (only ever at the prompt's end: the check keeps the decode path to two attribute reads).
+            forks = (self.output_processor.fork_samples(entry.seq)
+                     if entry.seq.num_prompt_tokens == len(entry.seq.token_ids) else ())
+            forked = forked or bool(forks)
+            for seq in (entry.seq, *forks):
+                rows.append(SampleRow(offset - 1, seq))
+                seqs.append(seq)
+                positions.append(position)
+        overlappable = (self.config.async_scheduling and not forked
+                        and len(rows) <= self.runner.max_pending_rows
                         and all(_needs_no_history(row.seq.sampling_params) for row in rows))
         handle = self.runner.launch(batch.entries, rows, self._num_steps,
                                     pending=prev.pending if prev is not None else None,
                                     prev=prev.handle if prev is not None else None)
         self._num_steps += 1
         self.scheduler.advance(batch)
-        pending = {row.seq.seq_id: (pos, r) for r, (row, pos) in enumerate(zip(rows, positions))}
-        return _Launched(batch, rows, positions, forks, handle, overlappable, pending)
+        pending = {seq.seq_id: (pos, r) for r, (seq, pos) in enumerate(zip(seqs, positions))}
+        return _Launched(batch, seqs, positions, handle, overlappable, pending)
 
     def _resolve(self, launched: _Launched) -> list[RequestOutput]:
         """Reads a launched step's samples back (waiting for it) and does their bookkeeping."""
-        batch, rows = launched.batch, launched.rows
-        out = self.runner.fetch(launched.handle)
-        sampled = {row.seq.seq_id: int(out.tokens[r]) for r, row in enumerate(rows)
-                   if not isinstance(row.seq, _SampleProxy)}
-        beam_rows: dict[str, list[int]] = {}
-        for r, row in enumerate(rows):
-            req = self.requests.get(row.seq.request_id)
-            if req is not None and req.hypotheses is not None:
-                beam_rows.setdefault(row.seq.request_id, []).append(r)
-        beam_actions = [self._select_beams(self.requests[rid], [rows[r].seq for r in rs], out, rs, sampled)
-                        for rid, rs in beam_rows.items()]
-        self.scheduler.fill(batch, sampled)
+        samples = self.runner.fetch(launched.handle)
+        batch = launched.batch
         self.prompt_tokens_total += sum(max(0, min(e.start + e.num_tokens, e.seq.num_prompt_tokens) - e.start)
                                         for e in batch.entries)
-        touched: dict[str, _Request] = {}
-        for req, forks_, drops in beam_actions:
-            self._apply_beams(req, forks_, drops)
-            if req.beam_done:
-                touched[req.request_id] = req
-        for r, row in enumerate(rows):
-            if isinstance(row.seq, _SampleProxy) or row.seq.request_id in beam_rows:
-                continue
-            req = self.requests.get(row.seq.request_id)
-            if req is None or row.seq.is_finished:
-                continue  # aborted, or ended by the step before (its extra token is dropped)
-            self._on_token(req, row.seq, out, r, launched.positions[r])
-            touched[req.request_id] = req
-        for req, r in launched.forks:
-            if req.request_id not in self.requests:
-                continue
-            child = self.scheduler.fork(req.seqs[0], next(self._seq_ids))
-            child.token_ids[-1] = int(out.tokens[r])
-            child.sampling_params = rows[r].seq.sampling_params
-            req.seqs.append(child)
-            req.states[child.seq_id] = self._seq_state(len(req.seqs) - 1, req.prompt_token_ids, req.params)
-            req.pending_forks -= 1
-            self._on_token(req, child, out, r, launched.positions[r])
-        return [self._finish_or_report(req) for req in touched.values()
-                if req.params.output_kind == "cumulative" or req.finished]
-
-    def _on_token(self, req: _Request, seq: Sequence, out, row: int, position: int) -> None:
-        """Bookkeeping for one sampled token (at `position` of seq): logprobs, text, stop conditions."""
-        state = req.states[seq.seq_id]
-        token = int(out.tokens[row])
-        params = seq.sampling_params
-        self.generation_tokens_total += 1
-        req.first_token_time = req.first_token_time or time.monotonic()
-        state.cumulative_logprob += float(out.logprobs[row])
-        if state.logprobs is not None:
-            state.logprobs.append(self._logprob_entry(out, row, token, params.logprobs))
-        reason, stop_reason = None, None
-        num_out = position + 1 - seq.num_prompt_tokens
-        if token in params.stop_token_ids and num_out >= params.min_tokens:
-            reason, stop_reason = "stop", token
-        elif token in self.eos_token_ids and not params.ignore_eos and num_out >= params.min_tokens:
-            reason = "stop"
-        if reason is None:
-            if state.deferred is not None:
-                state.deferred.append(token)
-            else:
-                emitted, matched = state.stops.feed(state.detok.add_tokens([token]))
-                state.text += emitted
-                if matched is not None:
-                    reason, stop_reason = "stop", matched
-        if reason is None and (num_out >= params.max_tokens or position + 1 >= self.max_model_len):
-            reason = "length"
-        if reason is not None:
-            if state.deferred:
-                state.text += state.detok.add_tokens(state.deferred)
-                state.deferred = None
-            if stop_reason is None or isinstance(stop_reason, int):
-                state.text += state.stops.feed(state.detok.flush())[0] + state.stops.flush()
-            state.finish_reason, state.stop_reason = reason, stop_reason
-            del seq.token_ids[position + 1:]  # a token the next step already took on is dropped
-            self.scheduler.finish(seq, reason)
-
-    def _select_beams(self, req: _Request, live: list[Sequence], out, rows: list[int], sampled: dict):
-        """Chooses this step's beams; sets each continuing beam's token in `sampled` (before postprocess).
-
-        Returns (req, forks: [(beam seq, token, cumulative)], drops: [seq]) to apply after postprocess.
-        """
-        p = req.params
-        eos = set() if p.ignore_eos else self.eos_token_ids | set(p.stop_token_ids)
-        offers = [(req.states[seq.seq_id].cumulative_logprob, out.top_ids[r], out.top_logprobs[r])
-                  for seq, r in zip(live, rows)]
-        continuing, finished = beam_search.select(offers, p.beam_width, eos)
-        for cand in finished:
-            seq = live[cand.beam]
-            req.hypotheses.append(beam_search.Hypothesis(
-                list(seq.output_token_ids) + [cand.token], cand.cumulative_logprob, "stop"))
-        forks, used = [], set()
-        for cand in continuing:
-            seq = live[cand.beam]
-            if cand.beam in used:
-                forks.append((seq, cand.token, cand.cumulative_logprob))
-            else:
-                used.add(cand.beam)
-                sampled[seq.seq_id] = cand.token
-                req.states[seq.seq_id].cumulative_logprob = cand.cumulative_logprob
-        drops = [seq for b, seq in enumerate(live) if b not in used]
-        self.generation_tokens_total += len(continuing)
-        req.first_token_time = req.first_token_time or time.monotonic()
-        return req, forks, drops
-
-    def _apply_beams(self, req: _Request, forks, drops) -> None:
-        for seq, token, cumulative in forks:
-            child = self.scheduler.fork(seq, next(self._seq_ids))
-            child.token_ids[-1] = token
-            req.seqs.append(child)
-            req.states[child.seq_id] = self._seq_state(len(req.seqs) - 1, req.prompt_token_ids, req.params)
-            req.states[child.seq_id].cumulative_logprob = cumulative
-        for seq in drops:
-            self.scheduler.finish(seq, "abort")
-            req.seqs.remove(seq)
-            del req.states[seq.seq_id]
-        p = req.params
-        live = req.seqs
-        if not live:
-            req.beam_done = True
-            return
-        length = live[0].num_output_tokens
-        best = max(req.states[s.seq_id].cumulative_logprob for s in live)
-        at_limit = length >= p.max_tokens or max(s.num_tokens for s in live) >= self.max_model_len
-        if at_limit or beam_search.is_done(req.hypotheses, best, length, p.beam_width, p.length_penalty):
-            for seq in list(live):
-                if at_limit:
-                    req.hypotheses.append(beam_search.Hypothesis(
-                        list(seq.output_token_ids), req.states[seq.seq_id].cumulative_logprob, "length"))
-                self.scheduler.finish(seq, "stop")
-            req.beam_done = True
-
-    def _beam_outputs(self, req: _Request) -> list[CompletionOutput]:
-        p = req.params
-        best = sorted(req.hypotheses, reverse=True,
-                      key=lambda h: beam_search.score(h.cumulative_logprob, len(h.token_ids), p.length_penalty))
-        return [CompletionOutput(index=i, text=self.tokenizer.decode(h.token_ids, skip_special_tokens=p.skip_special_tokens),
-                                 token_ids=h.token_ids, cumulative_logprob=h.cumulative_logprob,
-                                 finish_reason=h.finish_reason)
-                for i, h in enumerate(best[:p.n])]
-
-    def _logprob_entry(self, out, row: int, token: int, k: int) -> dict[int, Logprob]:
-        decode = self.tokenizer.decode
-        entry = {token: Logprob(float(out.logprobs[row]), int(out.ranks[row]), decode([token]))}
-        for rank, (tid, lp) in enumerate(zip(out.top_ids[row][:k], out.top_logprobs[row][:k]), start=1):
-            entry.setdefault(int(tid), Logprob(float(lp), rank, decode([int(tid)])))
-        return entry
-
-    def _finish_or_report(self, req: _Request) -> RequestOutput:
-        finished = req.finished
-        if finished:
-            del self.requests[req.request_id]
-        if req.hypotheses is not None:
-            return RequestOutput(request_id=req.request_id, prompt=req.prompt,
-                                 prompt_token_ids=req.prompt_token_ids, outputs=self._beam_outputs(req),
-                                 finished=finished, prompt_logprobs=req.prompt_logprobs,
-                                 arrival_time=req.arrival_time, first_token_time=req.first_token_time)
-        completions = [
-            CompletionOutput(index=st.index, text=st.text, token_ids=_known_output(seq),
-                             cumulative_logprob=st.cumulative_logprob, logprobs=st.logprobs,
-                             finish_reason=st.finish_reason, stop_reason=st.stop_reason)
-            for seq in req.seqs for st in [req.states[seq.seq_id]]]
-        if finished and req.params.best_of > req.params.n:
-            completions.sort(key=lambda c: c.cumulative_logprob, reverse=True)
-            completions = completions[:req.params.n]
-            for i, c in enumerate(completions):
-                c.index = i
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt,
-                             prompt_token_ids=req.prompt_token_ids, outputs=completions, finished=finished,
-                             prompt_logprobs=req.prompt_logprobs, arrival_time=req.arrival_time,
-                             first_token_time=req.first_token_time)
+        return self.output_processor.process(StepResult(batch, launched.seqs, launched.positions, samples))
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -427,10 +220,9 @@ class Engine:
 class _Launched:
     """A step on the device: what it computes, who it samples for, and where those tokens go."""
 
-    batch: object  # ScheduledBatch
-    rows: list[SampleRow]
+    batch: ScheduledBatch
+    seqs: list  # per sample row: the Sequence it samples for, or an n > 1 ForkSample
     positions: list[int]  # per row: the position its token takes in its sequence
-    forks: list  # (request, row) of n > 1 samples to fork once read back
     handle: InFlight
     overlappable: bool  # the next step may be scheduled before this one is read back
     pending: dict[int, tuple[int, int]]  # seq_id -> (position, row): tokens the next step takes on device
@@ -440,21 +232,3 @@ def _needs_no_history(params: SamplingParams) -> bool:
     """Sampling that does not read the token history on the host (penalties do, beam search does)."""
     return not (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
                 or params.use_beam_search)
-
-
-def _known_output(seq: Sequence) -> list[int]:
-    ids = seq.output_token_ids
-    while ids and ids[-1] == PLACEHOLDER:
-        ids.pop()
-    return ids
-
-
-@dataclasses.dataclass
-class _SampleProxy:
-    """A not-yet-forked sample of a request: the parent's history with the child's own params."""
-
-    parent: Sequence
-    sampling_params: SamplingParams
-
-    def __getattr__(self, name):
-        return getattr(self.parent, name)

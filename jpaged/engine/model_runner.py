@@ -135,7 +135,7 @@ class ModelRunner:
     and the page pool of `spec`, with `backend`'s kernels."""
 
     def __init__(self, config, model, *, spec: KVCacheSpec, backend: Backend, num_pages: int, max_model_len: int,
-                 mesh=None):
+                 mesh=None, eos_token_ids=()):
         if (mesh is None) != (config.tensor_parallel_size == 1):
             raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs a mesh of that many "
                              "devices (serving_mesh), one device none")
@@ -159,6 +159,7 @@ class ModelRunner:
         # The scheduler's cap on sequences with > 1 new token per step, carried to the kernels as a static
         # bound (StepInput.max_prefill_seqs); build_step_input checks every batch against it.
         self.max_prefill_seqs = config.max_num_prefill_seqs
+        self.eos_token_ids = tuple(eos_token_ids)  # the sampler bars them before a row's min_tokens
         self.base_key = jax.random.PRNGKey(config.seed)
         graphdef, state = nnx.split(model)
         self.weights, treedef = jax.tree.flatten(state)
@@ -341,7 +342,7 @@ class ModelRunner:
             output_positions=[seq.num_output_tokens for seq in seqs],
             prompt_token_ids=[seq.token_ids[:seq.num_prompt_tokens] for seq in seqs] if penalties else None,
             output_token_ids=[seq.output_token_ids for seq in seqs] if penalties else None,
-            eos_token_ids=getattr(self, "eos_token_ids", ()))  # set by Engine: barred before min_tokens
+            eos_token_ids=self.eos_token_ids)
         # Two sizes only, so logprobs requests do not multiply compilations.
         top = 0 if all(p.logprobs is None and not p.use_beam_search for p in params) else SamplingParams.MAX_LOGPROBS
         if token_src is None:

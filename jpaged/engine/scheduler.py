@@ -2,7 +2,7 @@
 
 Where it sits: `Engine.step()` calls `schedule()` -> the runner performs the batch's page moves in the
 order swap_out, swap_in, copy_pages, then runs the step over `entries` -> `postprocess(batch, sampled)`
-records progress -> the engine checks stop conditions and calls `finish(seq, reason)`.
+records progress -> the output processor checks stop conditions and calls `finish(seq, reason)`.
 
 One step under `max_num_batched_tokens` tokens, `max_num_seqs` sequences and `max_num_prefill_seqs`
 sequences with more than one new token (a chunk of more would wait for the next step):
@@ -23,9 +23,9 @@ Counters: num_preemptions; prefix_cache_queries / prefix_cache_hits count tokens
 
 API:
   Scheduler(config, num_blocks, max_model_len, sliding_window=None)
-  add(seq); schedule() -> ScheduledBatch; postprocess(batch, sampled: {seq_id: token})
+  add(seq); schedule() -> ScheduledBatch; postprocess(batch, sampled: {seq_id: [token, ...]})
     (= advance(batch) when the step is launched + fill(batch, sampled) when its output is read: with
-    async scheduling the next schedule() runs in between, each sampled token a PLACEHOLDER)
+    async scheduling the next schedule() runs in between, each token to sample a PLACEHOLDER)
   finish(seq, reason); abort(request_id) -> [Sequence]; fork(parent, child_seq_id) -> Sequence
   has_unfinished(); running, waiting, swapped (lists); num_running, num_waiting, num_swapped
   num_preemptions, prefix_cache_queries, prefix_cache_hits (tokens), num_free_pages, num_used_pages
@@ -43,12 +43,14 @@ from jpaged.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 @dataclasses.dataclass
 class ScheduledSeq:
-    """Compute seq.token_ids[start:start + num_tokens] at positions start..; sample a token if `sample`."""
+    """Compute seq.token_ids[start:start + num_tokens] at positions start..; then append `num_samples`
+    sampled tokens (0: a prompt chunk short of the prompt's end; 1: a decode or a prompt's last chunk;
+    more: a multi-token step, whose run of tokens may end early)."""
 
     seq: Sequence
     start: int
     num_tokens: int
-    sample: bool
+    num_samples: int
 
 
 @dataclasses.dataclass
@@ -185,7 +187,7 @@ class Scheduler:
     def _add_entry(self, seq: Sequence, n: int, batch: ScheduledBatch) -> None:
         start = seq.num_computed_tokens
         batch.copy_pages += self.block_manager.grow(seq, start + n)
-        batch.entries.append(ScheduledSeq(seq, start, n, sample=start + n == seq.num_tokens))
+        batch.entries.append(ScheduledSeq(seq, start, n, num_samples=int(start + n == seq.num_tokens)))
         self._budget -= n
         self._num_prefills += n > 1
         self._in_batch.add(seq.seq_id)
@@ -269,44 +271,60 @@ class Scheduler:
 
     # -- after the step --------------------------------------------------------------------------
 
-    def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
+    def postprocess(self, batch: ScheduledBatch, sampled: dict[int, list[int]]) -> None:
         """Records the step: progress, sampled tokens (by seq_id), prefix-cache pages, window release.
 
-        Ending a sequence (EOS, stop, max_tokens, max_model_len) is the engine's call: finish(seq, reason).
+        Ending a sequence (EOS, stop, max_tokens, max_model_len) is the output processor's call:
+        finish(seq, reason).
         """
         self.advance(batch)
         self.fill(batch, sampled)
 
     def advance(self, batch: ScheduledBatch) -> None:
-        """The step is launched: its tokens count as computed, each sampling entry gets a PLACEHOLDER
-        token, full pages of known tokens go to the prefix cache, and pages wholly outside the window
-        are released."""
+        """The step is launched: its tokens count as computed, each entry gets `num_samples`
+        PLACEHOLDER tokens, full pages of known tokens go to the prefix cache, and pages wholly
+        outside the window are released."""
         for entry in batch.entries:
             seq = entry.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # finished or aborted since schedule()
             assert seq.num_computed_tokens == entry.start, (seq.seq_id, seq.num_computed_tokens, entry.start)
             seq.num_computed_tokens = entry.start + entry.num_tokens
-            if entry.sample:
-                seq.append_token(PLACEHOLDER)
+            if entry.num_samples:
+                seq.token_ids.extend([PLACEHOLDER] * entry.num_samples)
             self._register_full_pages(seq)
             self.block_manager.release_outside_window(seq)
 
-    def fill(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
-        """The step's output is read: each PLACEHOLDER it left becomes its sampled token, and full
+    def fill(self, batch: ScheduledBatch, sampled: dict[int, list[int]]) -> None:
+        """The step's output is read: the run of 1..num_samples tokens sampled for each entry takes
+        its PLACEHOLDERs' places (a shorter run drops the rest, which were never computed), and full
         computed pages that held one go to the prefix cache."""
         for entry in batch.entries:
             seq = entry.seq
             if seq.status is SequenceStatus.FINISHED:
                 continue
-            if entry.sample:
-                if seq.seq_id not in sampled:
-                    raise ValueError(f"sampled has no token for seq_id {seq.seq_id}, which was scheduled to sample")
+            if entry.num_samples:
+                run = sampled.get(seq.seq_id)
                 position = entry.start + entry.num_tokens
-                assert seq.token_ids[position] == PLACEHOLDER, (seq.seq_id, position)
-                seq.token_ids[position] = sampled[seq.seq_id]
+                if run is not None and len(run) == 1 == entry.num_samples and seq.token_ids[position] == PLACEHOLDER:
+                    seq.token_ids[position] = run[0]
+                else:  # a multi-token run, or a bad one
+                    self._fill_run(seq, entry, run)
             if seq.status is SequenceStatus.RUNNING:
                 self._register_full_pages(seq)
+
+    def _fill_run(self, seq: Sequence, entry: ScheduledSeq, run: list[int] | None) -> None:
+        if not run or len(run) > entry.num_samples:
+            raise ValueError(f"sampled must hold 1 to {entry.num_samples} tokens for seq_id {seq.seq_id}, "
+                             f"got {run!r}")
+        position = entry.start + entry.num_tokens
+        end = position + entry.num_samples
+        assert seq.token_ids[position] == PLACEHOLDER, (seq.seq_id, position)
+        if len(run) < entry.num_samples and end != seq.num_tokens:
+            raise ValueError(f"seq_id {seq.seq_id}: a run shorter than its {entry.num_samples} samples "
+                             "must be read back before the next step is launched")
+        seq.token_ids[position:position + len(run)] = run
+        del seq.token_ids[position + len(run):end]
 
     def _register_full_pages(self, seq: Sequence) -> None:
         """Offers seq's full pages of known tokens to the prefix cache (the check first: most steps fill no page)."""

@@ -24,7 +24,8 @@ def load_model(spec: str = "default", dtype: str = "float32", mesh=None):
     Args:
       spec: "default", an HF model dir (config.json + *.safetensors), a .gguf file, a dir written by
         `jpaged convert`, or a preset name from configs/ (random weights, byte tokenizer).
-      dtype: "float32" or "bfloat16", the dtype of the parameters (and the default KV cache).
+      dtype: one of jpaged.config.DTYPES, or "auto" (jpaged.config.resolve_dtype), the dtype of the
+        parameters (and the default KV cache).
       mesh: None (one device), or the ("data", "model") mesh to load a tensor-parallel model onto: HF
         dirs and jpaged checkpoints are read straight into each device's shards (jpaged/loader/sharded.py);
         GGUF files and presets are built in host memory, then placed.
@@ -37,9 +38,9 @@ def load_model(spec: str = "default", dtype: str = "float32", mesh=None):
     Raises:
       ValueError naming what is wrong: unknown spec, unsupported architecture, unreadable files.
     """
-    from jpaged.loader.hf import jax_dtype
+    from jpaged.config import resolve_dtype
 
-    jax_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"model must be a non-empty string, got {spec!r}")
     if spec == "default":

@@ -15,16 +15,16 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from jpaged import config
 from models import ModelConfig, model_class
 from models.weights import load_hf_weights
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {name: getattr(jnp, name) for name in config.DTYPES}
 
 
 def jax_dtype(dtype: str):
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    """The jnp dtype of a config.DTYPES name, or of 'auto' resolved on this machine."""
+    return DTYPES[config.resolve_dtype(dtype)]
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hmac
 import logging
+import os
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -623,6 +624,9 @@ def serve(args_or_config, settings: ServerSettings | None = None, *, log_level: 
     if engine_factory is None:
         from jpaged.engine.data_parallel import make_engine
 
+        if settings.compilation_cache:
+            enable_compilation_cache()
+
         # Built before the port opens, so a bad --model is one error line (ValueError), not a server traceback.
         engine = make_engine(engine_config(args_or_config))
 
@@ -639,6 +643,19 @@ def serve(args_or_config, settings: ServerSettings | None = None, *, log_level: 
     else:  # a multi-host run: process 0 serves, the other processes follow its engine's calls
         from jpaged.engine import multihost
         multihost.lead_or_follow(engine, serve_http)
+
+
+def enable_compilation_cache() -> str:
+    """Turns on JAX's persistent compilation cache in `$JAX_COMPILATION_CACHE_DIR`, by default
+    `$JPAGED_CACHE/xla`; returns the directory."""
+    import jax
+
+    from jpaged.loader.default_model import cache_dir
+
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache_dir() / "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
 
 
 class BackgroundServer:

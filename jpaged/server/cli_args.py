@@ -39,9 +39,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         help="seconds between a stream's writes at least; each write then carries every token "
                         "of that time, which cuts the server's cost per token under load at the price of "
                         "coarser streaming (default 0: write as soon as a token is there)")
-    parser.add_argument("--warmup", action="store_true",
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
                         help="compile every step shape (the engine's warmup()) before serving; until it is done "
-                        "/health and the API answer 503 'engine_starting'")
+                        "/health and the API answer 503 'engine_starting' (default on)")
+    parser.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=d.compilation_cache,
+                        help="keep compiled steps in $JAX_COMPILATION_CACHE_DIR (default $JPAGED_CACHE/xla) so "
+                        "that a restart compiles nothing (default on)")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
 
 
@@ -52,4 +55,5 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         max_pending_requests=args.max_pending_requests, max_n=args.max_n, max_request_bytes=args.max_request_bytes,
         max_tokens_limit=args.max_tokens_limit, shutdown_timeout=args.shutdown_timeout,
         engine_stall_timeout=args.engine_stall_timeout, keep_alive_timeout=args.keep_alive_timeout,
-        max_header_bytes=args.max_header_bytes, warmup=args.warmup, stream_interval=args.stream_interval)
+        max_header_bytes=args.max_header_bytes, warmup=args.warmup, compilation_cache=args.compilation_cache,
+        stream_interval=args.stream_interval)

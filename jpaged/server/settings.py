@@ -26,7 +26,8 @@ class ServerSettings:
     engine_stall_timeout: float = 300.0     # a step longer than this: /health 503 and the engine's stack logged
     keep_alive_timeout: int = 5             # seconds an idle keep-alive connection stays open
     max_header_bytes: int = 16 << 10        # an unfinished request head buffering more than this: 400 from uvicorn
-    warmup: bool = False                    # compile every step shape before /health answers 200
+    warmup: bool = True                     # compile every step shape before /health answers 200
+    compilation_cache: bool = True          # keep compiled steps on disk so a restart is fast (serve only)
     stream_interval: float = 0.0            # seconds between a stream's writes at least (0: at every token)
 
     def __post_init__(self):

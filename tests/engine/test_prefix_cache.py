@@ -73,9 +73,9 @@ def run_to_end(sched: Scheduler, max_tokens: int) -> None:
     """Runs the scheduler with a fake model (token = 50 + output count) until every sequence ends."""
     while sched.has_unfinished():
         batch = sched.schedule()
-        sched.postprocess(batch, {e.seq.seq_id: 50 + e.seq.num_output_tokens for e in batch.entries if e.sample})
+        sched.postprocess(batch, {e.seq.seq_id: [50 + e.seq.num_output_tokens] for e in batch.entries if e.num_samples})
         for e in batch.entries:
-            if e.sample and e.seq.num_output_tokens >= max_tokens:
+            if e.num_samples and e.seq.num_output_tokens >= max_tokens:
                 sched.finish(e.seq, "length")
 
 
@@ -105,7 +105,7 @@ def test_hit_never_covers_the_last_prompt_token():
     run_to_end(sched, 1)
     sched.add(Sequence(1, "b", list(prompt), SamplingParams(max_tokens=1)))
     (entry,) = sched.schedule().entries
-    assert (entry.start, entry.num_tokens, entry.sample) == (8, 8, True)  # one page reused, one recomputed
+    assert (entry.start, entry.num_tokens, entry.num_samples) == (8, 8, 1)  # one page reused, one recomputed
 
 
 def test_adapter_id_separates_cached_pages():

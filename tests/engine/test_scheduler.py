@@ -42,9 +42,9 @@ class FakeModel:
             self.kv.write(e.seq, e.start, e.num_tokens)
         for e in batch.entries:
             self.kv.check_reads(e.seq, e.start, e.start + e.num_tokens)
-        sched.postprocess(batch, {e.seq.seq_id: next_token(e.seq) for e in batch.entries if e.sample})
+        sched.postprocess(batch, {e.seq.seq_id: [next_token(e.seq)] for e in batch.entries if e.num_samples})
         for e in batch.entries:
-            if e.sample and e.seq.num_output_tokens >= e.seq.sampling_params.max_tokens:
+            if e.num_samples and e.seq.num_output_tokens >= e.seq.sampling_params.max_tokens:
                 sched.finish(e.seq, "length")
         sched.check_invariants()
         return batch
@@ -410,3 +410,33 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 SchedulerMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
 TestSchedulerStateful = SchedulerMachine.TestCase
+
+
+def test_fill_takes_a_run_of_one_to_num_samples_tokens_and_refuses_others():
+    sched = make_scheduler()
+    seq = Sequence(0, "r", [5] * 10, SamplingParams(max_tokens=8))
+    sched.add(seq)
+    batch = sched.schedule()
+    (entry,) = batch.entries
+    entry.num_samples = 3  # a multi-token step
+    sched.advance(batch)
+    assert seq.token_ids[10:] == [-1, -1, -1]
+    with pytest.raises(ValueError, match="1 to 3 tokens"):
+        sched.fill(batch, {0: [1, 2, 3, 4]})
+    with pytest.raises(ValueError, match="1 to 3 tokens"):
+        sched.fill(batch, {})
+    sched.fill(batch, {0: [7, 8]})
+    assert seq.token_ids[10:] == [7, 8] and seq.num_computed_tokens == 10
+    assert [(e.start, e.num_tokens, e.num_samples) for e in sched.schedule().entries] == [(10, 2, 1)]
+
+
+def test_a_short_run_behind_a_launched_step_is_refused():
+    sched = make_scheduler()
+    seq = Sequence(0, "r", [5] * 10, SamplingParams(max_tokens=8))
+    sched.add(seq)
+    batch = sched.schedule()
+    batch.entries[0].num_samples = 2
+    sched.advance(batch)
+    seq.token_ids.append(-1)  # the next step's PLACEHOLDER, as async scheduling leaves it
+    with pytest.raises(ValueError, match="read back before the next step"):
+        sched.fill(batch, {0: [7]})

@@ -47,7 +47,7 @@ def test_the_prefill_cap_rides_in_the_step_layout_and_an_over_cap_batch_is_refus
     seqs = [Sequence(i, f"r{i}", list(range(1, 6)), SamplingParams()) for i in range(3)]
     for i, seq in enumerate(seqs):
         seq.block_table = [i]
-    entries = [ScheduledSeq(seq, 0, 5, sample=True) for seq in seqs]
+    entries = [ScheduledSeq(seq, 0, 5, num_samples=1) for seq in seqs]
     rows = [SampleRow(5 * i + 4, seq) for i, seq in enumerate(seqs)]
     step, _ = runner.build_step_input(entries[:2], rows[:2])
     assert step.max_prefill_seqs == 2

@@ -20,7 +20,7 @@ def real_server():
 
     config = EngineConfig(model="default", dtype="float32", num_kv_blocks=64, max_num_seqs=4,
                           max_num_batched_tokens=256, max_model_len=512)
-    with BackgroundServer(build_app(lambda: Engine(config))) as url:
+    with BackgroundServer(build_app(lambda: Engine(config), warmup=False)) as url:
         yield url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
