@@ -278,13 +278,20 @@ class StepRecorder:
         self._patch(engine.scheduler, "schedule", self._timed_schedule)
 
     def _patch(self, obj, name: str, make) -> None:
-        """Replaces obj.name by make(obj.name) until close(); obj may be an instance or a class."""
+        """Replaces obj.name by make(obj.name) until close(); obj may be an instance, a class or a dict
+        (then obj[name]: the runner's device calls, `ModelRunner.calls`)."""
+        if isinstance(obj, dict):
+            self._saved.append((obj, name, obj[name]))
+            obj[name] = make(obj[name])
+            return
         self._saved.append((obj, name, vars(obj).get(name, _ABSENT)))
         setattr(obj, name, make(getattr(obj, name)))
 
     def close(self) -> None:
         for obj, name, original in reversed(self._saved):
-            if original is _ABSENT:
+            if isinstance(obj, dict):
+                obj[name] = original
+            elif original is _ABSENT:
                 delattr(obj, name)  # an instance attribute shadowing the class's method
             else:
                 setattr(obj, name, original)

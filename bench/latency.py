@@ -64,7 +64,7 @@ class StepProfiler(common.StepRecorder):
         self.last_call = None
         self.decode_calls = {}  # num sequences -> jitted calls of the steps in which that many decoded
         runner = engine.runner
-        self._patch(runner, "_jit_step", self._captured_jit)
+        self._patch(runner.calls, "step", self._captured_jit)
         if split:
             self._patch(runner, "launch", lambda fn: self.timed("execute", fn))
             self._patch(runner, "fetch", lambda fn: self.timed("execute", fn))
@@ -122,11 +122,11 @@ def raw_step_seconds(runner, call, reps: int) -> float:
     inputs = tuple(jax.device_put(args[2:4])) + tuple(args[4:])
     kv_cache = runner.kv_cache
     for _ in range(2):
-        out, _, kv_cache = runner._jit_step(runner.weights, kv_cache, *inputs, **kwargs)
+        out, _, kv_cache = runner.calls["step"](runner.weights, kv_cache, *inputs, **kwargs)
     jax.block_until_ready((out, kv_cache))
     start = time.perf_counter()
     for _ in range(reps):
-        out, _, kv_cache = runner._jit_step(runner.weights, kv_cache, *inputs, **kwargs)
+        out, _, kv_cache = runner.calls["step"](runner.weights, kv_cache, *inputs, **kwargs)
     jax.block_until_ready((out, kv_cache))
     seconds = (time.perf_counter() - start) / reps
     runner.kv_cache = kv_cache

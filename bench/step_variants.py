@@ -28,7 +28,7 @@ def enqueue_and_latency(runner, call, reps: int = 30) -> dict:
     for i in range(reps + 2):
         jax.block_until_ready(kv_cache)
         start = time.perf_counter()
-        out, _, kv_cache = runner._jit_step(runner.weights, kv_cache, *inputs, **kwargs)
+        out, _, kv_cache = runner.calls["step"](runner.weights, kv_cache, *inputs, **kwargs)
         mid = time.perf_counter()
         jax.block_until_ready(out)
         end = time.perf_counter()
