@@ -403,10 +403,10 @@ def print_table(title: str, rows: Sequence[tuple[str, object]]) -> None:
 
 def add_backend_flag(parser, default: str = "auto") -> None:
     """--backend (alias --attn-impl, so one command line runs old and new trees): 'auto' or a
-    pallas_kernels.select_backend override such as 'mosaic,decode=mosaic'."""
+    pallas_kernels.select_backend override such as 'mosaic,split_mixed=false'."""
     parser.add_argument("--backend", "--attn-impl", dest="backend", default=default,
                         help="'auto' or a preset (reference, pallas, interpret, mosaic) with optional field=value "
-                             "overrides, e.g. 'mosaic,decode=mosaic' (pallas_kernels/backend.py)")
+                             "overrides, e.g. 'mosaic,split_mixed=false' (pallas_kernels/backend.py)")
 
 
 def add_engine_flags(parser, *, max_num_seqs: int, max_num_batched_tokens: int = 2048) -> None:

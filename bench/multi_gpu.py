@@ -49,7 +49,7 @@ def parse_args():
                    "data-parallel replicas (TP 1 each) against one replica on one device")
     p.add_argument("--no-tp-sweep", dest="tp_sweep", action="store_false", help="skip the TP table")
     p.add_argument("--backend", "--attn-impl", dest="backend", default="reference",
-                   help="a pallas_kernels.select_backend override ('auto', 'mosaic,decode=mosaic', ...)")
+                   help="a pallas_kernels.select_backend override ('auto', 'auto,kv_write=pallas', ...)")
     p.add_argument("--steps", type=int)
     p.add_argument("--out", default="bench/results/multi_gpu.json")
     return p.parse_args()

@@ -55,7 +55,7 @@ class EngineConfig:
     tensor_parallel_size: int = _knob(1, "devices to shard the model over")
     data_parallel_size: int = _knob(1, "model replicas, each on tensor_parallel_size devices of its own")
     backend: str = _knob("auto", "kernels: 'auto' (the device's preset), a preset ('reference', 'pallas', "
-                         "'interpret', 'mosaic') or a preset with field overrides, e.g. 'mosaic,decode=mosaic'",
+                         "'interpret', 'mosaic') or a preset with field overrides, e.g. 'mosaic,split_mixed=false'",
                          aliases=("--attn-impl",))
     async_scheduling: bool = _knob(True, "schedule step N+1 while step N runs")
     fuse_projections: bool = _knob(True, "fuse q/k/v and gate/up into one GEMM each (one device)")

@@ -21,7 +21,6 @@ from pallas_kernels.ragged_paged_attention import ragged_paged_attention_referen
 from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
 # The module, not its function of the same name: `pallas_kernels.ragged_paged_attention_mgpu` stays the module.
 from pallas_kernels import ragged_paged_attention_mgpu as _mgpu
-from pallas_kernels import paged_decode_mgpu as _decode_mgpu
 from pallas_kernels.mixed_batch import attend_mixed
 from pallas_kernels import matmul_mgpu as _matmul_mgpu
 
@@ -37,13 +36,6 @@ def mosaic_takes(q, k_pages, page_table, *, sliding_window=None, soft_cap=None) 
     prefill_shaped = q.shape[0] > page_table.shape[0]
     return prefill_shaped and _mgpu.unsupported_reason(q, k_pages, sliding_window=sliding_window,
                                                        soft_cap=soft_cap) is None
-
-
-def mosaic_decode_takes(q, k_pages, page_table, *, sliding_window=None, soft_cap=None) -> bool:
-    """Whether decode="mosaic" sends this batch to the Mosaic GPU decode kernel: decode-shaped (T <= S)
-    and supported."""
-    return _decode_mgpu.unsupported_reason(q, k_pages, page_table, sliding_window=sliding_window,
-                                           soft_cap=soft_cap) is None
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
@@ -69,10 +61,6 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
                             prefill=functools.partial(_mgpu.ragged_paged_attention_mgpu, **semantics,
                                                       max_seqs=max_prefill_seqs),
                             decode=functools.partial(ragged_paged_attention, **semantics, backend=backend))
-    if backend.decode == "mosaic" and mosaic_decode_takes(q, k_pages, page_table, sliding_window=sliding_window,
-                                                          soft_cap=soft_cap):
-        return _decode_mgpu.paged_decode_mgpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-                                              sm_scale=sm_scale)
     return ragged_paged_attention_pallas(
         q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, interpret=backend.interpret)
@@ -98,4 +86,4 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: Backend = REFEREN
 
 __all__ = ["Backend", "PRESETS", "REFERENCE", "select_backend", "ragged_paged_attention", "gate_up_swiglu",
            "ragged_paged_attention_reference", "ragged_paged_attention_pallas", "mosaic_takes",
-           "mosaic_decode_takes", "write_kv", "write_kv_reference", "write_kv_pallas"]
+           "write_kv", "write_kv_reference", "write_kv_pallas"]

@@ -4,20 +4,20 @@ A `Backend` is frozen and hashable (a static jit argument): the model, the engin
 scoring and `jpaged.generate` all take the same one, so a jit cache key holds it and nothing else
 (no module globals, no environment variables) decides a kernel. `select_backend` picks it from the
 device, the KV page format and an optional override; the override text is a preset name, optionally
-followed by `field=value` pairs (`"mosaic,decode=mosaic"`), so every routing choice stays selectable
+followed by `field=value` pairs (`"mosaic,split_mixed=false"`), so every routing choice stays selectable
 from the command line for A/B runs.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from pallas_kernels import paged_decode_mgpu, ragged_paged_attention_mgpu
+from pallas_kernels import ragged_paged_attention_mgpu
 
 # field -> the kernels it may name
 CHOICES = {
     "kv_write": ("xla", "pallas"),
     "prefill": ("reference", "triton", "mosaic"),
-    "decode": ("reference", "triton", "mosaic"),
+    "decode": ("reference", "triton"),
     "gate_up": ("xla", "mosaic"),
 }
 
@@ -29,13 +29,13 @@ class Backend:
     - kv_write: "xla" (an in-place scatter) or "pallas" (`kv_write.write_kv_pallas`).
     - prefill: attention of prefill-shaped batches (T > S): "reference" (jnp), "triton" (the
       Triton-lowered Pallas kernel) or "mosaic" (the Mosaic GPU kernel).
-    - decode: attention of decode-shaped batches (T <= S): "reference", "triton" or "mosaic".
+    - decode: attention of decode-shaped batches (T <= S): "reference" or "triton".
     - gate_up: the MLP's gate/up GEMM with SwiGLU: "xla" or "mosaic" (`matmul_mgpu.py`).
     - split_mixed: with prefill="mosaic", a prefill-shaped batch's single-token sequences go to the
       decode kernel in the same call (`mixed_batch.attend_mixed`).
     - interpret: run the Pallas kernels in Pallas' interpreter (CPU tests).
     A Mosaic kernel that cannot take a call's shapes (its `unsupported_reason`) leaves that call to the
-    Triton kernel; that fallback is decided at trace time and costs nothing per step.
+    Triton kernel (or XLA for the GEMM); that fallback is decided at trace time and costs nothing per step.
     """
 
     kv_write: str = "xla"
@@ -50,7 +50,7 @@ class Backend:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"Backend.{name} must be one of {allowed}, got {value!r}")
-        if self.interpret and "mosaic" in (self.prefill, self.decode, self.gate_up):
+        if self.interpret and "mosaic" in (self.prefill, self.gate_up):
             raise ValueError("Backend.interpret runs the Triton-lowered kernels in the interpreter; the Mosaic "
                              "kernels have their own interpreter tests (tests/kernels)")
         if (self.prefill == "reference") != (self.decode == "reference"):
@@ -76,13 +76,13 @@ PRESETS = {
     "pallas": Backend(prefill="triton", decode="triton"),
     # The Triton kernels in Pallas' interpreter (CPU).
     "interpret": Backend(prefill="triton", decode="triton", interpret=True),
-    # Hopper: Mosaic GPU prefill and GEMM; decode as the `decode` field says (bench/decode_mgpu.py compares both).
+    # Hopper: Mosaic GPU prefill and GEMM, Triton decode (pallas_kernels/README.md, "Hopper decode: Triton").
     "mosaic": Backend(prefill="mosaic", decode="triton", gate_up="mosaic"),
 }
 
 
 def parse_backend(text: str) -> tuple[str, dict]:
-    """(preset or "auto", field overrides) of an override like "mosaic,decode=mosaic" or "auto,kv_write=pallas"."""
+    """(preset or "auto", field overrides) of an override like "mosaic,split_mixed=false" or "auto,kv_write=pallas"."""
     if not isinstance(text, str) or not text:
         raise ValueError(f"backend must be a non-empty string, got {text!r}")
     name, *pairs = [part.strip() for part in text.split(",")]
@@ -113,13 +113,11 @@ def default_preset(device) -> str:
 
 
 def page_format_reason(backend: Backend, *, head_dim: int, page_size: int, dtype) -> str | None:
-    """Why `backend`'s Mosaic attention kernels cannot serve pages of this format (None when they can)."""
-    for field, module in (("prefill", ragged_paged_attention_mgpu), ("decode", paged_decode_mgpu)):
-        if getattr(backend, field) == "mosaic":
-            reason = module.page_format_reason(head_dim=head_dim, page_size=page_size, dtype=dtype)
-            if reason is not None:
-                return f"{field}='mosaic': {reason}"
-    return None
+    """Why `backend`'s Mosaic attention kernel cannot serve pages of this format (None when it can)."""
+    if backend.prefill != "mosaic":
+        return None
+    reason = ragged_paged_attention_mgpu.page_format_reason(head_dim=head_dim, page_size=page_size, dtype=dtype)
+    return None if reason is None else f"prefill='mosaic': {reason}"
 
 
 def select_backend(device, spec=None, override: str | Backend | None = None) -> Backend:

@@ -1,4 +1,4 @@
-"""What the Mosaic GPU kernels (prefill: `ragged_paged_attention_mgpu.py`, decode: `paged_decode_mgpu.py`) share.
+"""What the Mosaic GPU kernels (attention: `ragged_paged_attention_mgpu.py`, GEMM: `matmul_mgpu.py`) share.
 
 - Constants of Hopper and of the tiles: wgmma M, the 8-row TMA alignment, SMEM per CTA, the finite mask.
 - The jax 0.10.2 (CPU) / 0.11.2 (device) shim. Both versions lower the kernels with Lane semantics

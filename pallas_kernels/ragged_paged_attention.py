@@ -9,8 +9,8 @@ KV layout: `k_pages, v_pages: [num_pages, page_size, Hkv, D]`; page `page_table[
 holds position j of sequence s at offset `j % page_size`.
 
 Besides the jnp oracle, this module holds what every kernel shares: `static_validate_inputs` (the
-operand checks), `token_info` (each token's sequence and kv range) and the checks of the page format
-and of the semantics' options that the kernels' `unsupported_reason` functions are built from.
+operand checks) and the checks of the page format and of the semantics' options that the kernels'
+`unsupported_reason` functions are built from.
 """
 from __future__ import annotations
 
@@ -82,27 +82,6 @@ def mosaic_inputs_reason(q, k_pages, *, block_kv: int) -> str | None:
         return f"q and pages must share a dtype, got {q.dtype} and {k_pages.dtype}"
     return mosaic_page_format_reason(head_dim=q.shape[2], page_size=k_pages.shape[1], dtype=q.dtype,
                                      block_kv=block_kv)
-
-
-def token_info(cu_q_lens: jax.Array, num_seqs: jax.Array, kv_lens: jax.Array, num_tokens: int,
-               max_kv: int) -> jax.Array:
-    """info[T, 2] int32 = (slot, kv_hi): the token's sequence slot (clamped) and its kv range end.
-
-    Token t belongs to sequence #{s in 1..num_seqs : cu_q_lens[s] <= t}, so entries past num_seqs are
-    never trusted; padding tokens get kv_hi = 0 (they store zeros). kv_hi = position + 1, clipped to
-    the page table's capacity `max_kv`."""
-    num_slots = kv_lens.shape[0]
-    num_seqs = jnp.minimum(jnp.reshape(num_seqs, ()), num_slots)
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    s1 = jnp.arange(1, num_slots + 1, dtype=jnp.int32)
-    seq = jnp.sum((s1[None, :] <= num_seqs) & (cu_q_lens[1:][None, :] <= t[:, None]), axis=1,
-                  dtype=jnp.int32)
-    real = seq < num_seqs
-    s = jnp.minimum(seq, num_slots - 1)
-    q_start, q_end = cu_q_lens[s], cu_q_lens[s + 1]
-    pos = kv_lens[s] - (q_end - q_start) + (t - q_start)
-    kv_hi = jnp.where(real, jnp.clip(pos + 1, 0, max_kv), 0)
-    return jnp.stack([s, kv_hi], axis=1).astype(jnp.int32)
 
 
 def token_sequence_ids(cu_q_lens: jax.Array, num_tokens: int) -> jax.Array:

@@ -147,22 +147,19 @@ def test_mosaic_without_the_mixed_split_lowers_prefill_to_mosaic_alone():
     assert _lowered_backends(64, 2, backend=select_backend(None, None, "mosaic,split_mixed=false")) == {"mosaic_gpu"}
 
 
-MOSAIC_DECODE = select_backend(None, None, "mosaic,decode=mosaic")
-
-
-@pytest.mark.parametrize("num_tokens,num_slots,window,soft_cap,backend", [
-    (64, 2, 256, None, MOSAIC), (64, 2, None, 30.0, MOSAIC), (64, 2, 256, None, MOSAIC_DECODE),
-    (64, 2, None, 30.0, MOSAIC_DECODE), (64, 2, 8, 50.0, MOSAIC_DECODE)])
-def test_window_and_soft_cap_prefill_go_to_the_mosaic_kernel(num_tokens, num_slots, window, soft_cap, backend):
+@pytest.mark.parametrize("num_tokens,num_slots,window,soft_cap", [
+    (64, 2, 256, None), (64, 2, None, 30.0), (64, 2, 8, 50.0)])
+def test_window_and_soft_cap_prefill_go_to_the_mosaic_kernel(num_tokens, num_slots, window, soft_cap):
     assert "mosaic_gpu" in _lowered_backends(num_tokens, num_slots, sliding_window=window, soft_cap=soft_cap,
-                                             backend=backend)
+                                             backend=MOSAIC)
 
 
-@pytest.mark.parametrize("num_tokens,num_slots,window,backends", [
-    (64, 2, None, {"mosaic_gpu"}), (4, 4, None, {"mosaic_gpu"}), (4, 4, 128, {"triton"})])
-def test_decode_mosaic_sends_decode_to_the_mosaic_decode_kernel_when_supported(num_tokens, num_slots, window,
-                                                                               backends):
-    assert _lowered_backends(num_tokens, num_slots, sliding_window=window, backend=MOSAIC_DECODE) == backends
+@pytest.mark.parametrize("override", ["mosaic,decode=mosaic", "auto,decode=mosaic"])
+def test_there_is_no_mosaic_decode_kernel_to_select(override):
+    with pytest.raises(ValueError, match=r"Backend\.decode must be one of \('reference', 'triton'\), got 'mosaic'"):
+        select_backend(_gpu("9.0"), None, override)
+    with pytest.raises(ValueError, match="Backend.decode must be one of"):
+        Backend(prefill="mosaic", decode="mosaic")
 
 
 def _gpu(cc):
@@ -176,7 +173,7 @@ def test_auto_is_mosaic_on_hopper_pallas_on_other_gpus_reference_on_cpu():
     assert select_backend(_gpu("8.0"), spec) == PRESETS["pallas"]
     assert select_backend(types.SimpleNamespace(platform="cpu"), spec) == REFERENCE
     assert select_backend(_gpu("9.0"), spec, "pallas") == PRESETS["pallas"]
-    assert select_backend(_gpu("9.0"), spec, "auto,decode=mosaic").decode == "mosaic"
+    assert select_backend(_gpu("9.0"), spec, "auto,split_mixed=false").split_mixed is False
 
 
 def test_auto_on_hopper_falls_back_to_triton_for_pages_the_mosaic_kernels_cannot_read():
