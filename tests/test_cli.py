@@ -147,4 +147,5 @@ def test_an_unsupported_dtype_is_a_usage_error():
 def test_serve_flags_reach_the_server():
     args = cli.build_parser().parse_args(["serve", "--port", "9", "--api-key", "k", "--max-n", "3"])
     settings = server_settings(args)
-    assert (settings["port"], settings["api_key"], settings["max_n"], settings["host"]) == (9, "k", 3, "127.0.0.1")
+    assert (settings.port, settings.api_key, settings.max_n, settings.host) == (9, "k", 3, "127.0.0.1")
+    assert settings.warmup and not server_settings(cli.build_parser().parse_args(["serve", "--no-warmup"])).warmup

@@ -87,5 +87,5 @@ def test_preset_builds_random_model_with_byte_tokenizer():
 
 
 def test_bad_dtype_is_a_value_error():
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match="dtype must be .auto. or one of"):
         load_model("tiny-llama", dtype="float16")
