@@ -147,11 +147,10 @@ def test_safetensors_load_reads_only_each_devices_slice():
     import tempfile
 
     import jax.numpy as jnp
-    import safetensors
     from flax import nnx
     from safetensors.numpy import save_file
     from jpaged import sharding
-    from jpaged.loader.sharded import load_safetensors_sharded
+    from jpaged.loader import sharded as sharded_loader
     from tests.multihost.greedy import CONFIGS, greedy, tiny_model
 
     tmp_path = pathlib.Path(tempfile.mkdtemp())
@@ -165,7 +164,7 @@ def test_safetensors_load_reads_only_each_devices_slice():
             save_file({k: np.ascontiguousarray(tensors[k]) for k in names[i::2]}, file)
 
         reads = []
-        real_open = safetensors.safe_open
+        real_open = sharded_loader.safe_open
 
         class SpyOpen:
             def __init__(self, *a, **k):
@@ -190,12 +189,12 @@ def test_safetensors_load_reads_only_each_devices_slice():
                         return out
                 return Slice()
 
-        safetensors.safe_open = SpyOpen
+        sharded_loader.safe_open = SpyOpen
         try:
             mesh = sharding.make_mesh(tp)
-            loaded = load_safetensors_sharded(files, CONFIGS[name], mesh, dtype=jnp.float32)
+            loaded = sharded_loader.load_safetensors_sharded(files, CONFIGS[name], mesh, dtype=jnp.float32)
         finally:
-            safetensors.safe_open = real_open
+            sharded_loader.safe_open = real_open
         q = "model.layers.0.self_attn.q_proj.weight"
         assert sorted(shape for t, shape in reads if t == q) == [(128 // tp, 64)] * tp
         k = "model.layers.0.self_attn.k_proj.weight"
