@@ -42,7 +42,7 @@ from pallas_kernels.ragged_paged_attention_kernel import (TuningConfig, choose_c
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DTYPE = jnp.bfloat16
-COPY_TBPS = 3.0          # the H100's copy ceiling (read + write), PERF_NOTES.md section 1; main() re-measures it
+COPY_TBPS = 3.0          # an H100's copy ceiling (read + write), docs/performance.md "Copy and GEMM ceilings"; main() re-measures it
 MATMUL_TFLOPS = 616.0    # bf16 matmul through XLA on the H100, same source (not re-measured)
 MAX_DECODE_TOKENS = 2 * 1024 * 1024   # B x ctx that fits three layouts of the pool beside each other
 CHAIN_LEN = 16

@@ -41,7 +41,7 @@ from pallas_kernels.ragged_paged_attention_mgpu import (NUM_COMPUTE_WGS, MosaicC
                                                         ragged_paged_attention_mgpu, tile_shape, work_items)
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
-MATMUL_TFLOPS = 616.0    # bf16 matmul through XLA on this H100 (PERF_NOTES section 1)
+MATMUL_TFLOPS = 616.0    # bf16 matmul through XLA on an H100 (docs/performance.md "Copy and GEMM ceilings")
 TOL = 2e-2               # relative Frobenius error, bf16 against the f32 reference
 
 
