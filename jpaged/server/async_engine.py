@@ -263,8 +263,10 @@ class AsyncEngine:
         self._built.set()
         try:
             if self._warmup and hasattr(self.engine, "warmup"):
-                log.info("warming up the engine (compiling every step shape)")
+                log.info("warming up the engine (compiling every step shape; --no-warmup skips it)")
+                start = time.monotonic()
                 self.engine.warmup()
+                log.info("warm-up done in %.1f s", time.monotonic() - start)
             self._warm = True
             self._loop_forever()
         except BaseException as e:
