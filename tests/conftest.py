@@ -1,0 +1,13 @@
+"""Suite-wide markers: `long` tests run only with JPAGED_LONG_TESTS=1 (CI runs the short profile)."""
+import os
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("JPAGED_LONG_TESTS"):
+        return
+    skip = pytest.mark.skip(reason="long profile; set JPAGED_LONG_TESTS=1 to run it")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
