@@ -1,6 +1,5 @@
 """The engine on the real default model (SmolLM2-135M-Instruct) equals HF transformers greedy, token for
 token, for a batch of 32 prompts of 1..1000 tokens, with preemption, chunked prefill and prefix caching."""
-import os
 
 import numpy as np
 import pytest
@@ -17,9 +16,7 @@ NEW_TOKENS = 8
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("JPAGED_LONG_TESTS"),
-                    reason="~5 min on 2 cores (the jnp reference attention over 1,000-token contexts); "
-                           "set JPAGED_LONG_TESTS=1 to run it")
+@pytest.mark.long  # ~5 min on 2 cores (the jnp reference attention over 1,000-token contexts)
 def test_engine_batch_equals_hf_greedy_on_default_model(smollm2_hf, smollm2_jpaged):
     hf, _ = smollm2_hf
     model, tokenizer = smollm2_jpaged

@@ -8,7 +8,6 @@ The default profile is short (CI); the slow-marked test runs the long one.
 from __future__ import annotations
 
 import json
-import os
 from typing import Literal
 
 import openai.types as ot
@@ -126,8 +125,7 @@ def _fuzz(server, path_body):
 FUZZ_CHECKS = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 test_schema_bodies_get_no_5xx_and_schema_shaped_answers = settings(
     max_examples=40, deadline=None, suppress_health_check=FUZZ_CHECKS)(given(path_body=BODIES)(_fuzz))
-test_schema_bodies_long_profile = pytest.mark.slow(pytest.mark.skipif(
-    not os.environ.get("JPAGED_LONG_TESTS"), reason="1,000 fuzz examples; set JPAGED_LONG_TESTS=1 to run it")(
+test_schema_bodies_long_profile = pytest.mark.slow(pytest.mark.long(  # 1,000 fuzz examples
     settings(max_examples=1000, deadline=None, suppress_health_check=FUZZ_CHECKS)(given(path_body=BODIES)(_fuzz))))
 
 
