@@ -157,6 +157,7 @@ def new_kv_cache(spec: KVCacheSpec, mesh: Mesh, num_pages: int) -> KVCache:
     if spec.kv_shards != mesh.shape[MODEL]:
         raise ValueError(f"spec splits kv heads over {spec.kv_shards} devices, the mesh's model axis has "
                          f"{mesh.shape[MODEL]}")
+    # KV_CACHE_SPEC names the kv-head axis (the third) only, so it also places the [N, page_size, Hkv] scales.
     return spec.create(num_pages, sharding=NamedSharding(mesh, KV_CACHE_SPEC))
 
 
@@ -165,13 +166,9 @@ def new_replica_kv_cache(spec: KVCacheSpec, mesh: Mesh, num_pages: int) -> KVCac
     if spec.kv_shards != mesh.shape[MODEL]:
         raise ValueError(f"spec splits kv heads over {spec.kv_shards} devices, the mesh's model axis has "
                          f"{mesh.shape[MODEL]}")
-    shape = (mesh.shape[DATA], num_pages, *spec.page_shape)
-    out = NamedSharding(mesh, REPLICA_KV_CACHE_SPEC)
-
-    def zeros():
-        return jnp.zeros(shape, spec.dtype, device=out)
-
-    return KVCache(k=tuple(zeros() for _ in range(spec.num_layers)), v=tuple(zeros() for _ in range(spec.num_layers)))
+    # Pages [R, N, page_size, Hkv, D] and scales [R, N, page_size, Hkv], both split over kv heads.
+    return spec.create(num_pages, leading=(mesh.shape[DATA],),
+                       sharding=lambda rank: NamedSharding(mesh, REPLICA_KV_CACHE_SPEC[:rank]))
 
 
 def stack_replicas(trees: Sequence[Any], mesh: Mesh):

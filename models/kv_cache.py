@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from pallas_kernels import kv_quant
+
 # The fewest tokens a step runs (padding included). With one token, XLA on the GPU rewrites every small
 # projection as an elementwise multiply + reduce that writes the product, the weight's size, and reads it
 # back; 2 or more tokens keep the GEMV (the measurement: bench/README.md).
@@ -21,10 +23,33 @@ MIN_STEP_TOKENS = 4
 
 @struct.dataclass
 class KVCache:
-    """Per-layer page pools. k[l], v[l]: [N, page_size, Hkv, D]. Donate it into the step."""
+    """Per-layer page pools. k[l], v[l]: [N, page_size, Hkv, D]. Donate it into the step.
+
+    Quantized pages (8-bit, `pallas_kernels.kv_quant`) carry k_scale[l], v_scale[l]: [N, page_size, Hkv]
+    float32, one per (token, kv head); unquantized pages have none (empty tuples). Every leaf has the page
+    axis first, so whatever moves pages (copy-on-write, swap, `jax.tree.map` over the cache) moves the
+    scales with them.
+    """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
+    k_scale: tuple[jax.Array, ...] = ()
+    v_scale: tuple[jax.Array, ...] = ()
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.k_scale)
+
+    def layers(self):
+        """(k, v, k_scale, v_scale) of each layer; the scales are None for unquantized pages."""
+        none = (None,) * len(self.k)
+        return zip(self.k, self.v, self.k_scale or none, self.v_scale or none)
+
+    @classmethod
+    def from_layers(cls, layers) -> "KVCache":
+        """The inverse of `layers()`: a list of (k, v, k_scale, v_scale), scales None or arrays."""
+        k, v, ks, vs = (tuple(x) for x in zip(*layers))
+        return cls(k=k, v=v, k_scale=() if ks[0] is None else ks, v_scale=() if vs[0] is None else vs)
 
     @property
     def num_layers(self) -> int:
@@ -46,8 +71,9 @@ class KVCacheSpec:
 
     A page holds `page_size` tokens of K and of V for every layer: `[page_size, Hkv, D]` per layer and
     tensor. Under tensor parallelism the kv heads are split over `kv_shards` devices (each holds
-    Hkv / kv_shards of every page). `page_scales` is the room for quantized pages with one scale per
-    page; no kernel reads them yet, so True is refused.
+    Hkv / kv_shards of every page). An 8-bit `dtype` (`pallas_kernels.kv_quant.QUANTIZED_DTYPES`) makes
+    the pages quantized: each also holds a float32 scale per (token, kv head). `page_scales` (one scale per
+    page instead) is not implemented, so True is refused.
     """
 
     num_layers: int
@@ -68,7 +94,11 @@ class KVCacheSpec:
             raise ValueError(f"KVCacheSpec: {self.num_kv_heads} kv heads do not split over kv_shards="
                              f"{self.kv_shards} devices")
         if self.page_scales:
-            raise ValueError("KVCacheSpec.page_scales: per-page scales (quantized KV pages) are not implemented")
+            raise ValueError("KVCacheSpec.page_scales: per-page scales are not implemented (quantized pages "
+                             "have one scale per token and kv head)")
+        if self.dtype.itemsize == 1 and not kv_quant.is_quantized(self.dtype):
+            raise ValueError(f"KVCacheSpec.dtype: 8-bit pages must be one of "
+                             f"{[str(d) for d in kv_quant.QUANTIZED_DTYPES]}, got {self.dtype}")
 
     @classmethod
     def for_model(cls, config, page_size: int, dtype, kv_shards: int = 1) -> "KVCacheSpec":
@@ -83,30 +113,50 @@ class KVCacheSpec:
         return (self.page_size, self.num_kv_heads, self.head_dim)
 
     @property
+    def quantized(self) -> bool:
+        """Whether pages are 8-bit values with a float32 scale per (token, kv head)."""
+        return kv_quant.is_quantized(self.dtype)
+
+    @property
+    def scale_shape(self) -> tuple[int, int]:
+        """[page_size, Hkv]: one layer's K (or V) scales of one page, all shards together."""
+        return (self.page_size, self.num_kv_heads)
+
+    @property
     def bytes_per_page(self) -> int:
-        """Device bytes of one page on one shard: K and V of every layer."""
+        """Device bytes of one page on one shard: K and V of every layer, with their scales."""
         heads = self.num_kv_heads // self.kv_shards
-        return 2 * self.num_layers * self.page_size * heads * self.head_dim * self.dtype.itemsize
+        per_token_head = self.head_dim * self.dtype.itemsize
+        if self.quantized:
+            per_token_head += kv_quant.SCALE_DTYPE.itemsize
+        return 2 * self.num_layers * self.page_size * heads * per_token_head
 
     def pages_for(self, num_tokens: int) -> int:
         """Pages that hold `num_tokens` tokens of one sequence."""
         return -(-num_tokens // self.page_size)
 
-    def create(self, num_pages: int, sharding=None) -> KVCache:
-        """A zeroed pool of `num_pages` pages on the default device, or placed by `sharding`."""
-        shape = (num_pages, *self.page_shape)
+    def create(self, num_pages: int, sharding=None, leading: tuple[int, ...] = ()) -> KVCache:
+        """A zeroed pool of `num_pages` pages on the default device, or placed by `sharding` (one
+        sharding, or a callable rank -> sharding for leaves of that rank). `leading`: extra leading axes
+        (a data-parallel replica axis)."""
+        def zeros(shape, dtype):
+            shape = (*leading, num_pages, *shape)
+            where = sharding(len(shape)) if callable(sharding) else sharding
+            return jnp.zeros(shape, dtype, device=where) if where is not None else jnp.zeros(shape, dtype)
 
-        def zeros():
-            return jnp.zeros(shape, self.dtype, device=sharding) if sharding is not None else jnp.zeros(shape, self.dtype)
+        def per_layer(shape, dtype):
+            return tuple(zeros(shape, dtype) for _ in range(self.num_layers))
 
-        return KVCache(k=tuple(zeros() for _ in range(self.num_layers)),
-                       v=tuple(zeros() for _ in range(self.num_layers)))
+        if not self.quantized:
+            return KVCache(k=per_layer(self.page_shape, self.dtype), v=per_layer(self.page_shape, self.dtype))
+        return KVCache(k=per_layer(self.page_shape, self.dtype), v=per_layer(self.page_shape, self.dtype),
+                       k_scale=per_layer(self.scale_shape, kv_quant.SCALE_DTYPE),
+                       v_scale=per_layer(self.scale_shape, kv_quant.SCALE_DTYPE))
 
-    def host_pool(self, num_pages: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(k, v): per-layer host arrays [num_pages, page_size, Hkv, D] for pages swapped out of the device."""
-        shape = (num_pages, *self.page_shape)
-        return ([np.zeros(shape, self.dtype) for _ in range(self.num_layers)],
-                [np.zeros(shape, self.dtype) for _ in range(self.num_layers)])
+    def host_pool(self, num_pages: int) -> KVCache:
+        """Host (numpy) arrays of `num_pages` pages, shaped as `create`'s, for pages swapped out of the device."""
+        return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype),
+                            jax.eval_shape(lambda: self.create(num_pages)))
 
 
 @struct.dataclass

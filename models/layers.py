@@ -87,18 +87,28 @@ def paged_attention(
     sm_scale: float,
     sliding_window: int | None,
     backend: Backend,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The one attention call of every model: write the new K/V into pages, then attend over them, with
-    `backend`'s kernels.
+    k_scale: jax.Array | None = None,  # [N, page_size, Hkv] float32 with 8-bit pages, else None
+    v_scale: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    """The one attention call of every model: write the new K/V into pages (quantizing them into 8-bit
+    pages with their scales), then attend over them, with `backend`'s kernels. Returns
+    (o, k_pages, v_pages, k_scale, v_scale); the scales stay None for unquantized pages.
 
     Under a mesh (`jax.set_mesh`) it runs per device on that device's heads (models.sharding.per_shard).
     """
-    def attend(q, k, v, k_pages, v_pages, step):
-        k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k, v, step.slot_mapping, backend=backend)
+    def attend(q, k, v, k_cache, v_cache, step):
+        (k_pages, k_scale), (v_pages, v_scale) = k_cache, v_cache
+        if k_scale is None:
+            k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k, v, step.slot_mapping, backend=backend)
+        else:
+            k_pages, v_pages, k_scale, v_scale = pallas_kernels.write_kv_quantized(
+                k_pages, v_pages, k_scale, v_scale, k, v, step.slot_mapping, backend=backend)
         o = pallas_kernels.ragged_paged_attention(
             q, k_pages, v_pages, step.kv_lens, step.page_table, step.cu_q_lens, step.num_seqs,
             sm_scale=sm_scale, sliding_window=sliding_window, backend=backend,
-            max_prefill_seqs=step.max_prefill_seqs)
-        return o, k_pages, v_pages
+            max_prefill_seqs=step.max_prefill_seqs, k_scale=k_scale, v_scale=v_scale)
+        return o, (k_pages, k_scale), (v_pages, v_scale)
 
-    return sharding.per_shard(attend)(q, k, v, k_pages, v_pages, step)
+    o, (k_pages, k_scale), (v_pages, v_scale) = sharding.per_shard(attend)(
+        q, k, v, (k_pages, k_scale), (v_pages, v_scale), step)
+    return o, k_pages, v_pages, k_scale, v_scale

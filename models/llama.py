@@ -71,7 +71,8 @@ class Attention(nnx.Module):
         self.qkv_proj = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
         self.q_proj = self.k_proj = self.v_proj = None
 
-    def __call__(self, x, inv_freq, k_pages, v_pages, step: StepInput, backend: Backend):
+    def __call__(self, x, inv_freq, layer_cache, step: StepInput, backend: Backend):
+        """layer_cache: (k_pages, v_pages, k_scale, v_scale) of this layer (`KVCache.layers`)."""
         t = x.shape[0]
         if getattr(self, "qkv_proj", None) is not None:
             qkv = self.qkv_proj(x)
@@ -86,10 +87,11 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, step.positions, inv_freq)
         k = apply_rope(k, step.positions, inv_freq)
-        o, k_pages, v_pages = paged_attention(
+        k_pages, v_pages, k_scale, v_scale = layer_cache
+        o, *layer_cache = paged_attention(
             q, k, v, k_pages, v_pages, step, sm_scale=self.head_dim ** -0.5,
-            sliding_window=self.sliding_window, backend=backend)
-        return self.o_proj(o.reshape(t, -1)), k_pages, v_pages
+            sliding_window=self.sliding_window, backend=backend, k_scale=k_scale, v_scale=v_scale)
+        return self.o_proj(o.reshape(t, -1)), tuple(layer_cache)
 
 
 class MLP(nnx.Module):
@@ -121,12 +123,11 @@ class DecoderLayer(nnx.Module):
                                                 before_gemm=True)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x, inv_freq, k_pages, v_pages, step, backend: Backend):
-        h, k_pages, v_pages = self.self_attn(self.input_layernorm(x), inv_freq, k_pages, v_pages,
-                                             step, backend)
+    def __call__(self, x, inv_freq, layer_cache, step, backend: Backend):
+        h, layer_cache = self.self_attn(self.input_layernorm(x), inv_freq, layer_cache, step, backend)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x), backend)
-        return x, k_pages, v_pages
+        return x, layer_cache
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -165,14 +166,13 @@ class LlamaForCausalLM(nnx.Module):
         cfg = self.config
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = embed(self.embed_tokens, step.token_ids)                           # [T, E]
-        new_k, new_v = [], []
-        for layer, k_pages, v_pages in zip(self.layers, kv_cache.k, kv_cache.v):
-            x, k_pages, v_pages = layer(x, inv_freq, k_pages, v_pages, step, backend)
-            new_k.append(k_pages)
-            new_v.append(v_pages)
+        new_layers = []
+        for layer, layer_cache in zip(self.layers, kv_cache.layers()):
+            x, layer_cache = layer(x, inv_freq, layer_cache, step, backend)
+            new_layers.append(layer_cache)
         h = self.norm(x[step.logits_index])                                     # [S, E]
         if self.lm_head is None:
             logits = self.embed_tokens.attend(h)
         else:
             logits = self.lm_head(h)
-        return logits.astype(jnp.float32), KVCache(k=tuple(new_k), v=tuple(new_v))
+        return logits.astype(jnp.float32), KVCache.from_layers(new_layers)

@@ -112,7 +112,8 @@ def per_shard(attend: Callable) -> Callable:
     """`attend(q, k, v, k_pages, v_pages, step) -> (o, k_pages, v_pages)` run per "model" shard.
 
     Under `jax.set_mesh(mesh)`: a `shard_map` in which each device gets q/k/v `[T, H/tp, D]` and pages
-    `[N, page_size, Hkv/tp, D]` of its own heads and the whole StepInput, so the kernels see an
+    `[N, page_size, Hkv/tp, D]` of its own heads (k_pages / v_pages may be pytrees of such arrays, e.g.
+    pages with their `[N, page_size, Hkv]` scales) and the whole StepInput, so the kernels see an
     ordinary single-device problem. Without a mesh (or inside one already manual): `attend` itself.
     Under `jax.vmap(..., spmd_axis_name="data")` the replica axis maps onto "data".
     """
@@ -122,10 +123,13 @@ def per_shard(attend: Callable) -> Callable:
 
     def checked(q, k, v, k_pages, v_pages, step):
         tp = mesh.shape[MODEL]
-        if q.shape[-2] % tp or k_pages.shape[-2] % tp:
-            raise ValueError(f"{q.shape[-2]} q heads and {k_pages.shape[-2]} kv heads must both divide by the "
+        kv_heads = jax.tree.leaves(k_pages)[0].shape[-2]
+        if q.shape[-2] % tp or kv_heads % tp:
+            raise ValueError(f"{q.shape[-2]} q heads and {kv_heads} kv heads must both divide by the "
                              f"model axis ({tp}); place the model with jpaged.sharding.shard_model")
         # check_vma=False: the kernels' pallas_call has no varying-axis rules; every output is per shard.
+        # k_pages / v_pages may be (pages, scales) pairs: KV_CACHE_SPEC splits the [N, page_size, Hkv]
+        # scales of quantized pages over the same kv-head axis.
         return jax.shard_map(attend, mesh=mesh, in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, KV_CACHE_SPEC,
                                                           KV_CACHE_SPEC, P()),
                              out_specs=(HEADS_SPEC, KV_CACHE_SPEC, KV_CACHE_SPEC), check_vma=False)(

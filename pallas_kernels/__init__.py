@@ -1,7 +1,8 @@
 """Pallas GPU kernels for paged attention, the KV write and the MLP's gate/up GEMM, each with a plain-jnp
 reference beside it, behind one API routed by a `Backend` (pallas_kernels/backend.py).
 
-- `write_kv`: Backend.kv_write "xla" (a scatter, in place when the cache is donated) or "pallas".
+- `write_kv`: Backend.kv_write "xla" (a scatter, in place when the cache is donated) or "pallas";
+  `write_kv_quantized` the same into 8-bit pages with their scales (`kv_quant`), quantizing as it writes.
 - `ragged_paged_attention`: prefill-shaped batches (T > S) go to Backend.prefill, decode-shaped ones
   (T <= S) to Backend.decode. Under prefill="mosaic" with split_mixed, a prefill-shaped batch's
   single-token sequences go to the decode kernel in the same call (`mixed_batch.attend_mixed`). A Mosaic
@@ -16,7 +17,8 @@ import functools
 import jax.numpy as jnp
 
 from pallas_kernels.backend import PRESETS, REFERENCE, Backend, select_backend
-from pallas_kernels.kv_write import write_kv_pallas, write_kv_reference
+from pallas_kernels.kv_write import (write_kv_pallas, write_kv_quantized_pallas, write_kv_quantized_reference,
+                                     write_kv_reference)
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_reference
 from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_pallas
 # The module, not its function of the same name: `pallas_kernels.ragged_paged_attention_mgpu` stays the module.
@@ -40,8 +42,10 @@ def mosaic_takes(q, k_pages, page_table, *, sliding_window=None, soft_cap=None) 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
                            sm_scale, sliding_window=None, soft_cap=None, backend: Backend = REFERENCE,
-                           max_prefill_seqs=None):
+                           max_prefill_seqs=None, k_scale=None, v_scale=None):
     """o[T, Hq, D]; semantics in `ragged_paged_attention.py`, shapes in its reference's signature.
+    `k_scale`, `v_scale`: the [N, page_size, Hkv] float32 scales of 8-bit pages, else None (the Mosaic
+    kernel does not read 8-bit pages, so they always take the Triton kernels).
 
     `max_prefill_seqs`: None, or a static bound on the sequences with more than one new token, which the
     caller guarantees (the engine's scheduler does: EngineConfig.max_num_prefill_seqs). The mixed split
@@ -50,7 +54,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
     if not backend.uses_kernels:
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
-            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+            sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale,
+            v_scale=v_scale)
     semantics = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if backend.prefill == "mosaic" and mosaic_takes(q, k_pages, page_table, sliding_window=sliding_window,
                                                     soft_cap=soft_cap):
@@ -63,7 +68,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
                             decode=functools.partial(ragged_paged_attention, **semantics, backend=backend))
     return ragged_paged_attention_pallas(
         q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=sm_scale,
-        sliding_window=sliding_window, soft_cap=soft_cap, interpret=backend.interpret)
+        sliding_window=sliding_window, soft_cap=soft_cap, interpret=backend.interpret, k_scale=k_scale,
+        v_scale=v_scale)
 
 
 def gate_up_swiglu(x, w_gate_up, *, backend: Backend = REFERENCE):
@@ -84,6 +90,17 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: Backend = REFEREN
     return write_kv_pallas(k_pages, v_pages, k, v, slot_mapping, interpret=backend.interpret)
 
 
+def write_kv_quantized(k_pages, v_pages, k_scale, v_scale, k, v, slot_mapping, *, backend: Backend = REFERENCE):
+    """`write_kv` into 8-bit pages: (k_pages, v_pages, k_scale, v_scale) with k[t], v[t] quantized per
+    (token, kv head) and written at slot_mapping[t] (-1 = skip); donate the pages and scales."""
+    _check_backend(backend)
+    if backend.kv_write == "xla":
+        return write_kv_quantized_reference(k_pages, v_pages, k_scale, v_scale, k, v, slot_mapping)
+    return write_kv_quantized_pallas(k_pages, v_pages, k_scale, v_scale, k, v, slot_mapping,
+                                     interpret=backend.interpret)
+
+
 __all__ = ["Backend", "PRESETS", "REFERENCE", "select_backend", "ragged_paged_attention", "gate_up_swiglu",
            "ragged_paged_attention_reference", "ragged_paged_attention_pallas", "mosaic_takes",
-           "write_kv", "write_kv_reference", "write_kv_pallas"]
+           "write_kv", "write_kv_reference", "write_kv_pallas", "write_kv_quantized",
+           "write_kv_quantized_reference", "write_kv_quantized_pallas"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pallas_kernels import ragged_paged_attention_mgpu
+from pallas_kernels import kv_quant, ragged_paged_attention_mgpu
 
 # field -> the kernels it may name
 CHOICES = {
@@ -126,7 +126,7 @@ def select_backend(device, spec=None, override: str | Backend | None = None) -> 
     with optional field=value pairs; or a Backend, taken as it is).
 
     "auto" on a device whose Mosaic kernels cannot take the page format (fp32 pages, say) falls back
-    to the Triton kernels; an explicit override they cannot take is a ValueError naming the field."""
+    to the Triton kernels (8-bit pages: Triton prefill, the preset's GEMM kept); an explicit override they cannot take is a ValueError naming the field."""
     if isinstance(override, Backend):
         return override
     name, fields = parse_backend("auto" if override is None else override)
@@ -140,6 +140,9 @@ def select_backend(device, spec=None, override: str | Backend | None = None) -> 
     if reason is None:
         return backend
     if auto and not fields:
+        if kv_quant.is_quantized(spec.dtype):
+            # 8-bit pages: Triton prefill (it dequantizes them), the rest of the device's preset kept.
+            return dataclasses.replace(backend, prefill="triton")
         return PRESETS["pallas"]
     raise ValueError(f"backend {override!r} cannot serve this KV cache ({spec}): {reason}")
 

@@ -6,7 +6,8 @@ Semantics, which every kernel of this package implements: sequence s owns the ne
 window W, `p - j < W`. Rows of padding (tokens past `cu_q_lens[num_seqs]`) come out as zeros.
 
 KV layout: `k_pages, v_pages: [num_pages, page_size, Hkv, D]`; page `page_table[s, j // page_size]`
-holds position j of sequence s at offset `j % page_size`.
+holds position j of sequence s at offset `j % page_size`. 8-bit pages (`kv_quant`) come with
+`k_scale, v_scale: [num_pages, page_size, Hkv]` float32: the value attended to is `page * scale`.
 
 Besides the jnp oracle, this module holds what every kernel shares: `static_validate_inputs` (the
 operand checks) and the checks of the page format and of the semantics' options that the kernels'
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import kv_quant
 
 DEFAULT_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -56,6 +59,21 @@ def static_validate_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, 
         raise NotImplementedError(f"page_size must be a power of two, got {page_size}")
 
 
+def validate_scales(k_pages, v_pages, k_scale, v_scale) -> None:
+    """Trace-time checks of the scale operands: both None for unquantized pages, float32
+    [N, page_size, Hkv] for 8-bit pages."""
+    quantized = kv_quant.is_quantized(k_pages.dtype)
+    if not quantized:
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale / v_scale come only with 8-bit pages, got pages of {k_pages.dtype}")
+        return
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(f"{k_pages.dtype} pages need {name} ([N, page_size, Hkv] float32)")
+        if scale.shape != k_pages.shape[:3] or scale.dtype != kv_quant.SCALE_DTYPE:
+            raise ValueError(f"{name} must be float32 {k_pages.shape[:3]}, got {scale.dtype} {scale.shape}")
+
+
 def options_reason(sliding_window, soft_cap) -> str | None:
     """Why these semantics options are invalid (None when they are valid)."""
     if sliding_window is not None and sliding_window < 1:
@@ -67,6 +85,9 @@ def options_reason(sliding_window, soft_cap) -> str | None:
 
 def mosaic_page_format_reason(*, head_dim: int, page_size: int, dtype, block_kv: int) -> str | None:
     """Why a Mosaic GPU kernel streaming `block_kv`-token blocks cannot read pages of this format."""
+    if kv_quant.is_quantized(dtype):
+        return (f"8-bit pages ({jnp.dtype(dtype)}) are not implemented in the Mosaic kernels (the Triton "
+                f"kernels dequantize them)")
     if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
         return f"dtype must be bf16 or f16, got {jnp.dtype(dtype)}"
     if head_dim not in (64, 128):
@@ -78,10 +99,11 @@ def mosaic_page_format_reason(*, head_dim: int, page_size: int, dtype, block_kv:
 
 def mosaic_inputs_reason(q, k_pages, *, block_kv: int) -> str | None:
     """`mosaic_page_format_reason` of these pages, and q of the pages' dtype."""
-    if k_pages.dtype != q.dtype:
+    reason = mosaic_page_format_reason(head_dim=q.shape[2], page_size=k_pages.shape[1], dtype=k_pages.dtype,
+                                       block_kv=block_kv)
+    if reason is None and k_pages.dtype != q.dtype:
         return f"q and pages must share a dtype, got {q.dtype} and {k_pages.dtype}"
-    return mosaic_page_format_reason(head_dim=q.shape[2], page_size=k_pages.shape[1], dtype=q.dtype,
-                                     block_kv=block_kv)
+    return reason
 
 
 def token_sequence_ids(cu_q_lens: jax.Array, num_tokens: int) -> jax.Array:
@@ -102,12 +124,16 @@ def ragged_paged_attention_reference(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     token_block: int = 64,
+    k_scale: jax.Array | None = None,   # [num_pages, page_size, Hkv] float32 with 8-bit pages
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:
     """Plain-jnp ragged paged attention with the kernel's signature; jittable, no loop over sequences.
 
     Tokens are processed `token_block` at a time (`lax.map`), so memory stays at
-    token_block x max_context instead of T x max_context.
+    token_block x max_context instead of T x max_context. 8-bit pages are gathered as 8 bits and
+    dequantized per block (values x their scale) in float32.
     """
+    validate_scales(k_pages, v_pages, k_scale, v_scale)
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_pages.shape
     num_seqs_max, pages_per_seq = page_table.shape
@@ -126,6 +152,9 @@ def ragged_paged_attention_reference(
         pages = page_table[seq_t]                                    # [B, P]
         k = k_pages[pages].reshape(-1, max_len, num_kv_heads, head_dim)  # [B, L, Hkv, D]
         v = v_pages[pages].reshape(-1, max_len, num_kv_heads, head_dim)
+        if k_scale is not None:
+            k = kv_quant.dequantize(k, k_scale[pages].reshape(-1, max_len, num_kv_heads))
+            v = kv_quant.dequantize(v, v_scale[pages].reshape(-1, max_len, num_kv_heads))
         q_g = q_t.reshape(-1, num_kv_heads, group, head_dim).astype(jnp.float32)
         s = jnp.einsum("bkgd,blkd->bkgl", q_g, k.astype(jnp.float32)) * sm_scale
         if soft_cap is not None:

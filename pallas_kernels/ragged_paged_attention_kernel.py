@@ -16,6 +16,10 @@ Two launches share one set of semantics (`ragged_paged_attention.py`):
 
 Both start the kv loop at the first page the window reaches, so pages wholly outside a sliding window
 are never read.
+
+8-bit pages (`kv_quant`, with `k_scale`/`v_scale` per token and kv head) are loaded as 8 bits and
+converted to q's dtype in registers; the K scales multiply the score columns after the QK^T dot and
+the V scales the probabilities before the PV dot, so no dequantized copy of a page exists anywhere.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.ragged_paged_attention import DEFAULT_MASK_VALUE, options_reason, static_validate_inputs
+from pallas_kernels.ragged_paged_attention import (DEFAULT_MASK_VALUE, options_reason, static_validate_inputs,
+                                                   validate_scales)
 
 NUM_SMS = 132                 # SMs of an sm_90 SXM part; the split heuristic aims for a few waves over them
 MIN_DOT_ROWS = 16             # Triton's smallest matmul M
@@ -116,12 +121,15 @@ def _kernel(
     q_ref,           # [T + block_q, Hkv, Gp, D]
     k_pages_ref,     # [N, page_size, Hkv, D]
     v_pages_ref,     # [N, page_size, Hkv, D]
-    _o_init_ref,     # aliased with o_ref
-    # outputs
-    o_ref,           # [T + block_q, Hkv, Gp, D]
-    *, sm_scale: float, sliding_window: int | None, soft_cap: float | None, block_q: int,
-    pages_per_block: int, num_q_heads_per_kv: int, exact: bool,
+    *refs,           # quantized: k_scale_ref, v_scale_ref [N, page_size, Hkv] f32; then _o_init_ref
+                     # (aliased with o_ref) and the output o_ref [T + block_q, Hkv, Gp, D]
+    sm_scale: float, sliding_window: int | None, soft_cap: float | None, block_q: int,
+    pages_per_block: int, num_q_heads_per_kv: int, exact: bool, quantized: bool,
 ):
+    if quantized:
+        k_scale_ref, v_scale_ref, _, o_ref = refs
+    else:
+        _, o_ref = refs
     w, h = pl.program_id(0), pl.program_id(1)
     _, page_size, _, head_dim = k_pages_ref.shape
     group_p = q_ref.shape[2]
@@ -155,8 +163,14 @@ def _kernel(
             pages = jnp.where(page0 + lax.iota(jnp.int32, pages_per_block) < split_hi, pages, 0)
         k = k_pages_ref[pages, :, h, :].reshape(block_kv, head_dim)        # [BK, D]
         v = v_pages_ref[pages, :, h, :].reshape(block_kv, head_dim)        # [BK, D]
+        if quantized:   # 8 bits -> q's dtype in registers; scales applied to scores and probabilities
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            k_scale = k_scale_ref[pages, :, h].reshape(1, block_kv)
+            v_scale = v_scale_ref[pages, :, h].reshape(1, block_kv)
 
         scores = _dot(q, k, ((1,), (1,)), exact) * sm_scale                # [M, BK]
+        if quantized:
+            scores = scores * k_scale
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
         if masked:
@@ -173,8 +187,10 @@ def _kernel(
             p = jnp.where(mask, p, 0.0)
             # Stale slots may hold NaN and 0 * NaN = NaN: select the V rows, never multiply them away.
             v = jnp.where(kv_valid.reshape(block_kv, 1), v, jnp.zeros_like(v))
+            if quantized:
+                v_scale = jnp.where(kv_valid, v_scale, 0.0)
         l_next = correction * l_prev + p.sum(axis=1, keepdims=True)
-        pv = _dot(p.astype(v.dtype), v, ((1,), (0,)), exact)                # [M, D]
+        pv = _dot((p * v_scale if quantized else p).astype(v.dtype), v, ((1,), (0,)), exact)  # [M, D]
         return acc * correction + pv, m_next, l_next
 
     init = (jnp.zeros((rows, head_dim), jnp.float32),
@@ -228,13 +244,17 @@ def _decode_kernel(
     q_ref,           # [T, Hq, D]
     k_ref,           # [N * page_size, Hkv, D] (the pool, flattened)
     v_ref,           # same as k_ref
-    # outputs
-    *out_refs,       # one split: o [T, Hq, D]; else o_part [T * Hkv * Kp * Gq, D] f32, lse [T * Hkv * Kp * Gq]
+    *refs,           # quantized: k_scale_ref, v_scale_ref [N * page_size, Hkv] f32; then the outputs:
+                     # one split: o [T, Hq, D]; else o_part [T * Hkv * Kp * Gq, D] f32, lse [T * Hkv * Kp * Gq]
     sm_scale: float, sliding_window: int | None, soft_cap: float | None, page_size: int,
     pages_per_block: int, num_kv_splits: int, splits_p: int, group: int, group_p: int, group_q: int,
-    exact: bool,
+    exact: bool, quantized: bool,
 ):
     """One token x one kv head x one kv split; rows = the kv head's q heads, padded to `group_p`."""
+    if quantized:
+        k_scale_ref, v_scale_ref, *out_refs = refs
+    else:
+        out_refs = refs
     t, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_slots = kv_lens_ref.shape[0]
     head_dim = q_ref.shape[2]
@@ -282,7 +302,14 @@ def _decode_kernel(
         index = (slot, h, d_iota)
         k = pltriton.load(k_ref.at[index], mask=kv_valid[:, None], other=0)     # [BK, D]
         v = pltriton.load(v_ref.at[index], mask=kv_valid[:, None], other=0)     # [BK, D]
+        if quantized:   # 8 bits -> q's dtype in registers; scales applied to scores and probabilities
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            scale_index = (slot.reshape(block_kv), h)
+            k_scale = pltriton.load(k_scale_ref.at[scale_index], mask=kv_valid, other=0)[None, :]   # [1, BK]
+            v_scale = pltriton.load(v_scale_ref.at[scale_index], mask=kv_valid, other=0)[None, :]
         scores = _dot(q, k, ((1,), (1,)), exact) * sm_scale                # [M, BK]
+        if quantized:
+            scores = scores * k_scale
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
         # Every block holds at least one valid column, so masked columns get exp2(-huge) = 0 exactly.
@@ -291,7 +318,7 @@ def _decode_kernel(
         correction = jnp.exp2((m_prev - m_next) * _LOG2E)
         p = jnp.exp2((scores - m_next) * _LOG2E)
         l_next = correction * l_prev + p.sum(axis=1, keepdims=True)
-        pv = _dot(p.astype(v.dtype), v, ((1,), (0,)), exact)                # [M, D]
+        pv = _dot((p * v_scale if quantized else p).astype(v.dtype), v, ((1,), (0,)), exact)  # [M, D]
         return acc * correction + pv, m_next, l_next
 
     init = (jnp.zeros((group_p, head_dim), jnp.float32),
@@ -331,7 +358,7 @@ def _merge_kernel(o_part_ref, lse_ref, o_ref, *, num_kv_heads: int, splits_p: in
 
 def _decode_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *, sm_scale: float,
                  sliding_window: int | None, soft_cap: float | None, config: TuningConfig,
-                 interpret: bool) -> jax.Array:
+                 interpret: bool, k_scale=None, v_scale=None) -> jax.Array:
     """The decode path: one launch (plus the merge launch when kv is split) over `[N, page_size, Hkv, D]` pools."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, num_kv_heads, _ = k_pages.shape
@@ -351,7 +378,8 @@ def _decode_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, 
         _decode_kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
         page_size=page_size, pages_per_block=config.pages_per_block, num_kv_splits=splits,
         splits_p=splits_p, group=group, group_p=group_p, group_q=group_q,
-        exact=q.dtype == jnp.float32)
+        exact=q.dtype == jnp.float32, quantized=k_scale is not None)
+    scales = () if k_scale is None else (k_scale.reshape(flat[:2]), v_scale.reshape(flat[:2]))
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -360,7 +388,7 @@ def _decode_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, 
         interpret=interpret,
         name="jpaged_paged_decode",
     )(cu_q_lens, kv_lens, jnp.reshape(num_seqs, (1,)).astype(jnp.int32), page_table, q,
-      k_pages.reshape(flat), v_pages.reshape(flat))
+      k_pages.reshape(flat), v_pages.reshape(flat), *scales)
     if splits == 1:
         return out
     merge = functools.partial(_merge_kernel, num_kv_heads=num_kv_heads, splits_p=splits_p, group=group,
@@ -391,6 +419,8 @@ def ragged_paged_attention_pallas(
     soft_cap: float | None = None,
     config: TuningConfig | None = None,
     interpret: bool = False,
+    k_scale: jax.Array | None = None,   # [N, page_size, Hkv] float32 with 8-bit pages
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:
     """Ragged paged attention (semantics in `ragged_paged_attention.py`) as a Pallas kernel.
 
@@ -404,11 +434,13 @@ def ragged_paged_attention_pallas(
       sm_scale, sliding_window, soft_cap: as the reference.
       config: launch shape; None picks one from the static shapes (`choose_config`).
       interpret: run the same kernel in Pallas' interpreter (CPU).
+      k_scale, v_scale: with 8-bit pages, their [N, page_size, Hkv] float32 scales (else None).
 
     Returns:
       o: [T, Hq, D] in q's dtype; padding rows are zeros.
     """
     static_validate_inputs(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs)
+    validate_scales(k_pages, v_pages, k_scale, v_scale)
     if (reason := options_reason(sliding_window, None)) is not None:
         raise ValueError(reason)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -421,7 +453,7 @@ def ragged_paged_attention_pallas(
     if config.block_q == 1:
         return _decode_call(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs,
                             sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                            config=config, interpret=interpret)
+                            config=config, interpret=interpret, k_scale=k_scale, v_scale=v_scale)
     block_q = config.block_q
     group = num_q_heads // num_kv_heads
     group_p = padded_group(num_q_heads, num_kv_heads, block_q)
@@ -434,14 +466,17 @@ def ragged_paged_attention_pallas(
 
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, block_q=block_q,
-        pages_per_block=config.pages_per_block, num_q_heads_per_kv=group, exact=q.dtype == jnp.float32)
+        pages_per_block=config.pages_per_block, num_q_heads_per_kv=group, exact=q.dtype == jnp.float32,
+        quantized=k_scale is not None)
+    scales = () if k_scale is None else (k_scale, v_scale)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(q4.shape, q.dtype),
         grid=(num_items, num_kv_heads),
-        input_output_aliases={8: 0},
+        input_output_aliases={8 + len(scales): 0},
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="jpaged_ragged_paged_attention",
-    )(work_seq, work_start, kv_lens, cu_q_lens, table, q4, k_pages, v_pages, jnp.zeros(q4.shape, q.dtype))
+    )(work_seq, work_start, kv_lens, cu_q_lens, table, q4, k_pages, v_pages, *scales,
+      jnp.zeros(q4.shape, q.dtype))
     return out[:num_tokens, :, :group, :].reshape(num_tokens, num_q_heads, head_dim)
