@@ -9,6 +9,8 @@ import dataclasses
 
 DTYPES = ("bfloat16", "float32")  # parameter dtypes the loader builds; "auto" resolves to one of them
 BLOCK_SIZES = (8, 16, 32, 64)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2", "int8")  # quantized KV cache
+QUANTIZATIONS = ("none", "fp8")                                                        # fp8 weights
 
 
 def resolve_dtype(dtype: str, platform: str | None = None) -> str:
@@ -60,6 +62,13 @@ class EngineConfig:
     async_scheduling: bool = _knob(True, "schedule step N+1 while step N runs")
     fuse_projections: bool = _knob(True, "fuse q/k/v and gate/up into one GEMM each (one device)")
     seed: int = _knob(0, "engine seed for requests without a seed of their own")
+    # -- quantized KV cache and fp8 weights (pallas_kernels/kv_quant.py, models/fp8_linear.py) --
+    kv_cache_dtype: str = _knob("auto", "KV page dtype; 'auto': the model dtype; 'fp8' (e4m3), 'fp8_e5m2', "
+                                "'int8': 8-bit pages with a float32 scale per token and kv head, about "
+                                "twice the pages in the same memory", choices=KV_CACHE_DTYPES)
+    quantization: str = _knob("none", "weight quantization: 'fp8' quantizes the linear layers' weights at "
+                              "load (per-output-channel scales, activations per token) and runs fp8 GEMMs",
+                              choices=QUANTIZATIONS)
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
@@ -89,3 +98,7 @@ class EngineConfig:
               f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         check(self.data_parallel_size >= 1, f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        check(self.kv_cache_dtype in KV_CACHE_DTYPES,
+              f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        check(self.quantization in QUANTIZATIONS,
+              f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")

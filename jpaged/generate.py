@@ -27,6 +27,7 @@ from jpaged.sampling import PAD_ID, SamplingTensors, sample
 from jpaged.sampling_params import SamplingParams
 from models.kv_cache import MIN_STEP_TOKENS, KVCache, KVCacheSpec, StepInput
 from pallas_kernels import Backend, select_backend
+from pallas_kernels.kv_quant import resolve_kv_cache_dtype
 
 
 @struct.dataclass
@@ -56,7 +57,7 @@ class _DecodeState:
 def generate(model_or_params, prompt_tokens, prompt_lens, *, max_new_tokens: int,
              sampling: SamplingParams | None = None, key: jax.Array, num_samples: int = 1,
              eos_token_ids: Sequence[int] = (), page_size: int = 16, num_pages: int | None = None,
-             backend: Backend | str | None = None) -> GenerateOutput:
+             backend: Backend | str | None = None, kv_cache_dtype: str = "auto") -> GenerateOutput:
     """Generates num_samples continuations of each prompt; jit-compiled, callable inside jax.jit.
 
     Args:
@@ -75,6 +76,8 @@ def generate(model_or_params, prompt_tokens, prompt_lens, *, max_new_tokens: int
       num_pages: size of the pool; None sizes it for the longest possible output of every row.
       backend: the kernels (`pallas_kernels.Backend`); None picks the engine's for the default device
         and these pages (`pallas_kernels.select_backend`), a string is an override as the engine's.
+      kv_cache_dtype: the pool's pages, as EngineConfig.kv_cache_dtype ('auto': the model dtype; 'fp8',
+        'fp8_e5m2', 'int8': 8-bit pages with per-(token, kv head) scales).
 
     Returns:
       GenerateOutput (tokens [B, N, M], lengths [B, N], optional logprobs, page counts).
@@ -107,7 +110,7 @@ def generate(model_or_params, prompt_tokens, prompt_lens, *, max_new_tokens: int
         graphdef, state = model_or_params
         model = nnx.merge(graphdef, state)
     vocab_size = model.config.vocab_size
-    spec = model.kv_cache_spec(page_size)
+    spec = model.kv_cache_spec(page_size, resolve_kv_cache_dtype(kv_cache_dtype, model.dtype))
     backend = select_backend(jax.devices()[0], spec, backend)
     rows = batch * num_samples
     tensors = SamplingTensors.from_params([sampling] * rows, num_rows=rows, vocab_size=vocab_size,
@@ -228,9 +231,8 @@ def _fork_rows(prompt_table, prompt_lens, prompt_pages, num_samples, page_size, 
 
 def _copy_pages(kv_cache: KVCache, src, dst) -> KVCache:
     """Every layer's page dst[i] := page src[i]; dst == num_pages is skipped."""
-    def copy(pages):
-        return pages.at[dst].set(pages[src], mode="drop")
-    return KVCache(k=tuple(copy(k) for k in kv_cache.k), v=tuple(copy(v) for v in kv_cache.v))
+    # Every leaf has the page axis first: the scales of 8-bit pages are copied with them.
+    return jax.tree.map(lambda pages: pages.at[dst].set(pages[src], mode="drop"), kv_cache)
 
 
 def _take_pages(s: _DecodeState, page_size, num_pages) -> _DecodeState:

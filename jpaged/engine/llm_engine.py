@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import logging
 
 import jax
 import numpy as np
@@ -25,6 +26,7 @@ from jpaged.sampling_params import SamplingParams
 from pallas_kernels import select_backend
 
 CPU_KV_CACHE_BYTES = 1 << 30  # pool size on CPU when num_kv_blocks is not given
+log = logging.getLogger("jpaged.engine")
 
 
 
@@ -52,6 +54,8 @@ class Engine:
         self.backend = select_backend(mesh.devices.flat[0] if mesh is not None else jax.devices()[0], self.kv_spec,
                                       config.backend)
         num_pages = config.num_kv_blocks or self._default_num_pages()
+        log.info("KV cache: %d pages of %d tokens, %s, %.1f KiB a page per device", num_pages, config.block_size,
+                 self.kv_spec.dtype, self.kv_spec.bytes_per_page / 1024)
         self.scheduler = Scheduler(config, num_blocks=num_pages, max_model_len=self.max_model_len,
                                    sliding_window=mcfg.sliding_window)
         self.runner = ModelRunner(config, model, spec=self.kv_spec, backend=self.backend, num_pages=num_pages,

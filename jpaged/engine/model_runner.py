@@ -27,6 +27,7 @@ from jpaged.sampling_params import SamplingParams
 from models.kv_cache import MIN_STEP_TOKENS, KVCache, KVCacheSpec, StepInput
 from models.sharding import tp_model_config
 from pallas_kernels import Backend
+from pallas_kernels.kv_quant import resolve_kv_cache_dtype
 
 
 def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
@@ -100,18 +101,18 @@ def _placed_on(model, mesh) -> bool:
                for x in leaves)
 
 
+# Page movement maps over every leaf of the cache (each has the page axis first), so the scales of
+# 8-bit pages go wherever their pages go.
 def _copy_pages(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
-    return KVCache(k=tuple(k.at[dst].set(k[src]) for k in kv_cache.k),
-                   v=tuple(v.at[dst].set(v[src]) for v in kv_cache.v))
+    return jax.tree.map(lambda x: x.at[dst].set(x[src]), kv_cache)
 
 
-def _read_pages(kv_cache: KVCache, pages: jax.Array):
-    return [k[pages] for k in kv_cache.k], [v[pages] for v in kv_cache.v]
+def _read_pages(kv_cache: KVCache, pages: jax.Array) -> KVCache:
+    return jax.tree.map(lambda x: x[pages], kv_cache)
 
 
-def _write_pages(kv_cache: KVCache, pages: jax.Array, k_data, v_data) -> KVCache:
-    return KVCache(k=tuple(k.at[pages].set(d) for k, d in zip(kv_cache.k, k_data)),
-                   v=tuple(v.at[pages].set(d) for v, d in zip(kv_cache.v, v_data)))
+def _write_pages(kv_cache: KVCache, pages: jax.Array, data: KVCache) -> KVCache:
+    return jax.tree.map(lambda x, d: x.at[pages].set(d), kv_cache, data)
 
 
 def serving_mesh(config, devices=None):
@@ -124,9 +125,10 @@ def serving_mesh(config, devices=None):
 
 def serving_spec(model, config) -> KVCacheSpec:
     """The pages the engine serves `model` with: its kv heads (repeated under tensor parallelism, as
-    `shard_model` does) split over the tensor-parallel group, in the model's dtype."""
+    `shard_model` does) split over the tensor-parallel group, in config.kv_cache_dtype ('auto': the model's)."""
     tp = config.tensor_parallel_size
-    return KVCacheSpec.for_model(tp_model_config(model.config, tp), config.block_size, model.dtype, kv_shards=tp)
+    dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model.dtype)
+    return KVCacheSpec.for_model(tp_model_config(model.config, tp), config.block_size, dtype, kv_shards=tp)
 
 
 class ModelRunner:
@@ -165,7 +167,7 @@ class ModelRunner:
         self.weights, treedef = jax.tree.flatten(state)
         self.kv_cache = (spec.create(num_pages) if self.mesh is None
                          else sharding.new_kv_cache(spec, self.mesh, num_pages))
-        self.host_k, self.host_v = spec.host_pool(config.num_host_kv_blocks)
+        self.host_pool = spec.host_pool(config.num_host_kv_blocks)   # a KVCache of numpy arrays
         # Rows of one step whose tokens the next step may take on the device (async scheduling):
         # one per sequence, so as many as a step has sequences.
         self.max_pending_rows = max(4, min(self.token_buckets()[-1], self.max_num_seqs))
@@ -206,19 +208,17 @@ class ModelRunner:
         if not pairs:
             return
         dev, host = (np.array(x, np.int32) for x in zip(*pairs))
-        k_data, v_data = jax.device_get(self.calls["read_pages"](self.kv_cache, jnp.asarray(dev)))
-        for layer in range(len(self.host_k)):
-            self.host_k[layer][host] = k_data[layer]
-            self.host_v[layer][host] = v_data[layer]
+        data = jax.device_get(self.calls["read_pages"](self.kv_cache, jnp.asarray(dev)))
+        for pool, pages in zip(jax.tree.leaves(self.host_pool), jax.tree.leaves(data)):
+            pool[host] = pages
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Host page -> device page, for each (host, device) pair."""
         if not pairs:
             return
         host, dev = (np.array(x, np.int32) for x in zip(*pairs))
-        k_data = [jnp.asarray(h[host]) for h in self.host_k]
-        v_data = [jnp.asarray(h[host]) for h in self.host_v]
-        self.kv_cache = self.calls["write_pages"](self.kv_cache, jnp.asarray(dev), k_data, v_data)
+        data = jax.tree.map(lambda pool: jnp.asarray(pool[host]), self.host_pool)
+        self.kv_cache = self.calls["write_pages"](self.kv_cache, jnp.asarray(dev), data)
 
     # -- the step --------------------------------------------------------------------------------
 
