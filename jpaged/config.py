@@ -102,3 +102,5 @@ class EngineConfig:
               f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         check(self.quantization in QUANTIZATIONS,
               f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        check(self.quantization == "none" or self.tensor_parallel_size == 1,
+              "quantization='fp8' with tensor_parallel_size > 1 is not implemented (fp8 weights run on one device)")

@@ -15,7 +15,7 @@ from models.config import ModelConfig
 from models.kv_cache import KVCache, KVCacheSpec, StepInput
 from models.layers import RMSNorm, apply_rope, embed, paged_attention, rope_inv_freq
 from pallas_kernels import REFERENCE, Backend
-from pallas_kernels.matmul_mgpu import interleave_gate_up
+from pallas_kernels.matmul_mgpu import interleave_gate_up, split_gate_up, swiglu
 
 
 def _linear(rngs, din, dout, dtype, bias=False):
@@ -108,8 +108,10 @@ class MLP(nnx.Module):
         self.gate_proj = self.up_proj = None
 
     def __call__(self, x, backend: Backend):
-        if getattr(self, "gate_up_proj", None) is not None:
+        if isinstance(getattr(self, "gate_up_proj", None), _FusedLinear):
             h = pallas_kernels.gate_up_swiglu(x, self.gate_up_proj.kernel[...], backend=backend)
+        elif getattr(self, "gate_up_proj", None) is not None:   # fp8 weights (models/fp8_linear.py)
+            h = swiglu(*split_gate_up(self.gate_up_proj(x)))
         else:
             h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(h)

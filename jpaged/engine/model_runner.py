@@ -24,6 +24,7 @@ from flax import nnx
 from jpaged import sampling, sharding
 from jpaged.engine import packing
 from jpaged.sampling_params import SamplingParams
+from models import fp8_linear
 from models.kv_cache import MIN_STEP_TOKENS, KVCache, KVCacheSpec, StepInput
 from models.sharding import tp_model_config
 from pallas_kernels import Backend
@@ -147,6 +148,8 @@ class ModelRunner:
                 model = sharding.shard_model(model, self.mesh)
         elif config.fuse_projections and hasattr(model, "fuse_projections"):
             model.fuse_projections()  # in place: 2 GEMVs per layer where there were 5
+        if config.quantization == "fp8":
+            fp8_linear.quantize_model(model, jax.devices()[0])  # in place, after the fusion
         if spec.page_size != config.block_size or spec.kv_shards != config.tensor_parallel_size:
             raise ValueError(f"spec {spec} does not match block_size={config.block_size}, "
                              f"tensor_parallel_size={config.tensor_parallel_size}")

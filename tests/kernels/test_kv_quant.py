@@ -190,6 +190,7 @@ def test_attention_refuses_missing_or_misshapen_scales_by_name():
                                          sm_scale=1.0, k_scale=jnp.ones(pages.shape[:3]))
 
 
+@pytest.mark.long
 def test_routed_write_and_attend_through_the_backends():
     rng = np.random.default_rng(3)
     spec = KVCacheSpec(num_layers=1, num_kv_heads=HKV, head_dim=D, page_size=PAGE, dtype=jnp.float8_e4m3fn)
