@@ -108,6 +108,5 @@ class EngineConfig:
         check(not self.lora_modules or self.enable_lora, "lora_modules needs enable_lora=True")
         check(self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras}")
         check(self.max_lora_rank >= 1, f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
-        for name in ("tensor_parallel_size", "data_parallel_size"):
-            check(not self.enable_lora or getattr(self, name) == 1,
-                  f"enable_lora with {name} > 1 is not implemented")
+        check(not self.enable_lora or self.data_parallel_size == 1,
+              "enable_lora with data_parallel_size > 1 is not implemented")

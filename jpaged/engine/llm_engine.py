@@ -21,6 +21,7 @@ from jpaged.engine.output_processor import OutputProcessor, StepResult
 from jpaged.engine.prompt_logprobs import PromptScorer
 from jpaged.engine.scheduler import ScheduledBatch, Scheduler
 from jpaged.lora import LoRAManager, LoRARequest
+from models.sharding import tp_model_config
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 from pallas_kernels import select_backend
@@ -52,7 +53,7 @@ class Engine:
         self.kv_spec = serving_spec(model, config)
         self.backend = select_backend(mesh.devices.flat[0] if mesh is not None else jax.devices()[0], self.kv_spec,
                                       config.backend)
-        self.lora = _lora_manager(config, model)
+        self.lora = _lora_manager(config, model, mesh)
         num_pages = config.num_kv_blocks or self._default_num_pages()
         self.scheduler = Scheduler(config, num_blocks=num_pages, max_model_len=self.max_model_len,
                                    sliding_window=mcfg.sliding_window)
@@ -261,12 +262,16 @@ class _Launched:
     pending: dict[int, tuple[int, int]]  # seq_id -> (position, row): tokens the next step takes on device
 
 
-def _lora_manager(config: EngineConfig, model) -> LoRAManager | None:
-    """The adapter slots of an engine with enable_lora, with `config.lora_modules` registered (ids 1, 2, ...)."""
+def _lora_manager(config: EngineConfig, model, mesh) -> LoRAManager | None:
+    """The adapter slots of an engine with enable_lora (placed on `mesh` as the served weights), with
+    `config.lora_modules` registered (ids 1, 2, ...)."""
     if not config.enable_lora:
         return None
-    manager = LoRAManager(model.config, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
-                          dtype=model.dtype)
+    if jax.process_count() > 1:
+        raise ValueError("enable_lora across several hosts is not implemented")
+    served = tp_model_config(model.config, config.tensor_parallel_size)
+    manager = LoRAManager(served, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+                          dtype=model.dtype, mesh=mesh)
     for i, module in enumerate(config.lora_modules, start=1):
         name, _, path = module.partition("=")
         manager.add(LoRARequest(name, i, path))

@@ -6,6 +6,11 @@ B holds the scale). These arrays are an argument of the jitted step, never a con
 an adapter into a slot (a jitted scatter of the slot's rows, the slot index traced) compiles once and a
 step never recompiles for a change of adapters. Slots are handed out least recently used first;
 an evicted adapter keeps its host copy and comes back with one host-to-device copy.
+
+Under tensor parallelism (`mesh`) A and B are split as their base weight: for the column-parallel
+q/k/v/gate/up, B over its output features (A replicated); for the row-parallel o/down, A over its input
+features (B replicated). Where the served model repeats kv heads (`models.sharding.tp_model_config`),
+the k/v adapters' B repeats them the same way.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import collections
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jpaged.lora.peft import TARGETS, LoRAAdapter, load_peft_adapter
 from jpaged.lora.request import LoRARequest
@@ -25,6 +31,27 @@ def target_dims(model_config) -> dict[str, tuple[int, int]]:
     q, kv = model_config.num_heads * model_config.head_dim, model_config.num_kv_heads * model_config.head_dim
     return {"q_proj": (e, q), "k_proj": (e, kv), "v_proj": (e, kv), "o_proj": (q, e),
             "gate_proj": (e, f), "up_proj": (e, f), "down_proj": (f, e)}
+
+
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def slot_specs(target: str) -> tuple[P, P]:
+    """(A, B) partition specs of one target's slots, matching its base weight (models/sharding.py)."""
+    from models.sharding import MODEL
+
+    return (P(MODEL, None, None), P()) if target in ROW_PARALLEL else (P(), P(None, None, MODEL))
+
+
+def _repeat_kv_heads(b: np.ndarray, dout: int, head_dim: int, path: str, target: str) -> np.ndarray:
+    """b [.., R, Hkv * D] with each kv head repeated to fill `dout` features (the served model's heads)."""
+    have = b.shape[-1]
+    if have == dout:
+        return b
+    if dout % have or have % head_dim:
+        raise ValueError(f"LoRA adapter {path!r}: {target} has {have} output features; the model's has {dout}")
+    heads = b.reshape(*b.shape[:-1], have // head_dim, head_dim)
+    return np.repeat(heads, dout // have, axis=-2).reshape(*b.shape[:-1], dout)
 
 
 def _write_slot(slots, slot, new):
@@ -39,22 +66,29 @@ class LoRAManager:
     `activate(ids)` before each step puts those adapters in slots and returns {id: slot}; `weights` is
     then the step's LoRA argument."""
 
-    def __init__(self, model_config, *, max_loras: int, max_lora_rank: int, dtype):
+    def __init__(self, model_config, *, max_loras: int, max_lora_rank: int, dtype, mesh=None):
         if max_loras < 1:
             raise ValueError(f"max_loras must be >= 1, got {max_loras}")
         if max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {max_lora_rank}")
         self.max_loras, self.max_rank, self.dtype = max_loras, max_lora_rank, jnp.dtype(dtype)
-        self.num_layers = model_config.num_layers
+        self.num_layers, self.head_dim = model_config.num_layers, model_config.head_dim
         self.dims = target_dims(model_config)
         l, r = max_loras, max_lora_rank
-        self.weights = tuple({t: (jnp.zeros((din, l, r), self.dtype), jnp.zeros((l, r, dout), self.dtype))
+
+        def zeros(shape, spec):
+            if mesh is None:
+                return jnp.zeros(shape, self.dtype)
+            return jnp.zeros(shape, self.dtype, device=NamedSharding(mesh, spec))
+
+        self.weights = tuple({t: (zeros((din, l, r), slot_specs(t)[0]), zeros((l, r, dout), slot_specs(t)[1]))
                               for t, (din, dout) in self.dims.items()} for _ in range(self.num_layers))
         self.requests: dict[int, LoRARequest] = {}
         self._host: dict[int, tuple] = {}  # id -> per layer {target: (a [Din, R], b [R, Dout])}, padded
         self._slot_of: collections.OrderedDict[int, int] = collections.OrderedDict()  # LRU first
         self._free = list(range(max_loras))
-        self._write = jax.jit(_write_slot, donate_argnums=0)
+        self._write = jax.jit(_write_slot, donate_argnums=0,
+                              out_shardings=None if mesh is None else jax.tree.map(lambda x: x.sharding, self.weights))
         self.num_loads = 0
         self.num_evictions = 0
 
@@ -89,23 +123,24 @@ class LoRAManager:
         return next((r for r in self.requests.values() if r.lora_name == name), None)
 
     def _slot_arrays(self, adapter: LoRAAdapter) -> tuple:
-        def check(target, a, b):
+        weights = {}
+        for target, (a, b) in adapter.weights.items():
             din, dout = self.dims[target]
+            if target in ("k_proj", "v_proj"):
+                b = _repeat_kv_heads(b, dout, self.head_dim, adapter.path, target)
             if a.shape[1] != din or b.shape[2] != dout:
                 raise ValueError(f"LoRA adapter {adapter.path!r}: {target} maps {a.shape[1]} -> {b.shape[2]} "
                                  f"features; the model's {target} maps {din} -> {dout}")
-
-        for target, (a, b) in adapter.weights.items():
-            check(target, a, b)
+            weights[target] = (a, b)
         layers = []
         for i in range(self.num_layers):
             layer = {}
             for target, (din, dout) in self.dims.items():
                 a = np.zeros((din, self.max_rank), self.dtype)
                 b = np.zeros((self.max_rank, dout), self.dtype)
-                if target in adapter.weights:
-                    a[:, :adapter.rank] = adapter.weights[target][0][i]
-                    b[:adapter.rank] = adapter.weights[target][1][i]
+                if target in weights:
+                    a[:, :adapter.rank] = weights[target][0][i]
+                    b[:adapter.rank] = weights[target][1][i]
                 layer[target] = (a, b)
             layers.append(layer)
         return tuple(layers)
