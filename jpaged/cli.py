@@ -91,12 +91,13 @@ def add_engine_flags(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> No
         if isinstance(f.default, bool):
             name = f.name.removeprefix("enable_").replace("_", "-")
             flag, action = (f"--no-{name}", "store_false") if f.default else (f"--{name}", "store_true")
-            p.add_argument(flag, dest=f.name, action=action, help=f"do not {help_text}" if f.default else help_text)
+            p.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, action=action, help=f"do not {help_text}" if f.default else help_text)
             continue
-        kind = SCALARS[str(f.type).split(" |")[0]]
-        default = f" (default: {f.default})" if f.default is not None else ""
+        nargs = f.metadata.get("nargs")
+        kind = str if nargs else SCALARS[str(f.type).split(" |")[0]]
+        default = f" (default: {f.default})" if f.default is not None and f.default != () else ""
         p.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()), dest=f.name, type=kind, default=f.default,
-                       choices=f.metadata.get("choices"), help=help_text + default)
+                       choices=f.metadata.get("choices"), nargs=nargs, help=help_text + default)
 
 
 def _add_distributed_flags(p: argparse.ArgumentParser) -> None:

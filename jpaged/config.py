@@ -25,9 +25,11 @@ def resolve_dtype(dtype: str, platform: str | None = None) -> str:
     return "bfloat16" if platform == "gpu" else "float32"
 
 
-def _knob(default, help: str, *, choices: tuple | None = None, aliases: tuple[str, ...] = ()):
-    """A field with its command-line help, choices and extra flag names (jpaged/cli.py builds the flags)."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
+def _knob(default, help: str, *, choices: tuple | None = None, aliases: tuple[str, ...] = (), nargs: str | None = None):
+    """A field with its command-line help, choices, extra flag names and (for a tuple) argparse's nargs
+    (jpaged/cli.py builds the flags)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases,
+                                                        "nargs": nargs})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,13 @@ class EngineConfig:
     quantization: str = _knob("none", "weight quantization: 'fp8' quantizes the linear layers' weights at "
                               "load (per-output-channel scales, activations per token) and runs fp8 GEMMs",
                               choices=QUANTIZATIONS)
+    # Multi-LoRA (jpaged/lora/): adapters in device slots, selected per request.
+    enable_lora: bool = _knob(False, "serve PEFT LoRA adapters beside the base model",
+                              aliases=("--enable-lora",))
+    lora_modules: tuple[str, ...] = _knob((), "adapters loaded at start, each NAME=PATH (a PEFT directory); "
+                                          "needs --enable-lora", nargs="+")
+    max_loras: int = _knob(4, "LoRA adapters resident on the device at once (and the most one step uses)")
+    max_lora_rank: int = _knob(16, "highest LoRA rank served; smaller ranks are zero-padded to it")
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
@@ -104,3 +113,15 @@ class EngineConfig:
               f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         check(self.quantization == "none" or self.tensor_parallel_size == 1,
               "quantization='fp8' with tensor_parallel_size > 1 is not implemented (fp8 weights run on one device)")
+        self._check_lora(check)
+
+    def _check_lora(self, check) -> None:
+        object.__setattr__(self, "lora_modules", tuple(self.lora_modules))
+        check(all(isinstance(m, str) and "=" in m and m.partition("=")[0] and m.partition("=")[2]
+                  for m in self.lora_modules),
+              f"lora_modules must be NAME=PATH entries, got {list(self.lora_modules)}")
+        check(not self.lora_modules or self.enable_lora, "lora_modules needs enable_lora=True")
+        check(self.max_loras >= 1, f"max_loras must be >= 1, got {self.max_loras}")
+        check(self.max_lora_rank >= 1, f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        check(not self.enable_lora or self.data_parallel_size == 1,
+              "enable_lora with data_parallel_size > 1 is not implemented")

@@ -27,25 +27,31 @@ class LLM:
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, use_tqdm: bool | None = None) -> list[RequestOutput]:
+                 *, use_tqdm: bool | None = None, lora_request=None) -> list[RequestOutput]:
         """Runs every prompt to completion; outputs in the order of `prompts`. A progress bar shows
-        with use_tqdm=True, or by default when stderr is a terminal."""
+        with use_tqdm=True, or by default when stderr is a terminal. `lora_request`: a
+        jpaged.lora.LoRARequest for every prompt, or a list of one per prompt (None: the base model);
+        it needs enable_lora=True."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        loras = lora_request if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
         order = {}
         added = []
         final_only: dict[int, SamplingParams] = {}
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, lora in zip(prompts, params, loras):
                 rid = f"llm-{next(self._ids)}"
                 # Only finished outputs are returned: the engine then skips per-token reports and text.
                 # One final_only copy per distinct params object (the sampler groups rows by object).
                 if id(p) not in final_only:
                     final_only[id(p)] = dataclasses.replace(p or SamplingParams(), output_kind="final_only")
-                self.engine.add_request(rid, prompt, final_only[id(p)])
+                self.engine.add_request(rid, prompt, final_only[id(p)],
+                                        **({} if lora is None else {"lora_request": lora}))
                 order[rid] = len(order)
                 added.append(rid)
         except ValueError:

@@ -174,6 +174,8 @@ class StepInput:
     # Static (part of the tree structure, so a jit cache key): a bound on the sequences with more than one
     # new token, which the engine's scheduler guarantees; the Mosaic prefill kernel sizes its work list by it.
     max_prefill_seqs: int | None = struct.field(pytree_node=False, default=None)
+    # Multi-LoRA steps only: [T] int32, the device slot of each token's adapter (-1: the base model alone).
+    lora_index: jax.Array | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from models import lora as lora_update
 from models.config import ModelConfig
 from models.kv_cache import KVCache, KVCacheSpec, StepInput
 from models.layers import RMSNorm, apply_rope, embed, paged_attention, rope_inv_freq
@@ -71,15 +72,16 @@ class Attention(nnx.Module):
         self.qkv_proj = _fused_linear([self.q_proj, self.k_proj, self.v_proj])
         self.q_proj = self.k_proj = self.v_proj = None
 
-    def __call__(self, x, inv_freq, layer_cache, step: StepInput, backend: Backend):
+    def __call__(self, x, inv_freq, layer_cache, step: StepInput, backend: Backend, lora=None):
         """layer_cache: (k_pages, v_pages, k_scale, v_scale) of this layer (`KVCache.layers`)."""
         t = x.shape[0]
         if getattr(self, "qkv_proj", None) is not None:
-            qkv = self.qkv_proj(x)
+            qkv = lora_update.add(self.qkv_proj(x), x, lora, ("q_proj", "k_proj", "v_proj"), step, backend)
             nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = (lora_update.add(proj(x), x, lora, (name,), step, backend) for proj, name in
+                       ((self.q_proj, "q_proj"), (self.k_proj, "k_proj"), (self.v_proj, "v_proj")))
         q = q.reshape(t, self.num_heads, self.head_dim)      # [T, Hq, D]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
         v = v.reshape(t, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
@@ -91,7 +93,8 @@ class Attention(nnx.Module):
         o, *layer_cache = paged_attention(
             q, k, v, k_pages, v_pages, step, sm_scale=self.head_dim ** -0.5,
             sliding_window=self.sliding_window, backend=backend, k_scale=k_scale, v_scale=v_scale)
-        return self.o_proj(o.reshape(t, -1)), tuple(layer_cache)
+        o = o.reshape(t, -1)
+        return lora_update.add(self.o_proj(o), o, lora, ("o_proj",), step, backend), tuple(layer_cache)
 
 
 class MLP(nnx.Module):
@@ -107,14 +110,23 @@ class MLP(nnx.Module):
         self.gate_up_proj = _gate_up_linear(self.gate_proj, self.up_proj)
         self.gate_proj = self.up_proj = None
 
-    def __call__(self, x, backend: Backend):
+    def __call__(self, x, backend: Backend, step: StepInput | None = None, lora=None):
         if isinstance(getattr(self, "gate_up_proj", None), _FusedLinear):
-            h = pallas_kernels.gate_up_swiglu(x, self.gate_up_proj.kernel[...], backend=backend)
+            if lora is None:
+                h = pallas_kernels.gate_up_swiglu(x, self.gate_up_proj.kernel[...], backend=backend)
+            else:
+                h = lora_update.gate_up_swiglu(x, self.gate_up_proj.kernel[...], lora, step, backend)
         elif getattr(self, "gate_up_proj", None) is not None:   # fp8 weights (models/fp8_linear.py)
-            h = swiglu(*split_gate_up(self.gate_up_proj(x)))
+            y = self.gate_up_proj(x)
+            if lora is not None:
+                y = y + interleave_gate_up(lora_update.delta(x, lora, "gate_proj", step, backend),
+                                           lora_update.delta(x, lora, "up_proj", step, backend))
+            h = swiglu(*split_gate_up(y))
         else:
-            h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(h)
+            gate = lora_update.add(self.gate_proj(x), x, lora, ("gate_proj",), step, backend)
+            up = lora_update.add(self.up_proj(x), x, lora, ("up_proj",), step, backend)
+            h = jax.nn.silu(gate) * up
+        return lora_update.add(self.down_proj(h), h, lora, ("down_proj",), step, backend)
 
 
 class DecoderLayer(nnx.Module):
@@ -125,10 +137,10 @@ class DecoderLayer(nnx.Module):
                                                 before_gemm=True)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x, inv_freq, layer_cache, step, backend: Backend):
-        h, layer_cache = self.self_attn(self.input_layernorm(x), inv_freq, layer_cache, step, backend)
+    def __call__(self, x, inv_freq, layer_cache, step, backend: Backend, lora=None):
+        h, layer_cache = self.self_attn(self.input_layernorm(x), inv_freq, layer_cache, step, backend, lora)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), backend)
+        x = x + self.mlp(self.post_attention_layernorm(x), backend, step, lora)
         return x, layer_cache
 
 
@@ -161,16 +173,21 @@ class LlamaForCausalLM(nnx.Module):
     def new_kv_cache(self, num_pages: int, page_size: int, dtype=None) -> KVCache:
         return self.kv_cache_spec(page_size, dtype).create(num_pages)
 
-    def __call__(self, kv_cache: KVCache, step: StepInput, *, backend: Backend = REFERENCE
+    def __call__(self, kv_cache: KVCache, step: StepInput, *, backend: Backend = REFERENCE, lora=None
                  ) -> tuple[jax.Array, KVCache]:
         """Returns logits [len(step.logits_index), vocab] in float32 and the updated cache; `backend`
-        names the kernels (a static value: part of the jit cache key of the caller's step)."""
+        names the kernels (a static value: part of the jit cache key of the caller's step). `lora`: the
+        LoRA device slots, one {target: (A, B)} per layer (jpaged/lora/manager.py), applied per token by
+        `step.lora_index`; None serves the base model alone."""
+        if lora is not None and step.lora_index is None:
+            raise ValueError("lora slots were given but step.lora_index is None (one slot index per token)")
         cfg = self.config
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = embed(self.embed_tokens, step.token_ids)                           # [T, E]
         new_layers = []
-        for layer, layer_cache in zip(self.layers, kv_cache.layers()):
-            x, layer_cache = layer(x, inv_freq, layer_cache, step, backend)
+        layer_loras = lora if lora is not None else (None,) * len(self.layers)
+        for layer, layer_cache, layer_lora in zip(self.layers, kv_cache.layers(), layer_loras):
+            x, layer_cache = layer(x, inv_freq, layer_cache, step, backend, layer_lora)
             new_layers.append(layer_cache)
         h = self.norm(x[step.logits_index])                                     # [S, E]
         if self.lm_head is None:

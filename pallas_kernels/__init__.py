@@ -9,6 +9,7 @@ reference beside it, behind one API routed by a `Backend` (pallas_kernels/backen
   kernel that cannot take a call (its `unsupported_reason`) leaves it to the Triton kernel.
 - `gate_up_swiglu`: Backend.gate_up "mosaic" runs the Mosaic GEMM with its SwiGLU epilogue where it
   takes the shapes (rows a multiple of 256), else XLA.
+- `lora_delta`: the per-token LoRA update of multi-LoRA steps, Backend.lora "masked" or "ragged" (lora.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pallas_kernels.ragged_paged_attention_kernel import ragged_paged_attention_
 from pallas_kernels import ragged_paged_attention_mgpu as _mgpu
 from pallas_kernels.mixed_batch import attend_mixed
 from pallas_kernels import matmul_mgpu as _matmul_mgpu
+from pallas_kernels import lora as _lora
 
 
 def _check_backend(backend) -> None:
@@ -98,9 +100,14 @@ def write_kv_quantized(k_pages, v_pages, k_scale, v_scale, k, v, slot_mapping, *
         return write_kv_quantized_reference(k_pages, v_pages, k_scale, v_scale, k, v, slot_mapping)
     return write_kv_quantized_pallas(k_pages, v_pages, k_scale, v_scale, k, v, slot_mapping,
                                      interpret=backend.interpret)
+def lora_delta(x, a, b, lora_index, *, backend: Backend = REFERENCE):
+    """[T, Dout]: x[t] @ a[:, i] @ b[i] for each token's slot i = lora_index[t] (-1: zeros), by Backend.lora."""
+    _check_backend(backend)
+    return _lora.lora_delta(x, a, b, lora_index, impl=backend.lora)
 
 
 __all__ = ["Backend", "PRESETS", "REFERENCE", "select_backend", "ragged_paged_attention", "gate_up_swiglu",
+           "lora_delta",
            "ragged_paged_attention_reference", "ragged_paged_attention_pallas", "mosaic_takes",
            "write_kv", "write_kv_reference", "write_kv_pallas", "write_kv_quantized",
            "write_kv_quantized_reference", "write_kv_quantized_pallas"]

@@ -19,6 +19,7 @@ CHOICES = {
     "prefill": ("reference", "triton", "mosaic"),
     "decode": ("reference", "triton"),
     "gate_up": ("xla", "mosaic"),
+    "lora": ("masked", "ragged"),
 }
 
 
@@ -31,6 +32,8 @@ class Backend:
       Triton-lowered Pallas kernel) or "mosaic" (the Mosaic GPU kernel).
     - decode: attention of decode-shaped batches (T <= S): "reference" or "triton".
     - gate_up: the MLP's gate/up GEMM with SwiGLU: "xla" or "mosaic" (`matmul_mgpu.py`).
+    - lora: the batched LoRA matmul of multi-LoRA steps (`lora.lora_delta`): "masked" (dense over
+      every slot) or "ragged" (`jax.lax.ragged_dot` over tokens grouped by adapter).
     - split_mixed: with prefill="mosaic", a prefill-shaped batch's single-token sequences go to the
       decode kernel in the same call (`mixed_batch.attend_mixed`).
     - interpret: run the Pallas kernels in Pallas' interpreter (CPU tests).
@@ -42,6 +45,7 @@ class Backend:
     prefill: str = "reference"
     decode: str = "reference"
     gate_up: str = "xla"
+    lora: str = "masked"
     split_mixed: bool = True
     interpret: bool = False
 

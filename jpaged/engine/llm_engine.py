@@ -21,6 +21,8 @@ from jpaged.engine.model_runner import InFlight, ModelRunner, SampleRow, serving
 from jpaged.engine.output_processor import OutputProcessor, StepResult
 from jpaged.engine.prompt_logprobs import PromptScorer
 from jpaged.engine.scheduler import ScheduledBatch, Scheduler
+from jpaged.lora import LoRAManager, LoRARequest
+from models.sharding import tp_model_config
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 from pallas_kernels import select_backend
@@ -53,13 +55,15 @@ class Engine:
         self.kv_spec = serving_spec(model, config)
         self.backend = select_backend(mesh.devices.flat[0] if mesh is not None else jax.devices()[0], self.kv_spec,
                                       config.backend)
+        self.lora = _lora_manager(config, model, mesh)
         num_pages = config.num_kv_blocks or self._default_num_pages()
         log.info("KV cache: %d pages of %d tokens, %s, %.1f KiB a page per device", num_pages, config.block_size,
                  self.kv_spec.dtype, self.kv_spec.bytes_per_page / 1024)
         self.scheduler = Scheduler(config, num_blocks=num_pages, max_model_len=self.max_model_len,
                                    sliding_window=mcfg.sliding_window)
         self.runner = ModelRunner(config, model, spec=self.kv_spec, backend=self.backend, num_pages=num_pages,
-                                  max_model_len=self.max_model_len, mesh=mesh, eos_token_ids=self.eos_token_ids)
+                                  max_model_len=self.max_model_len, mesh=mesh, eos_token_ids=self.eos_token_ids,
+                                  lora=self.lora)
         self.model = self.runner.model  # the weights being served (sharded under TP): no other copy is kept
         self.output_processor = OutputProcessor(tokenizer, self.scheduler, eos_token_ids=self.eos_token_ids,
                                                 max_model_len=self.max_model_len, seq_ids=itertools.count())
@@ -92,13 +96,16 @@ class Engine:
     # -- requests --------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
-        """Queues a request; ValueError (and no state kept) for one that can never run."""
+                    priority: int = 0, arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        """Queues a request (through the adapter of `lora_request`, registered on first use); ValueError
+        (and no state kept) for one that can never run."""
         params = params or SamplingParams()
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        adapter_id = self._adapter_id(lora_request, params)
         prompt_text, prompt_ids = self._tokenize(prompt)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
         if max_tokens < 1:
@@ -111,7 +118,32 @@ class Engine:
             prompt_logprobs = self.prompt_scorer.prompt_logprobs(prompt_ids, params.prompt_logprobs,
                                                                  self.tokenizer.decode)
         self.output_processor.add(request_id, prompt_text, prompt_ids, params, priority=priority,
-                                  arrival_time=arrival_time, prompt_logprobs=prompt_logprobs)
+                                  arrival_time=arrival_time, prompt_logprobs=prompt_logprobs, adapter_id=adapter_id)
+
+    def _adapter_id(self, lora_request: LoRARequest | None, params: SamplingParams) -> int:
+        if lora_request is None:
+            return 0
+        if self.lora is None:
+            raise ValueError("lora_request needs an engine with enable_lora=True")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs with a lora_request is not implemented (prompts are scored by "
+                             "the base model)")
+        self.lora.add(lora_request)
+        return lora_request.lora_int_id
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Registers an adapter (read from disk now) for requests to name; ValueError when it does not fit."""
+        if self.lora is None:
+            raise ValueError("add_lora needs an engine with enable_lora=True")
+        self.lora.add(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        """Forgets an adapter; ValueError while an unfinished request uses it, or for an unknown id."""
+        if self.lora is None:
+            raise ValueError("remove_lora needs an engine with enable_lora=True")
+        if any(seq.adapter_id == lora_int_id for req in self.requests.values() for seq in req.seqs):
+            raise ValueError(f"LoRA adapter {lora_int_id} is in use by unfinished requests")
+        self.lora.remove(lora_int_id)
 
     @functools.cached_property
     def prompt_scorer(self) -> PromptScorer:
@@ -192,9 +224,11 @@ class Engine:
         overlappable = (self.config.async_scheduling and not forked
                         and len(rows) <= self.runner.max_pending_rows
                         and all(_needs_no_history(row.seq.sampling_params) for row in rows))
+        lora_slots = None if self.lora is None else self.lora.activate(
+            e.seq.adapter_id for e in batch.entries if e.seq.adapter_id)
         handle = self.runner.launch(batch.entries, rows, self._num_steps,
                                     pending=prev.pending if prev is not None else None,
-                                    prev=prev.handle if prev is not None else None)
+                                    prev=prev.handle if prev is not None else None, lora_slots=lora_slots)
         self._num_steps += 1
         self.scheduler.advance(batch)
         pending = {seq.seq_id: (pos, r) for r, (seq, pos) in enumerate(zip(seqs, positions))}
@@ -230,6 +264,22 @@ class _Launched:
     handle: InFlight
     overlappable: bool  # the next step may be scheduled before this one is read back
     pending: dict[int, tuple[int, int]]  # seq_id -> (position, row): tokens the next step takes on device
+
+
+def _lora_manager(config: EngineConfig, model, mesh) -> LoRAManager | None:
+    """The adapter slots of an engine with enable_lora (placed on `mesh` as the served weights), with
+    `config.lora_modules` registered (ids 1, 2, ...)."""
+    if not config.enable_lora:
+        return None
+    if jax.process_count() > 1:
+        raise ValueError("enable_lora across several hosts is not implemented")
+    served = tp_model_config(model.config, config.tensor_parallel_size)
+    manager = LoRAManager(served, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+                          dtype=model.dtype, mesh=mesh)
+    for i, module in enumerate(config.lora_modules, start=1):
+        name, _, path = module.partition("=")
+        manager.add(LoRARequest(name, i, path))
+    return manager
 
 
 def _needs_no_history(params: SamplingParams) -> bool:

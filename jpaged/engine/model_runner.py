@@ -78,14 +78,14 @@ def make_step_fn(graphdef, state_treedef, max_pending_rows: int):
     the device) instead of `step.token_ids[t]`: how a step is launched before the one it follows has
     been read back (async scheduling)."""
 
-    def step_fn(weights, kv_cache: KVCache, int_buf, float_buf, base_key, prev_tokens, *, layout,
+    def step_fn(weights, kv_cache: KVCache, int_buf, float_buf, base_key, prev_tokens, lora=None, *, layout,
                 backend: Backend, num_top_logprobs: int):
         model = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
         step, tensors, step_counter, token_src = packing.unpack(int_buf, float_buf, layout)
         token_ids = jnp.where(token_src >= 0, prev_tokens[jnp.maximum(token_src, 0)], step.token_ids)
         step = dataclasses.replace(step, token_ids=token_ids)
         key = jax.random.fold_in(base_key, step_counter)  # a fresh key per step, no host-side split
-        logits, kv_cache = model(kv_cache, step, backend=backend)
+        logits, kv_cache = model(kv_cache, step, backend=backend, lora=lora)
         out = sampling.sample(logits, tensors, key, num_top_logprobs=num_top_logprobs)
         n = min(max_pending_rows, out.tokens.shape[0])
         tokens = jnp.zeros(max_pending_rows, jnp.int32).at[:n].set(out.tokens[:n].astype(jnp.int32))
@@ -138,7 +138,7 @@ class ModelRunner:
     and the page pool of `spec`, with `backend`'s kernels."""
 
     def __init__(self, config, model, *, spec: KVCacheSpec, backend: Backend, num_pages: int, max_model_len: int,
-                 mesh=None, eos_token_ids=()):
+                 mesh=None, eos_token_ids=(), lora=None):
         if (mesh is None) != (config.tensor_parallel_size == 1):
             raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs a mesh of that many "
                              "devices (serving_mesh), one device none")
@@ -155,6 +155,7 @@ class ModelRunner:
                              f"tensor_parallel_size={config.tensor_parallel_size}")
         self.model = model
         self.model_config = model.config
+        self.lora = lora  # a jpaged.lora.LoRAManager: its slots are the step's `lora` argument
         self.spec, self.backend = spec, backend
         self.page_size = spec.page_size
         self.num_pages = num_pages
@@ -258,14 +259,17 @@ class ModelRunner:
                     cu_q_lens=np.zeros(s + 1, np.int32), kv_lens=np.zeros(s, np.int32),
                     page_table=np.zeros((s, p), np.int32), slot_mapping=np.full(t, -1, np.int32),
                     logits_index=np.zeros(s, np.int32), num_seqs=np.int32(0),
-                    max_prefill_seqs=self.max_prefill_seqs)
+                    max_prefill_seqs=self.max_prefill_seqs,
+                    lora_index=None if self.lora is None else np.full(t, -1, np.int32))
                 self.fetch(self._dispatch(step, [], 0, []))
 
-    def build_step_input(self, entries, sample_rows: list[SampleRow], pending=None) -> tuple[StepInput, np.ndarray]:
+    def build_step_input(self, entries, sample_rows: list[SampleRow], pending=None, lora_slots=None
+                         ) -> tuple[StepInput, np.ndarray]:
         """Packs scheduled entries (seq, start, num_tokens) into padded numpy arrays.
 
         `pending` maps seq_id -> (position, row): that token is row `row` of the previous step's
-        samples, not read back yet. Returns the StepInput and token_src ([T], the row or -1)."""
+        samples, not read back yet. `lora_slots` ({adapter_id: slot}, LoRA on) gives each token its
+        adapter's slot (-1: base). Returns the StepInput and token_src ([T], the row or -1)."""
         # Vectorised over the entries: at large batches a per-entry loop of numpy calls costs milliseconds.
         ps, n_e = self.page_size, len(entries)
         starts = np.fromiter((e.start for e in entries), np.int64, n_e)
@@ -315,6 +319,13 @@ class ModelRunner:
         step = StepInput(token_ids=token_ids, positions=positions, cu_q_lens=cu_q_lens, kv_lens=kv_lens,
                          page_table=page_table, slot_mapping=slot_mapping, logits_index=logits_index,
                          num_seqs=np.int32(len(entries)), max_prefill_seqs=self.max_prefill_seqs)
+        if self.lora is not None:
+            lora_index = np.full(t, -1, np.int32)
+            slots = lora_slots or {}
+            lora_index[:num_tokens] = np.repeat(
+                np.fromiter((slots.get(e.seq.adapter_id, -1) if e.seq.adapter_id else -1 for e in entries),
+                            np.int32, n_e), counts)
+            step = dataclasses.replace(step, lora_index=lora_index)
         return step, token_src
 
     def execute(self, entries, sample_rows: list[SampleRow], step_counter: int):
@@ -322,12 +333,12 @@ class ModelRunner:
         return self.fetch(self.launch(entries, sample_rows, step_counter))
 
     def launch(self, entries, sample_rows: list[SampleRow], step_counter: int, *, pending=None,
-               prev: InFlight | None = None) -> InFlight:
+               prev: InFlight | None = None, lora_slots=None) -> InFlight:
         """Starts one step on the device and returns at once (JAX dispatch is asynchronous).
 
         Tokens listed in `pending` (seq_id -> (position, row of `prev`)) come from `prev`'s samples on
         the device. Rows without a seed draw from fold_in(the runner's key, step_counter)."""
-        step, token_src = self.build_step_input(entries, sample_rows, pending)
+        step, token_src = self.build_step_input(entries, sample_rows, pending, lora_slots)
         return self._dispatch(step, [row.seq for row in sample_rows], step_counter,
                               [row.seq.sampling_params for row in sample_rows], token_src, prev)
 
@@ -352,8 +363,9 @@ class ModelRunner:
             token_src = np.full(step.token_ids.shape, -1, np.int32)
         int_buf, float_buf, layout = packing.pack((step, tensors, np.int32(step_counter), token_src))
         prev_tokens = prev.tokens if prev is not None else self._no_prev_tokens
+        lora = () if self.lora is None else (self.lora.weights,)
         with self._mesh_context():
             packed, tokens, self.kv_cache = self.calls["step"](
-                self.weights, self.kv_cache, int_buf, float_buf, self.base_key, prev_tokens,
+                self.weights, self.kv_cache, int_buf, float_buf, self.base_key, prev_tokens, *lora,
                 layout=layout, backend=self.backend, num_top_logprobs=top)
         return InFlight(packed=packed, tokens=tokens, num_rows=len(seqs))

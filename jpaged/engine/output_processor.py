@@ -99,10 +99,11 @@ class OutputProcessor:
     # -- requests --------------------------------------------------------------------------------
 
     def add(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams, *,
-            priority: int = 0, arrival_time: float | None = None, prompt_logprobs=None) -> Sequence:
+            priority: int = 0, arrival_time: float | None = None, prompt_logprobs=None, adapter_id: int = 0
+            ) -> Sequence:
         """The request's first sequence, queued on the scheduler (ValueError, nothing kept, if it never fits)."""
         seq = Sequence(seq_id=next(self.seq_ids), request_id=request_id, token_ids=list(prompt_ids),
-                       sampling_params=params, priority=priority)
+                       sampling_params=params, priority=priority, adapter_id=adapter_id)
         self.scheduler.add(seq)
         self.requests[request_id] = RequestState(
             request_id=request_id, prompt=prompt, prompt_token_ids=list(prompt_ids), params=params,

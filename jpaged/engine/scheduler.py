@@ -148,6 +148,7 @@ class Scheduler:
         self._budget = self.config.max_num_batched_tokens
         self._num_prefills = 0  # entries with more than one token
         self._in_batch: set[int] = set()
+        self._adapters: set[int] = set()  # LoRA adapters of this step's entries, at most max_loras
         running = [s for s in self.running if not self._ends_with_pending(s)]
         decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in running if s.num_tokens - s.num_computed_tokens > 1]
@@ -173,6 +174,9 @@ class Scheduler:
         """Tokens of seq to compute this step from `start` (0: wait for a step with more budget, or with
         room for one more prefill chunk)."""
         remaining = seq.num_tokens - start
+        if (seq.adapter_id and seq.adapter_id not in self._adapters
+                and len(self._adapters) >= self.config.max_loras):
+            return 0  # the step's LoRA slots are taken by other adapters
         cap = self.config.max_num_prefill_seqs
         if remaining > 1 and self._budget > 1 and cap is not None and self._num_prefills >= cap:
             return 0
@@ -191,6 +195,8 @@ class Scheduler:
         self._budget -= n
         self._num_prefills += n > 1
         self._in_batch.add(seq.seq_id)
+        if seq.adapter_id:
+            self._adapters.add(seq.adapter_id)
 
     def _schedule_running(self, seq: Sequence, batch: ScheduledBatch) -> None:
         n = self._chunk(seq, seq.num_computed_tokens)

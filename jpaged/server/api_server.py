@@ -28,6 +28,7 @@ from jpaged.outputs import RequestOutput
 from jpaged.server import protocol as p
 from jpaged.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError, ShuttingDownError
 from jpaged.server.body_limit import check_limit, read_body
+from jpaged.server.lora_routes import LoRAAdapters, add_routes as add_lora_routes
 from jpaged.server.metrics import CONTENT_TYPE, ServerMetrics
 from jpaged.server.prompts import PromptPreparer, longest_token_bytes, vocab_size_of
 from jpaged.server.settings import ServerSettings
@@ -118,6 +119,7 @@ class _Server:
         self.prompts: PromptPreparer | None = None  # built once the engine (and its tokenizer) exists
         self.draining = False
         self.metrics = ServerMetrics(lambda: engine.stats, lambda: engine.num_pending)
+        self.adapters = LoRAAdapters(engine)
 
     @property
     def model_name(self) -> str:
@@ -132,6 +134,7 @@ class _Server:
             None, longest_token_bytes, engine.tokenizer, min(vocab_size, tokenizer_vocab))
         self.prompts = PromptPreparer(engine.tokenizer, vocab_size=vocab_size, max_model_len=self.engine.max_model_len,
                                       max_token_bytes=longest)
+        self.adapters.start()
 
     # -- checks --------------------------------------------------------------------------------------
 
@@ -155,10 +158,9 @@ class _Server:
         if state == "starting":
             raise _unavailable("the engine is starting (warming up); retry shortly", "engine_starting")
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise p.ApiError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'",
-                             param="model", code="model_not_found")
+    def check_model(self, model: str | None):
+        """The LoRA adapter `model` names (jpaged/server/lora_routes.py), None for the base model; 404 else."""
+        return self.adapters.resolve(model, self.model_name)
 
     def check_n(self, n: int) -> None:
         if n > self.settings.max_n:
@@ -194,10 +196,10 @@ class _Server:
 
     # -- engine requests -----------------------------------------------------------------------------
 
-    async def add_all(self, base_id: str, token_ids: list[list[int]], params, *, param: str) -> None:
-        """Adds one engine request per prompt, all or none."""
+    async def add_all(self, base_id: str, token_ids: list[list[int]], params, *, param: str, lora=None) -> None:
+        """Adds one engine request per prompt (through the LoRA adapter `lora`, if any), all or none."""
         try:
-            await self.engine.add_many([(f"{base_id}-{i}", ids, params) for i, ids in enumerate(token_ids)])
+            await self.engine.add_many([(f"{base_id}-{i}", ids, params, lora) for i, ids in enumerate(token_ids)])
         except ValueError as e:
             raise p.ApiError(400, str(e), param=param, code="invalid_prompt") from None
         except QueueFullError as e:
@@ -258,7 +260,7 @@ class _Server:
     async def completions(self, request: Request, body: bytes) -> Response:
         t0 = time.monotonic()
         req = _parse(p.CompletionRequest, body)
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         params = req.sampling_params()
         self.check_n(params.n)
         prompts = req.prompts()
@@ -270,8 +272,9 @@ class _Server:
             echo_texts = [prompt if isinstance(prompt, str) else await self.prompts.decode(prompt)
                           for prompt in prompts]
         base_id = p.new_id("cmpl")
-        await self.add_all(base_id, token_ids, params, param="prompt")
-        head = {"id": base_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
+        await self.add_all(base_id, token_ids, params, param="prompt", lora=lora)
+        head = {"id": base_id, "object": "text_completion", "created": int(time.time()),
+                "model": lora.lora_name if lora else self.model_name}
         if req.stream:
             return _SSEResponse(self.completion_events(req, head, echo_texts, len(prompts), t0),
                                 self.releaser(base_id, len(prompts)))
@@ -341,7 +344,7 @@ class _Server:
     async def chat(self, request: Request, body: bytes) -> Response:
         t0 = time.monotonic()
         req = _parse(p.ChatCompletionRequest, body)
-        self.check_model(req.model)
+        lora = self.check_model(req.model)
         params = req.sampling_params()
         self.check_n(params.n)
         self.check_prompt_count(1)
@@ -349,8 +352,9 @@ class _Server:
         token_ids = await self.prompts.token_ids([prompt], add_special_tokens=False, param="messages")
         params = self.resolve_max_tokens(params, token_ids, "messages")
         base_id = p.new_id("chatcmpl")
-        await self.add_all(base_id, token_ids, params, param="messages")
-        head = {"id": base_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_name}
+        await self.add_all(base_id, token_ids, params, param="messages", lora=lora)
+        head = {"id": base_id, "object": "chat.completion", "created": int(time.time()),
+                "model": lora.lora_name if lora else self.model_name}
         top = req.top_logprobs or 0
         if req.stream:
             return _SSEResponse(self.chat_events(req, {**head, "object": "chat.completion.chunk"}, top, t0),
@@ -508,11 +512,15 @@ def build_app(engine_factory: Callable[[], object], settings: ServerSettings | N
         return wrapped
 
     async def models(request: Request) -> Response:
-        return _json(p.model_list(server.model_name))
+        listing = p.model_list(server.model_name)
+        listing["data"] += server.adapters.cards(server.model_name)
+        return _json(listing)
 
     async def model(request: Request) -> Response:
-        server.check_model(request.path_params["model_id"])
-        return _json(p.model_card(server.model_name))
+        lora = server.check_model(request.path_params["model_id"])
+        if lora is None:
+            return _json(p.model_card(server.model_name))
+        return _json(next(c for c in server.adapters.cards(server.model_name) if c["id"] == lora.lora_name))
 
     async def health(request: Request) -> Response:
         if server.draining:
@@ -536,6 +544,7 @@ def build_app(engine_factory: Callable[[], object], settings: ServerSettings | N
     app.add_api_route("/v1/completions", route("completions", server.completions, body=True, admit=True),
                       methods=["POST"])
     app.add_api_route("/v1/chat/completions", route("chat", server.chat, body=True, admit=True), methods=["POST"])
+    add_lora_routes(app, server.adapters, route, _parse)
     app.add_api_route("/health", route("health", health, auth=False), methods=["GET"])
     app.add_api_route("/metrics", route("metrics", metrics, auth=False), methods=["GET"])
 

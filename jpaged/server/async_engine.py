@@ -145,16 +145,17 @@ class AsyncEngine:
 
     # -- requests (event loop side) ----------------------------------------------------------------
 
-    async def add_many(self, requests: list[tuple[str, list[int], SamplingParams]]) -> None:
-        """Queues requests of token ids, all or none: the capacity check covers them together, and if
-        the engine refuses one (ValueError, naming its position) none of them stays."""
+    async def add_many(self, requests: list[tuple]) -> None:
+        """Queues requests of token ids, each (request_id, token_ids, params) or (..., lora_request), all
+        or none: the capacity check covers them together, and if the engine refuses one (ValueError,
+        naming its position) none of them stays."""
         if self.error is not None:
             raise EngineDeadError(f"engine failed: {self.error}")
         if self.closed:
             raise ShuttingDownError("the server is shutting down and accepts no new requests")
         if len(self._streams) + len(requests) > self.max_pending_requests:
             raise QueueFullError(f"the server is at its limit of {self.max_pending_requests} pending requests")
-        ids = [request_id for request_id, _, _ in requests]
+        ids = [request[0] for request in requests]
         if any(request_id in self._streams for request_id in ids):
             raise ValueError("request ids are already in use")
         for request_id in ids:
@@ -168,6 +169,17 @@ class AsyncEngine:
             # never kept is a no-op.
             self.release(ids)
             raise
+
+    async def call(self, fn: Callable[[object], object]):
+        """fn(engine) on the engine thread, between steps (run-time changes such as loading a LoRA
+        adapter); its result, or its exception raised here."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine failed: {self.error}")
+        if self.closed:
+            raise ShuttingDownError("the server is shutting down")
+        done = self._loop.create_future()
+        self._commands.put(("call", fn, done))
+        return await done
 
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
         """Yields the newest output of an added request until it finishes; aborts it if left early."""
@@ -307,12 +319,21 @@ class AsyncEngine:
                 self.engine.abort(command[1])
                 self._live.discard(command[1])
             return
+        if command[0] == "call":
+            _, fn, done_future = command
+            try:
+                result, error = fn(self.engine), None
+            except Exception as e:  # the caller's to report; the engine thread goes on
+                result, error = None, e
+            self._loop.call_soon_threadsafe(_settle, done_future, error, result)
+            return
         _, requests, added = command
         done: list[str] = []
         try:
-            for position, (request_id, token_ids, params) in enumerate(requests):
+            for position, (request_id, token_ids, params, *lora) in enumerate(requests):
                 try:
-                    self.engine.add_request(request_id, token_ids, params)
+                    self.engine.add_request(request_id, token_ids, params,
+                                            **({"lora_request": lora[0]} if lora and lora[0] else {}))
                 except ValueError as e:
                     raise ValueError(f"prompt {position}: {e}" if len(requests) > 1 else str(e)) from None
                 done.append(request_id)
@@ -344,14 +365,14 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 break
-            if command[0] == "add":
+            if command[0] in ("add", "call"):
                 self._loop.call_soon_threadsafe(_settle, command[-1], dead)
 
 
-def _settle(future: asyncio.Future, error) -> None:
+def _settle(future: asyncio.Future, error, result=None) -> None:
     if future.done():  # the handler was cancelled meanwhile
         return
     if error is not None:
         future.set_exception(error)
     else:
-        future.set_result(None)
+        future.set_result(result)
