@@ -60,6 +60,12 @@ class EngineConfig:
     async_scheduling: bool = _knob(True, "schedule step N+1 while step N runs")
     fuse_projections: bool = _knob(True, "fuse q/k/v and gate/up into one GEMM each (one device)")
     seed: int = _knob(0, "engine seed for requests without a seed of their own")
+    # Speculative decoding (jpaged/engine/spec_decode/): a SpeculativeConfig, its dict or its JSON.
+    speculative_config: str | dict | None = _knob(
+        None, "speculative decoding, a JSON object with vLLM's keys: '{\"method\": \"ngram\", "
+        "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}' or '{\"method\": \"draft_model\", "
+        "\"model\": PATH, \"num_speculative_tokens\": 4}' (optional \"draft_num_layers\": N keeps the "
+        "draft's first N layers)")
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
@@ -89,3 +95,5 @@ class EngineConfig:
               f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         check(self.data_parallel_size >= 1, f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        from jpaged.engine.spec_decode.config import SpeculativeConfig
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
