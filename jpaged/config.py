@@ -78,6 +78,12 @@ class EngineConfig:
                                           "needs --enable-lora", nargs="+")
     max_loras: int = _knob(4, "LoRA adapters resident on the device at once (and the most one step uses)")
     max_lora_rank: int = _knob(16, "highest LoRA rank served; smaller ranks are zero-padded to it")
+    # Speculative decoding (jpaged/engine/spec_decode/): a SpeculativeConfig, its dict or its JSON.
+    speculative_config: str | dict | None = _knob(
+        None, "speculative decoding, a JSON object with vLLM's keys: '{\"method\": \"ngram\", "
+        "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}' or '{\"method\": \"draft_model\", "
+        "\"model\": PATH, \"num_speculative_tokens\": 4}' (optional \"draft_num_layers\": N keeps the "
+        "draft's first N layers)")
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
@@ -125,3 +131,5 @@ class EngineConfig:
         check(self.max_lora_rank >= 1, f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         check(not self.enable_lora or self.data_parallel_size == 1,
               "enable_lora with data_parallel_size > 1 is not implemented")
+        from jpaged.engine.spec_decode.config import SpeculativeConfig
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))

@@ -38,3 +38,6 @@ class RequestOutput:
     # Timestamps (time.monotonic()) for serving metrics.
     arrival_time: float | None = None
     first_token_time: float | None = None
+    # Speculative decoding's figures for the request (proposed, accepted, verify_steps,
+    # mean_accepted_length, acceptance_rate); None without speculation.
+    spec_decode: dict | None = None

@@ -21,7 +21,7 @@ API (the scheduler's):
   num_free_pages, num_used_pages, num_free_host_pages, ref_count(page)
   cached_prefix(seq) -> list[int]; admit(seq, cached_pages); pages_to_admit(seq, cached_pages, num_tokens)
   pages_to_grow(seq, num_tokens); grow(seq, num_tokens) -> copies [(src, dst)]
-  fork(parent, child); release(seq); register_full_pages(seq); release_outside_window(seq)
+  fork(parent, child); release(seq); truncate(seq, num_tokens); register_full_pages(seq); release_outside_window(seq)
   can_swap_out(seq); swap_out(seq) -> [(device, host)]; pages_to_swap_in(seq); swap_in(seq) -> [(host, device)]
   check_invariants(holders)
 """
@@ -211,6 +211,14 @@ class BlockManager:
         seq.block_table = []
         seq.host_block_table = []
         seq.num_registered_pages = 0
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Returns the pages past seq's first num_tokens tokens (speculative rollback); a page the
+        prefix cache holds is never past them, as only known tokens' pages are registered."""
+        keep = self._num_pages_for(num_tokens)
+        assert seq.num_registered_pages <= keep, (seq.seq_id, seq.num_registered_pages, keep)
+        self._drop_all(seq.block_table[keep:])
+        del seq.block_table[keep:]
 
     def release_outside_window(self, seq: Sequence) -> None:
         """Releases pages wholly before the window of the next token to compute (marks them -1)."""

@@ -23,6 +23,7 @@ from jpaged.engine.prompt_logprobs import PromptScorer
 from jpaged.engine.scheduler import ScheduledBatch, Scheduler
 from jpaged.lora import LoRAManager, LoRARequest
 from models.sharding import tp_model_config
+from jpaged.engine.spec_decode.setup import make_speculator
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 from pallas_kernels import select_backend
@@ -34,9 +35,10 @@ log = logging.getLogger("jpaged.engine")
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, *, model=None, tokenizer=None, devices=None):
+    def __init__(self, config: EngineConfig, *, model=None, tokenizer=None, devices=None, draft=None):
         """One replica of the model. `devices`: its tensor-parallel group when tensor_parallel_size > 1
-        (default the first tensor_parallel_size devices). data_parallel_size > 1: `data_parallel.make_engine`."""
+        (default the first tensor_parallel_size devices). data_parallel_size > 1: `data_parallel.make_engine`.
+        `draft`: (model, tokenizer) of the speculative draft, instead of loading speculative_config's."""
         if config.data_parallel_size > 1:
             raise ValueError("Engine is one replica; build data_parallel_size > 1 with "
                              "jpaged.engine.data_parallel.make_engine (LLM and jpaged serve do)")
@@ -61,6 +63,9 @@ class Engine:
                  self.kv_spec.dtype, self.kv_spec.bytes_per_page / 1024)
         self.scheduler = Scheduler(config, num_blocks=num_pages, max_model_len=self.max_model_len,
                                    sliding_window=mcfg.sliding_window)
+        # Before the runner: a truncated draft shares the target's weights before they are fused.
+        self.speculator = make_speculator(config, model, tokenizer, draft=draft, num_pages=num_pages,
+                                          max_model_len=self.max_model_len)
         self.runner = ModelRunner(config, model, spec=self.kv_spec, backend=self.backend, num_pages=num_pages,
                                   max_model_len=self.max_model_len, mesh=mesh, eos_token_ids=self.eos_token_ids,
                                   lora=self.lora)
@@ -185,10 +190,13 @@ class Engine:
         at once. With `async_scheduling=False` every step is.
         """
         prev, self._inflight = self._inflight, None
-        batch = self.scheduler.schedule()
+        spec = self.speculator
+        batch = self.scheduler.schedule(spec.proposals(self.scheduler) if spec else None)
         self.runner.swap_out(batch.swap_out)
         self.runner.swap_in(batch.swap_in)
         self.runner.copy_pages(batch.copy_pages)
+        if spec:
+            spec.fill_drafts(batch)
         launched = self._launch(batch, prev) if batch.entries else None
         outputs = self._resolve(prev) if prev is not None else []
         if launched is not None:
@@ -200,6 +208,8 @@ class Engine:
         for out in outputs:
             unique.pop(out.request_id, None)
             unique[out.request_id] = out
+            if spec:
+                out.spec_decode = spec.request_stats(out.request_id, out.finished)
         return list(unique.values())
 
     def _launch(self, batch: ScheduledBatch, prev: _Launched | None) -> _Launched:
@@ -207,6 +217,12 @@ class Engine:
         for entry in batch.entries:
             offset += entry.num_tokens
             if not entry.num_samples:
+                continue
+            if entry.num_proposed:  # a verified chunk: one row per position
+                for i, view in self.speculator.rows(entry):
+                    rows.append(SampleRow(offset - entry.num_tokens + i, view))
+                    seqs.append(entry.seq)
+                    positions.append(entry.start + 1 + i)
                 continue
             if entry.num_samples > 1:
                 raise ValueError(f"seq_id {entry.seq.seq_id}: the runner samples one token per sequence a "
@@ -221,7 +237,7 @@ class Engine:
                 rows.append(SampleRow(offset - 1, seq))
                 seqs.append(seq)
                 positions.append(position)
-        overlappable = (self.config.async_scheduling and not forked
+        overlappable = (self.config.async_scheduling and not forked and self.speculator is None
                         and len(rows) <= self.runner.max_pending_rows
                         and all(_needs_no_history(row.seq.sampling_params) for row in rows))
         lora_slots = None if self.lora is None else self.lora.activate(
@@ -240,7 +256,10 @@ class Engine:
         batch = launched.batch
         self.prompt_tokens_total += sum(max(0, min(e.start + e.num_tokens, e.seq.num_prompt_tokens) - e.start)
                                         for e in batch.entries)
-        return self.output_processor.process(StepResult(batch, launched.seqs, launched.positions, samples))
+        result = StepResult(batch, launched.seqs, launched.positions, samples)
+        if self.speculator is not None:
+            result = self.speculator.accept(result)
+        return self.output_processor.process(result)
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -251,7 +270,8 @@ class Engine:
                     prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
                     num_preemptions=s.num_preemptions, prompt_tokens=self.prompt_tokens_total,
                     generation_tokens=self.generation_tokens_total, num_steps=self._num_steps,
-                    num_compilations=self.runner.num_compilations)
+                    num_compilations=self.runner.num_compilations,
+                    **(self.speculator.stats() if self.speculator else {}))
 
 
 @dataclasses.dataclass

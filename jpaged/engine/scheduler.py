@@ -45,12 +45,16 @@ from jpaged.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 class ScheduledSeq:
     """Compute seq.token_ids[start:start + num_tokens] at positions start..; then append `num_samples`
     sampled tokens (0: a prompt chunk short of the prompt's end; 1: a decode or a prompt's last chunk;
-    more: a multi-token step, whose run of tokens may end early)."""
+    more: a multi-token step, whose run of tokens may end early). `num_proposed` > 0: the last
+    `num_proposed` computed tokens are speculative proposals (jpaged/engine/spec_decode/), sampled
+    against at every position; the run read back keeps the accepted ones and the KV of the rest is
+    rolled back."""
 
     seq: Sequence
     start: int
     num_tokens: int
     num_samples: int
+    num_proposed: int = 0
 
 
 @dataclasses.dataclass
@@ -143,8 +147,11 @@ class Scheduler:
 
     # -- one step --------------------------------------------------------------------------------
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, proposals: dict[int, list[int]] | None = None) -> ScheduledBatch:
+        """The next step. `proposals` (seq_id -> speculative tokens) are verified as part of those
+        decodes when budget, prefill-chunk cap and pages allow; otherwise the decode runs plain."""
         batch = ScheduledBatch()
+        self._proposals = proposals or {}
         self._budget = self.config.max_num_batched_tokens
         self._num_prefills = 0  # entries with more than one token
         self._in_batch: set[int] = set()
@@ -199,6 +206,9 @@ class Scheduler:
             self._adapters.add(seq.adapter_id)
 
     def _schedule_running(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        proposal = self._proposals.get(seq.seq_id)
+        if proposal and seq.num_tokens - seq.num_computed_tokens == 1 and self._schedule_proposal(seq, proposal, batch):
+            return
         n = self._chunk(seq, seq.num_computed_tokens)
         if n == 0:
             return
@@ -209,6 +219,27 @@ class Scheduler:
             if victim is None:
                 return
         self._add_entry(seq, n, batch)
+
+    def _schedule_proposal(self, seq: Sequence, proposal: list[int], batch: ScheduledBatch) -> bool:
+        """Schedules a decode with the proposals that fit (never preempting for them); False: none fit."""
+        cap = self.config.max_num_prefill_seqs
+        if cap is not None and self._num_prefills >= cap:
+            return False
+        max_tokens = seq.sampling_params.max_tokens
+        room = self.max_model_len - seq.num_tokens - 1  # the run's last token must fit max_model_len
+        if max_tokens is not None:
+            room = min(room, max_tokens - seq.num_output_tokens - 1)
+        k = min(len(proposal), self._budget - 1, room)
+        start = seq.num_computed_tokens
+        if k < 1 or self.block_manager.pages_to_grow(seq, start + 1 + k) > self.block_manager.num_free_pages:
+            return False
+        seq.token_ids.extend(proposal[:k])
+        batch.copy_pages += self.block_manager.grow(seq, start + 1 + k)
+        batch.entries.append(ScheduledSeq(seq, start, 1 + k, num_samples=k + 1, num_proposed=k))
+        self._budget -= 1 + k
+        self._num_prefills += 1
+        self._in_batch.add(seq.seq_id)
+        return True
 
     def _resume_swapped(self, batch: ScheduledBatch) -> None:
         bm = self.block_manager
@@ -296,9 +327,12 @@ class Scheduler:
                 continue  # finished or aborted since schedule()
             assert seq.num_computed_tokens == entry.start, (seq.seq_id, seq.num_computed_tokens, entry.start)
             seq.num_computed_tokens = entry.start + entry.num_tokens
-            if entry.num_samples:
+            if entry.num_proposed:  # one placeholder after the proposals, which are not known tokens
+                seq.token_ids.append(PLACEHOLDER)
+                self._register_full_pages(seq, entry.start + 1)
+            else:
                 seq.token_ids.extend([PLACEHOLDER] * entry.num_samples)
-            self._register_full_pages(seq)
+                self._register_full_pages(seq)
             self.block_manager.release_outside_window(seq)
 
     def fill(self, batch: ScheduledBatch, sampled: dict[int, list[int]]) -> None:
@@ -309,7 +343,9 @@ class Scheduler:
             seq = entry.seq
             if seq.status is SequenceStatus.FINISHED:
                 continue
-            if entry.num_samples:
+            if entry.num_proposed:
+                self._fill_verified(seq, entry, sampled.get(seq.seq_id))
+            elif entry.num_samples:
                 run = sampled.get(seq.seq_id)
                 position = entry.start + entry.num_tokens
                 if run is not None and len(run) == 1 == entry.num_samples and seq.token_ids[position] == PLACEHOLDER:
@@ -332,10 +368,24 @@ class Scheduler:
         seq.token_ids[position:position + len(run)] = run
         del seq.token_ids[position + len(run):end]
 
-    def _register_full_pages(self, seq: Sequence) -> None:
+    def _fill_verified(self, seq: Sequence, entry: ScheduledSeq, run: list[int] | None) -> None:
+        """Rollback after verification: the run (accepted proposals + one more token) replaces the
+        proposals and the placeholder; the KV of rejected proposals is discarded, the pages past the
+        computed tokens go back to the pool."""
+        first = entry.start + 1  # the first proposal's position
+        end = entry.start + entry.num_tokens + 1  # past the placeholder
+        if not run or len(run) > entry.num_samples or run[:-1] != seq.token_ids[first:first + len(run) - 1]:
+            raise ValueError(f"seq_id {seq.seq_id}: a verified run must be 1 to {entry.num_samples} tokens, "
+                             f"all but the last its accepted proposals, got {run!r}")
+        assert seq.token_ids[end - 1] == PLACEHOLDER and seq.num_tokens == end, (seq.seq_id, end)
+        seq.token_ids[first:end] = run
+        seq.num_computed_tokens = first + len(run) - 1
+        self.block_manager.truncate(seq, seq.num_computed_tokens)
+
+    def _register_full_pages(self, seq: Sequence, num_known: int | None = None) -> None:
         """Offers seq's full pages of known tokens to the prefix cache (the check first: most steps fill no page)."""
         if seq.num_computed_tokens // self.page_size > seq.num_registered_pages:
-            self.block_manager.register_full_pages(seq, _num_known_tokens(seq))
+            self.block_manager.register_full_pages(seq, _num_known_tokens(seq) if num_known is None else num_known)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends seq (no-op if it already ended) and frees all its pages."""
