@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) in Flax NNX; variants are config data.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, and the mixture-of-experts Mixtral
+and Qwen3-MoE, whose MoE layers are models/moe.py) in Flax NNX; variants are config data.
 
 Layers are a Python list of per-layer modules, so the jitted step is unrolled over depth and each
 decode step reads every weight once (a rolled scan over stacked weights copies each layer's weights
@@ -14,6 +15,7 @@ import pallas_kernels
 from models.config import ModelConfig
 from models.kv_cache import KVCache, KVCacheSpec, StepInput
 from models.layers import RMSNorm, apply_rope, embed, paged_attention, rope_inv_freq
+from models.moe import MoE
 from pallas_kernels import REFERENCE, Backend
 from pallas_kernels.matmul_mgpu import interleave_gate_up
 
@@ -114,19 +116,24 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, index: int = 0):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, before_gemm=True)
         self.self_attn = Attention(cfg, dtype, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype,
                                                 before_gemm=True)
-        self.mlp = MLP(cfg, dtype, rngs)
+        self.mlp = MoE(cfg, dtype, rngs) if index in cfg.moe_layers else MLP(cfg, dtype, rngs)
 
     def __call__(self, x, inv_freq, k_pages, v_pages, step, backend: Backend):
+        """(x, k_pages, v_pages, tokens per expert [X] or None for a dense MLP)."""
         h, k_pages, v_pages = self.self_attn(self.input_layernorm(x), inv_freq, k_pages, v_pages,
                                              step, backend)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), backend)
-        return x, k_pages, v_pages
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            h, expert_tokens = self.mlp(h, backend, step)
+        else:
+            h, expert_tokens = self.mlp(h, backend), None
+        return x + h, k_pages, v_pages, expert_tokens
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -138,7 +145,7 @@ class LlamaForCausalLM(nnx.Module):
         self.dtype = dtype
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, i) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, before_gemm=True)
         self.lm_head = None if cfg.tie_word_embeddings else _linear(
             rngs, cfg.hidden_size, cfg.vocab_size, dtype)
@@ -162,17 +169,26 @@ class LlamaForCausalLM(nnx.Module):
                  ) -> tuple[jax.Array, KVCache]:
         """Returns logits [len(step.logits_index), vocab] in float32 and the updated cache; `backend`
         names the kernels (a static value: part of the jit cache key of the caller's step)."""
+        logits, kv_cache, _ = self.forward(kv_cache, step, backend=backend)
+        return logits, kv_cache
+
+    def forward(self, kv_cache: KVCache, step: StepInput, *, backend: Backend = REFERENCE):
+        """`__call__`'s (logits, cache) and the tokens routed to each expert of each MoE layer,
+        [len(cfg.moe_layers), X] int32 (None for a dense model)."""
         cfg = self.config
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = embed(self.embed_tokens, step.token_ids)                           # [T, E]
-        new_k, new_v = [], []
+        new_k, new_v, expert_tokens = [], [], []
         for layer, k_pages, v_pages in zip(self.layers, kv_cache.k, kv_cache.v):
-            x, k_pages, v_pages = layer(x, inv_freq, k_pages, v_pages, step, backend)
+            x, k_pages, v_pages, counts = layer(x, inv_freq, k_pages, v_pages, step, backend)
             new_k.append(k_pages)
             new_v.append(v_pages)
+            if counts is not None:
+                expert_tokens.append(counts)
         h = self.norm(x[step.logits_index])                                     # [S, E]
         if self.lm_head is None:
             logits = self.embed_tokens.attend(h)
         else:
             logits = self.lm_head(h)
-        return logits.astype(jnp.float32), KVCache(k=tuple(new_k), v=tuple(new_v))
+        return (logits.astype(jnp.float32), KVCache(k=tuple(new_k), v=tuple(new_v)),
+                jnp.stack(expert_tokens) if expert_tokens else None)

@@ -19,6 +19,7 @@ CHOICES = {
     "prefill": ("reference", "triton", "mosaic"),
     "decode": ("reference", "triton"),
     "gate_up": ("xla", "mosaic"),
+    "grouped_gemm": ("xla", "pallas"),
 }
 
 
@@ -31,6 +32,8 @@ class Backend:
       Triton-lowered Pallas kernel) or "mosaic" (the Mosaic GPU kernel).
     - decode: attention of decode-shaped batches (T <= S): "reference" or "triton".
     - gate_up: the MLP's gate/up GEMM with SwiGLU: "xla" or "mosaic" (`matmul_mgpu.py`).
+    - grouped_gemm: the MoE experts' grouped GEMMs: "xla" (`jax.lax.ragged_dot`) or "pallas"
+      (`grouped_gemm.grouped_gemm_pallas`).
     - split_mixed: with prefill="mosaic", a prefill-shaped batch's single-token sequences go to the
       decode kernel in the same call (`mixed_batch.attend_mixed`).
     - interpret: run the Pallas kernels in Pallas' interpreter (CPU tests).
@@ -42,6 +45,7 @@ class Backend:
     prefill: str = "reference"
     decode: str = "reference"
     gate_up: str = "xla"
+    grouped_gemm: str = "xla"
     split_mixed: bool = True
     interpret: bool = False
 
@@ -75,7 +79,7 @@ PRESETS = {
     # Triton-lowered Pallas kernels (GPUs other than Hopper).
     "pallas": Backend(prefill="triton", decode="triton"),
     # The Triton kernels in Pallas' interpreter (CPU).
-    "interpret": Backend(prefill="triton", decode="triton", interpret=True),
+    "interpret": Backend(prefill="triton", decode="triton", grouped_gemm="pallas", interpret=True),
     # Hopper: Mosaic GPU prefill and GEMM, Triton decode (pallas_kernels/README.md, "Hopper decode: Triton").
     "mosaic": Backend(prefill="mosaic", decode="triton", gate_up="mosaic"),
 }
