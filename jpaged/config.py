@@ -60,6 +60,10 @@ class EngineConfig:
     async_scheduling: bool = _knob(True, "schedule step N+1 while step N runs")
     fuse_projections: bool = _knob(True, "fuse q/k/v and gate/up into one GEMM each (one device)")
     seed: int = _knob(0, "engine seed for requests without a seed of their own")
+    # Mixture of experts (models/moe.py).
+    enable_expert_parallel: bool = _knob(
+        False, "MoE models: split the experts over the tensor-parallel devices (all-to-all dispatch) instead "
+        "of splitting every expert's width; needs tensor_parallel_size > 1", aliases=("--enable-expert-parallel",))
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
@@ -89,3 +93,6 @@ class EngineConfig:
               f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         check(self.data_parallel_size >= 1, f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        check(not self.enable_expert_parallel or self.tensor_parallel_size > 1,
+              "enable_expert_parallel splits the experts over the tensor-parallel devices: it needs "
+              f"tensor_parallel_size > 1, got {self.tensor_parallel_size}")
