@@ -91,7 +91,8 @@ def add_engine_flags(p: argparse.ArgumentParser, skip: Sequence[str] = ()) -> No
         if isinstance(f.default, bool):
             name = f.name.removeprefix("enable_").replace("_", "-")
             flag, action = (f"--no-{name}", "store_false") if f.default else (f"--{name}", "store_true")
-            p.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, action=action, help=f"do not {help_text}" if f.default else help_text)
+            p.add_argument(flag, *f.metadata.get("aliases", ()), dest=f.name, action=action,
+                           help=f"do not {help_text}" if f.default else help_text)
             continue
         nargs = f.metadata.get("nargs")
         kind = str if nargs else SCALARS[str(f.type).split(" |")[0]]

@@ -84,6 +84,10 @@ class EngineConfig:
         "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}' or '{\"method\": \"draft_model\", "
         "\"model\": PATH, \"num_speculative_tokens\": 4}' (optional \"draft_num_layers\": N keeps the "
         "draft's first N layers)")
+    # Mixture of experts (models/moe.py).
+    enable_expert_parallel: bool = _knob(
+        False, "MoE models: split the experts over the tensor-parallel devices (all-to-all dispatch) instead "
+        "of splitting every expert's width; needs tensor_parallel_size > 1", aliases=("--enable-expert-parallel",))
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
@@ -133,3 +137,6 @@ class EngineConfig:
               "enable_lora with data_parallel_size > 1 is not implemented")
         from jpaged.engine.spec_decode.config import SpeculativeConfig
         object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
+        check(not self.enable_expert_parallel or self.tensor_parallel_size > 1,
+              "enable_expert_parallel splits the experts over the tensor-parallel devices: it needs "
+              f"tensor_parallel_size > 1, got {self.tensor_parallel_size}")

@@ -17,6 +17,7 @@ replays process 0's jitted calls on the others (jpaged/engine/multihost.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Sequence
 
@@ -110,17 +111,18 @@ def shard_state(state, mesh: Mesh, config: ModelConfig):
     """
     tp = mesh.shape[MODEL]
     repeats = tp_model_config(config, tp).num_kv_heads // config.num_kv_heads
+    ep = config.expert_parallel
     flat = []
     for path, var in nnx.to_flat_state(state):
         name = path_name(path)
         value = var.get_value()
         if repeats > 1 and KV_PARAMS.search(name):
             shape = (*value.shape[:-1], value.shape[-1] * repeats)
-            sharding = NamedSharding(mesh, param_spec(name, shape, tp))
+            sharding = NamedSharding(mesh, param_spec(name, shape, tp, expert_parallel=ep))
             value = jax.jit(repeat_heads, static_argnums=(1, 2), out_shardings=sharding)(
                 value, config.head_dim, repeats)
         else:
-            value = _place(value, NamedSharding(mesh, param_spec(name, value.shape, tp)))
+            value = _place(value, NamedSharding(mesh, param_spec(name, value.shape, tp, expert_parallel=ep)))
         flat.append((path, var.replace(value)))
     return nnx.from_flat_state(flat)
 
@@ -132,14 +134,16 @@ def _place(value, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: np.asarray(value[index]))
 
 
-def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+def shard_model(model: nnx.Module, mesh: Mesh, *, expert_parallel: bool = False) -> nnx.Module:
     """A copy of `model` with every parameter placed on `mesh` by PARAM_SPECS (k/v heads repeated when
-    there are fewer than devices on the model axis); trace steps under `jax.set_mesh(mesh)`."""
-    cfg = tp_model_config(model.config, mesh.shape[MODEL])
+    there are fewer than devices on the model axis); trace steps under `jax.set_mesh(mesh)`.
+    `expert_parallel`: an MoE model's experts split over the model axis (models/moe.py)."""
+    cfg = tp_model_config(model.config, mesh.shape[MODEL], expert_parallel=expert_parallel)
     graphdef, state = nnx.split(model)
     if cfg != model.config:
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: type(model)(cfg, dtype=model.dtype)))
-    return nnx.merge(graphdef, shard_state(state, mesh, model.config))
+    source = dataclasses.replace(model.config, expert_parallel=cfg.expert_parallel)
+    return nnx.merge(graphdef, shard_state(state, mesh, source))
 
 
 def kv_cache_spec(model: nnx.Module, mesh: Mesh, page_size: int, dtype=None) -> KVCacheSpec:

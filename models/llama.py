@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) in Flax NNX; variants are config data.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, and the mixture-of-experts Mixtral
+and Qwen3-MoE, whose MoE layers are models/moe.py) in Flax NNX; variants are config data.
 
 Layers are a Python list of per-layer modules, so the jitted step is unrolled over depth and each
 decode step reads every weight once (a rolled scan over stacked weights copies each layer's weights
@@ -15,6 +16,7 @@ from models import lora as lora_update
 from models.config import ModelConfig
 from models.kv_cache import KVCache, KVCacheSpec, StepInput
 from models.layers import RMSNorm, apply_rope, embed, paged_attention, rope_inv_freq
+from models.moe import MoE
 from pallas_kernels import REFERENCE, Backend
 from pallas_kernels.matmul_mgpu import interleave_gate_up, split_gate_up, swiglu
 
@@ -130,18 +132,26 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, index: int = 0):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, before_gemm=True)
         self.self_attn = Attention(cfg, dtype, rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype,
                                                 before_gemm=True)
-        self.mlp = MLP(cfg, dtype, rngs)
+        self.mlp = MoE(cfg, dtype, rngs) if index in cfg.moe_layers else MLP(cfg, dtype, rngs)
 
     def __call__(self, x, inv_freq, layer_cache, step, backend: Backend, lora=None):
+        """(x, layer_cache, tokens per expert [X] or None for a dense MLP)."""
         h, layer_cache = self.self_attn(self.input_layernorm(x), inv_freq, layer_cache, step, backend, lora)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), backend, step, lora)
-        return x, layer_cache
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            if lora is not None and any(t in lora for t in ("gate_proj", "up_proj", "down_proj")):
+                raise NotImplementedError("LoRA on the MLP targets of MoE layers is not implemented "
+                                          "(target attention projections only)")
+            h, expert_tokens = self.mlp(h, backend, step)
+        else:
+            h, expert_tokens = self.mlp(h, backend, step, lora), None
+        return x + h, layer_cache, expert_tokens
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -153,7 +163,7 @@ class LlamaForCausalLM(nnx.Module):
         self.dtype = dtype
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype,
                                       embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, i) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, before_gemm=True)
         self.lm_head = None if cfg.tie_word_embeddings else _linear(
             rngs, cfg.hidden_size, cfg.vocab_size, dtype)
@@ -179,19 +189,28 @@ class LlamaForCausalLM(nnx.Module):
         names the kernels (a static value: part of the jit cache key of the caller's step). `lora`: the
         LoRA device slots, one {target: (A, B)} per layer (jpaged/lora/manager.py), applied per token by
         `step.lora_index`; None serves the base model alone."""
+        logits, kv_cache, _ = self.forward(kv_cache, step, backend=backend, lora=lora)
+        return logits, kv_cache
+
+    def forward(self, kv_cache: KVCache, step: StepInput, *, backend: Backend = REFERENCE, lora=None):
+        """`__call__`'s (logits, cache) and the tokens routed to each expert of each MoE layer,
+        [len(cfg.moe_layers), X] int32 (None for a dense model)."""
         if lora is not None and step.lora_index is None:
             raise ValueError("lora slots were given but step.lora_index is None (one slot index per token)")
         cfg = self.config
         inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         x = embed(self.embed_tokens, step.token_ids)                           # [T, E]
-        new_layers = []
+        new_layers, expert_tokens = [], []
         layer_loras = lora if lora is not None else (None,) * len(self.layers)
         for layer, layer_cache, layer_lora in zip(self.layers, kv_cache.layers(), layer_loras):
-            x, layer_cache = layer(x, inv_freq, layer_cache, step, backend, layer_lora)
+            x, layer_cache, counts = layer(x, inv_freq, layer_cache, step, backend, layer_lora)
             new_layers.append(layer_cache)
+            if counts is not None:
+                expert_tokens.append(counts)
         h = self.norm(x[step.logits_index])                                     # [S, E]
         if self.lm_head is None:
             logits = self.embed_tokens.attend(h)
         else:
             logits = self.lm_head(h)
-        return logits.astype(jnp.float32), KVCache.from_layers(new_layers)
+        return (logits.astype(jnp.float32), KVCache.from_layers(new_layers),
+                jnp.stack(expert_tokens) if expert_tokens else None)

@@ -32,7 +32,13 @@ PARAM_SPECS = (
     (r"layers\.\d+\.mlp\.(gate|up)_proj\.kernel", P(None, MODEL)),     # [E, F] column-parallel
     (r"layers\.\d+\.mlp\.down_proj\.kernel", P(MODEL, None)),          # [F, E] row-parallel
     (r"(.+\.)?(input_layernorm|post_attention_layernorm|norm|q_norm|k_norm)\.weight", P()),
+    # Mixture of experts (models/moe.py): the router replicated, each expert split over its width.
+    (r"layers\.\d+\.mlp\.router\.kernel", P()),                      # [E, X]
+    (r"layers\.\d+\.mlp\.experts_(gate|up)", P(None, None, MODEL)),   # [X, E, F]
+    (r"layers\.\d+\.mlp\.experts_down", P(None, MODEL, None)),        # [X, F, E]
 )
+EXPERT_PARAMS = re.compile(r"layers\.\d+\.mlp\.experts_(gate|up|down)$")
+EXPERT_PARALLEL_SPEC = P(MODEL, None, None)   # with ModelConfig.expert_parallel: [X, ...] over experts
 _SPECS = [(re.compile(pattern + "$"), spec) for pattern, spec in PARAM_SPECS]
 VOCAB_PARAMS = re.compile(r"(embed_tokens\.embedding|lm_head\.kernel)$")
 KV_PARAMS = re.compile(r"layers\.\d+\.self_attn\.[kv]_proj\.(kernel|bias)$")
@@ -42,17 +48,28 @@ REPLICA_KV_CACHE_SPEC = P(DATA, None, None, MODEL, None)  # [R, N, page_size, Hk
 HEADS_SPEC = P(None, MODEL, None)           # q, k, v, o: [T, H, D] over heads
 
 
-def tp_model_config(cfg: ModelConfig, tensor_parallel_size: int) -> ModelConfig:
+def tp_model_config(cfg: ModelConfig, tensor_parallel_size: int, *, expert_parallel: bool = False) -> ModelConfig:
     """The config whose parameters are split over `tensor_parallel_size` devices.
 
     Equal to `cfg` unless it has fewer kv heads than devices: then each kv head is repeated
     tp / Hkv times, so device i owns kv head i and q heads [i * Hq/tp, (i+1) * Hq/tp), exactly the
     q heads that attended to the original head i // (tp / Hkv). Outputs are unchanged.
+    `expert_parallel`: an MoE model's experts are split over the devices instead of each expert's width.
     """
     tp = tensor_parallel_size
+    if expert_parallel or cfg.expert_parallel:
+        if not cfg.is_moe:
+            raise ValueError("expert_parallel needs a mixture-of-experts model; this one has no MoE layers")
+        if cfg.num_experts % tp:
+            raise ValueError(f"tensor_parallel_size ({tp}) must divide num_experts ({cfg.num_experts}) "
+                             "under expert parallelism")
+        cfg = dataclasses.replace(cfg, expert_parallel=True)
+    elif cfg.is_moe and cfg.moe_intermediate_size % tp:
+        raise ValueError(f"tensor_parallel_size ({tp}) must divide moe_intermediate_size "
+                         f"({cfg.moe_intermediate_size}); or split the experts instead (expert parallelism)")
     if cfg.num_heads % tp:
         raise ValueError(f"tensor_parallel_size ({tp}) must divide num_heads ({cfg.num_heads})")
-    if cfg.intermediate_size % tp:
+    if cfg.intermediate_size % tp and len(cfg.moe_layers) < cfg.num_layers:
         raise ValueError(f"tensor_parallel_size ({tp}) must divide intermediate_size ({cfg.intermediate_size})")
     if cfg.num_kv_heads >= tp:
         if cfg.num_kv_heads % tp:
@@ -63,13 +80,16 @@ def tp_model_config(cfg: ModelConfig, tensor_parallel_size: int) -> ModelConfig:
     return dataclasses.replace(cfg, num_kv_heads=tp)
 
 
-def param_spec(path: str, shape: Sequence[int], model_axis_size: int) -> P:
+def param_spec(path: str, shape: Sequence[int], model_axis_size: int, *, expert_parallel: bool = False) -> P:
     """The PartitionSpec of parameter `path` (e.g. "layers.0.mlp.up_proj.kernel") of `shape`.
 
     A vocabulary the model axis does not divide is replicated; any other dimension that does not
-    divide is a ValueError (use `tp_model_config` first).
+    divide is a ValueError (use `tp_model_config` first). `expert_parallel`: MoE experts split over
+    the model axis (EXPERT_PARALLEL_SPEC).
     """
     spec = next((s for pattern, s in _SPECS if pattern.match(path)), None)
+    if expert_parallel and EXPERT_PARAMS.search(path):
+        spec = EXPERT_PARALLEL_SPEC
     if spec is None:
         raise ValueError(f"no partition spec for parameter {path!r}; add it to jpaged.sharding.PARAM_SPECS")
     for dim, axis in zip(shape, spec):
@@ -85,10 +105,11 @@ def path_name(path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def state_shardings(state, mesh: Mesh) -> dict[str, NamedSharding]:
+def state_shardings(state, mesh: Mesh, *, expert_parallel: bool = False) -> dict[str, NamedSharding]:
     """{parameter path: NamedSharding} for every variable of an (abstract or concrete) model state."""
     tp = mesh.shape[MODEL]
-    return {path_name(path): NamedSharding(mesh, param_spec(path_name(path), var.shape, tp))
+    return {path_name(path): NamedSharding(mesh, param_spec(path_name(path), var.shape, tp,
+                                                            expert_parallel=expert_parallel))
             for path, var in nnx.to_flat_state(state)}
 
 
@@ -106,6 +127,11 @@ def _model_mesh():
     if dict(zip(mesh.axis_names, mesh.axis_types))[MODEL] == AxisType.Manual:
         return None
     return mesh
+
+
+def model_mesh():
+    """The mesh set with jax.set_mesh when it has a "model" axis not already manual, else None."""
+    return _model_mesh()
 
 
 def per_shard(attend: Callable) -> Callable:

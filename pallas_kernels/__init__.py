@@ -10,6 +10,8 @@ reference beside it, behind one API routed by a `Backend` (pallas_kernels/backen
 - `gate_up_swiglu`: Backend.gate_up "mosaic" runs the Mosaic GEMM with its SwiGLU epilogue where it
   takes the shapes (rows a multiple of 256), else XLA.
 - `lora_delta`: the per-token LoRA update of multi-LoRA steps, Backend.lora "masked" or "ragged" (lora.py).
+- `grouped_gemm`: the MoE experts' GEMM over rows sorted by expert; Backend.grouped_gemm "pallas" runs
+  the Pallas kernel where it takes the shapes, else `jax.lax.ragged_dot`.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pallas_kernels import ragged_paged_attention_mgpu as _mgpu
 from pallas_kernels.mixed_batch import attend_mixed
 from pallas_kernels import matmul_mgpu as _matmul_mgpu
 from pallas_kernels import lora as _lora
+from pallas_kernels import grouped_gemm as _grouped_gemm
 
 
 def _check_backend(backend) -> None:
@@ -84,6 +87,15 @@ def gate_up_swiglu(x, w_gate_up, *, backend: Backend = REFERENCE):
     return _matmul_mgpu.swiglu(*_matmul_mgpu.split_gate_up(jnp.dot(x, w_gate_up)))
 
 
+def grouped_gemm(x, w, group_sizes, *, epilogue: str = "none", backend: Backend = REFERENCE):
+    """y [M, N] (or [M, N / 2] with epilogue="swiglu") with y[r] = x[r] @ w[g] for the rows of group g,
+    groups consecutive by `group_sizes` [G]; rows past the last group are zero (grouped_gemm.py)."""
+    _check_backend(backend)
+    if backend.grouped_gemm == "pallas" and _grouped_gemm.unsupported_reason(x, w, epilogue=epilogue) is None:
+        return _grouped_gemm.grouped_gemm_pallas(x, w, group_sizes, epilogue=epilogue, interpret=backend.interpret)
+    return _grouped_gemm.grouped_gemm_reference(x, w, group_sizes, epilogue=epilogue)
+
+
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: Backend = REFERENCE):
     """(k_pages, v_pages) with k[t], v[t] written at slot_mapping[t] (-1 = skip); donate the pages."""
     _check_backend(backend)
@@ -100,6 +112,8 @@ def write_kv_quantized(k_pages, v_pages, k_scale, v_scale, k, v, slot_mapping, *
         return write_kv_quantized_reference(k_pages, v_pages, k_scale, v_scale, k, v, slot_mapping)
     return write_kv_quantized_pallas(k_pages, v_pages, k_scale, v_scale, k, v, slot_mapping,
                                      interpret=backend.interpret)
+
+
 def lora_delta(x, a, b, lora_index, *, backend: Backend = REFERENCE):
     """[T, Dout]: x[t] @ a[:, i] @ b[i] for each token's slot i = lora_index[t] (-1: zeros), by Backend.lora."""
     _check_backend(backend)
@@ -108,6 +122,7 @@ def lora_delta(x, a, b, lora_index, *, backend: Backend = REFERENCE):
 
 __all__ = ["Backend", "PRESETS", "REFERENCE", "select_backend", "ragged_paged_attention", "gate_up_swiglu",
            "lora_delta",
+           "grouped_gemm",
            "ragged_paged_attention_reference", "ragged_paged_attention_pallas", "mosaic_takes",
            "write_kv", "write_kv_reference", "write_kv_pallas", "write_kv_quantized",
            "write_kv_quantized_reference", "write_kv_quantized_pallas"]

@@ -20,6 +20,7 @@ CHOICES = {
     "decode": ("reference", "triton"),
     "gate_up": ("xla", "mosaic"),
     "lora": ("masked", "ragged"),
+    "grouped_gemm": ("xla", "pallas"),
 }
 
 
@@ -34,6 +35,8 @@ class Backend:
     - gate_up: the MLP's gate/up GEMM with SwiGLU: "xla" or "mosaic" (`matmul_mgpu.py`).
     - lora: the batched LoRA matmul of multi-LoRA steps (`lora.lora_delta`): "masked" (dense over
       every slot) or "ragged" (`jax.lax.ragged_dot` over tokens grouped by adapter).
+    - grouped_gemm: the MoE experts' grouped GEMMs: "xla" (`jax.lax.ragged_dot`) or "pallas"
+      (`grouped_gemm.grouped_gemm_pallas`).
     - split_mixed: with prefill="mosaic", a prefill-shaped batch's single-token sequences go to the
       decode kernel in the same call (`mixed_batch.attend_mixed`).
     - interpret: run the Pallas kernels in Pallas' interpreter (CPU tests).
@@ -46,6 +49,7 @@ class Backend:
     decode: str = "reference"
     gate_up: str = "xla"
     lora: str = "masked"
+    grouped_gemm: str = "xla"
     split_mixed: bool = True
     interpret: bool = False
 
@@ -79,7 +83,7 @@ PRESETS = {
     # Triton-lowered Pallas kernels (GPUs other than Hopper).
     "pallas": Backend(prefill="triton", decode="triton"),
     # The Triton kernels in Pallas' interpreter (CPU).
-    "interpret": Backend(prefill="triton", decode="triton", interpret=True),
+    "interpret": Backend(prefill="triton", decode="triton", grouped_gemm="pallas", interpret=True),
     # Hopper: Mosaic GPU prefill and GEMM, Triton decode (pallas_kernels/README.md, "Hopper decode: Triton").
     "mosaic": Backend(prefill="mosaic", decode="triton", gate_up="mosaic"),
 }

@@ -27,10 +27,21 @@ FAMILIES = {
               dict(tie_word_embeddings=False)),
 }
 
+# Mixture of experts: Mixtral (every layer routed, top-2 renormalised) and Qwen3-MoE with a dense layer
+# between routed ones and the top-k weights left unnormalised. Expert width 64: the Pallas grouped GEMM's
+# SwiGLU tile.
+MOE_FAMILIES = {
+    "mixtral": ("MixtralForCausalLM", transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+        intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        num_hidden_layers=3, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=3,
+        decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False, tie_word_embeddings=False)),
+}
+
 
 def tiny_hf_model(family: str, seed: int = 0, **overrides):
     """A tiny random HF model of `family` in fp32 eval mode (eager attention, so windows apply)."""
-    arch, config_cls, model_cls, extra = FAMILIES[family]
+    arch, config_cls, model_cls, extra = FAMILIES[family] if family in FAMILIES else MOE_FAMILIES[family]
     config = config_cls(**(TINY | extra | overrides), architectures=[arch])
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -40,14 +51,28 @@ def tiny_hf_model(family: str, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
+            if name.endswith("mlp.gate.weight"):  # routers: spread logits so the top-k has no near-ties
+                p.copy_(torch.randn_like(p))
     return model
 
 
 def jpaged_from_hf(hf_model, dtype=np.float32) -> LlamaForCausalLM:
+    if hf_model.config.model_type in MOE_FAMILIES:
+        return jpaged_from_hf_dir(hf_model, dtype)
     cfg = ModelConfig.from_hf(hf_model.config.to_dict())
     model = LlamaForCausalLM(cfg, dtype=dtype)
     load_hf_weights(model, ((k, v.detach().float().numpy()) for k, v in hf_model.state_dict().items()))
     return model
+
+
+def jpaged_from_hf_dir(hf_model, dtype=np.float32) -> LlamaForCausalLM:
+    """Through a checkpoint HF writes (`save_pretrained`: per-expert tensor names) and jpaged's HF-dir loader."""
+    import tempfile
+
+    from jpaged.loader.hf import load_hf_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        return load_hf_dir(tmp, dtype="bfloat16" if dtype != np.float32 else "float32")
 
 
 def hf_logits(hf_model, ids) -> np.ndarray:

@@ -270,7 +270,7 @@ class Engine:
                     prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
                     num_preemptions=s.num_preemptions, prompt_tokens=self.prompt_tokens_total,
                     generation_tokens=self.generation_tokens_total, num_steps=self._num_steps,
-                    num_compilations=self.runner.num_compilations,
+                    num_compilations=self.runner.num_compilations, **self.runner.expert_load.stats(),
                     **(self.speculator.stats() if self.speculator else {}))
 
 

@@ -23,6 +23,7 @@ from flax import nnx
 
 from jpaged import sampling, sharding
 from jpaged.engine import packing
+from jpaged.engine.expert_load import ExpertLoad
 from jpaged.sampling_params import SamplingParams
 from models import fp8_linear
 from models.kv_cache import MIN_STEP_TOKENS, KVCache, KVCacheSpec, StepInput
@@ -68,6 +69,7 @@ class InFlight:
     packed: jax.Array  # [S, 3 + 2K] int32, packing.pack_outputs
     tokens: jax.Array  # [max_pending_rows] int32, the sampled tokens: where the next step finds its pending ones
     num_rows: int
+    expert_tokens: jax.Array | None = None  # MoE: [MoE layers, X] int32 tokens routed to each expert
 
 
 def make_step_fn(graphdef, state_treedef, max_pending_rows: int):
@@ -85,12 +87,13 @@ def make_step_fn(graphdef, state_treedef, max_pending_rows: int):
         token_ids = jnp.where(token_src >= 0, prev_tokens[jnp.maximum(token_src, 0)], step.token_ids)
         step = dataclasses.replace(step, token_ids=token_ids)
         key = jax.random.fold_in(base_key, step_counter)  # a fresh key per step, no host-side split
-        logits, kv_cache = model(kv_cache, step, backend=backend, lora=lora)
+        logits, kv_cache, expert_tokens = model.forward(kv_cache, step, backend=backend, lora=lora)
         out = sampling.sample(logits, tensors, key, num_top_logprobs=num_top_logprobs)
         n = min(max_pending_rows, out.tokens.shape[0])
         tokens = jnp.zeros(max_pending_rows, jnp.int32).at[:n].set(out.tokens[:n].astype(jnp.int32))
         packed = packing.pack_outputs(out.tokens, out.logprobs, out.ranks, out.top_ids, out.top_logprobs)
-        return packed, tokens, kv_cache
+        # An MoE model adds its per-expert token counts (models/moe.py); a dense one returns three outputs.
+        return (packed, tokens, kv_cache) + (() if expert_tokens is None else (expert_tokens,))
 
     return step_fn
 
@@ -144,8 +147,8 @@ class ModelRunner:
                              "devices (serving_mesh), one device none")
         self.mesh = mesh
         if self.mesh is not None:
-            if not _placed_on(model, self.mesh):
-                model = sharding.shard_model(model, self.mesh)
+            if not _placed_on(model, self.mesh) or config.enable_expert_parallel:
+                model = sharding.shard_model(model, self.mesh, expert_parallel=config.enable_expert_parallel)
         elif config.fuse_projections and hasattr(model, "fuse_projections"):
             model.fuse_projections()  # in place: 2 GEMVs per layer where there were 5
         if config.quantization == "fp8":
@@ -167,6 +170,7 @@ class ModelRunner:
         self.max_prefill_seqs = config.max_num_prefill_seqs
         self.eos_token_ids = tuple(eos_token_ids)  # the sampler bars them before a row's min_tokens
         self.base_key = jax.random.PRNGKey(config.seed)
+        self.expert_load = ExpertLoad(model.config.num_experts if model.config.is_moe else 0)
         graphdef, state = nnx.split(model)
         self.weights, treedef = jax.tree.flatten(state)
         self.kv_cache = (spec.create(num_pages) if self.mesh is None
@@ -345,6 +349,8 @@ class ModelRunner:
     def fetch(self, inflight: InFlight):
         """Waits for a launched step; the sampler's outputs for its real rows, as numpy arrays."""
         out = sampling.SamplerOutput(**packing.unpack_outputs(np.asarray(inflight.packed)))
+        if inflight.expert_tokens is not None:
+            self.expert_load.record(np.asarray(inflight.expert_tokens))
         return jax.tree.map(lambda x: x[:inflight.num_rows], out)
 
     def _dispatch(self, step: StepInput, seqs, step_counter: int, params: list[SamplingParams],
@@ -365,7 +371,8 @@ class ModelRunner:
         prev_tokens = prev.tokens if prev is not None else self._no_prev_tokens
         lora = () if self.lora is None else (self.lora.weights,)
         with self._mesh_context():
-            packed, tokens, self.kv_cache = self.calls["step"](
+            packed, tokens, self.kv_cache, *expert_tokens = self.calls["step"](
                 self.weights, self.kv_cache, int_buf, float_buf, self.base_key, prev_tokens, *lora,
                 layout=layout, backend=self.backend, num_top_logprobs=top)
-        return InFlight(packed=packed, tokens=tokens, num_rows=len(seqs))
+        return InFlight(packed=packed, tokens=tokens, num_rows=len(seqs),
+                        expert_tokens=expert_tokens[0] if expert_tokens else None)

@@ -18,23 +18,45 @@ from jpaged.sharding import shard_state
 from models.config import ModelConfig
 from models.registry import model_class
 from models.sharding import KV_PARAMS, MODEL, param_spec, path_name, tp_model_config
-from models.weights import hf_name_to_path
+from models.weights import STACKED, hf_name_to_path
 
 
 def _abstract_model(cfg: ModelConfig, dtype):
     return nnx.eval_shape(lambda: model_class(cfg)(cfg, dtype=dtype))
 
 
-def _safetensors_index(paths: Sequence[str]) -> dict[str, tuple[str, str, bool]]:
-    """{jpaged parameter path: (file, HF tensor name, transpose)} over a safetensors file set."""
-    index = {}
+def _safetensors_index(paths: Sequence[str]) -> tuple[dict[str, tuple[str, str, bool]], dict[str, dict]]:
+    """({jpaged parameter path: (file, HF tensor name, transpose)}, {stacked MoE expert parameter:
+    {expert: (file, name, transpose)}}) over a safetensors file set."""
+    index, stacked = {}, {}
     for file in paths:
         with safe_open(file, framework="flax") as f:
             for name in f.keys():
                 found = hf_name_to_path(name)
-                if found is not None:
-                    index[path_name(found[0])] = (file, name, found[1])
-    return index
+                if found is None:
+                    continue
+                path, transpose = found
+                if isinstance(path[-1], int) and str(path[-2]).startswith(STACKED):
+                    stacked.setdefault(path_name(path[:-1]), {})[path[-1]] = (file, name, transpose)
+                else:
+                    index[path_name(path)] = (file, name, transpose)
+    return index, stacked
+
+
+def _stacked_reader(rows: dict, shape, dtype):
+    """A make_array_from_callback callback for an [X, ...] parameter stored as one tensor per expert:
+    reads the device's experts, each only in the device's slice."""
+    missing = sorted(set(range(shape[0])) - set(rows))
+    if missing:
+        raise ValueError(f"checkpoint lacks experts {missing[:5]} of a [{shape[0]}, ...] expert weight")
+    readers = {e: _slice_reader(file, name, transpose, shape[1:], dtype, 1, 1)
+               for e, (file, name, transpose) in rows.items()}
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        experts = range(*index[0].indices(shape[0]))
+        return np.stack([readers[e](tuple(index[1:])) for e in experts])
+
+    return read
 
 
 def _slice_reader(file: str, name: str, transpose: bool, shape, dtype, head_dim: int, repeats: int):
@@ -74,17 +96,20 @@ def load_safetensors_sharded(paths: Sequence[str], config: ModelConfig, mesh: Me
     tp_cfg = tp_model_config(config, tp)
     repeats = tp_cfg.num_kv_heads // config.num_kv_heads
     graphdef, abstract = nnx.split(_abstract_model(tp_cfg, dtype))
-    index = _safetensors_index(paths)
+    index, stacked = _safetensors_index(paths)
     flat, missing = [], []
     for path, var in nnx.to_flat_state(abstract):
         name = path_name(path)
-        if name not in index:
+        if name in stacked:
+            reader = _stacked_reader(stacked[name], var.shape, var.dtype)
+        elif name not in index:
             missing.append(name)
             continue
-        file, hf_name, transpose = index[name]
-        reader = _slice_reader(file, hf_name, transpose, var.shape, var.dtype, config.head_dim,
-                               repeats if KV_PARAMS.search(name) else 1)
-        sharding = NamedSharding(mesh, param_spec(name, var.shape, tp))
+        else:
+            file, hf_name, transpose = index[name]
+            reader = _slice_reader(file, hf_name, transpose, var.shape, var.dtype, config.head_dim,
+                                   repeats if KV_PARAMS.search(name) else 1)
+        sharding = NamedSharding(mesh, param_spec(name, var.shape, tp, expert_parallel=tp_cfg.expert_parallel))
         flat.append((path, var.replace(jax.make_array_from_callback(var.shape, sharding, reader))))
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
@@ -102,7 +127,8 @@ def load_orbax_sharded(directory: str, config: ModelConfig, mesh: Mesh, *, dtype
     repeats = tp_cfg.num_kv_heads // config.num_kv_heads
 
     def target(name, var):
-        spec = P() if repeats > 1 and KV_PARAMS.search(name) else param_spec(name, var.shape, tp)
+        spec = P() if repeats > 1 and KV_PARAMS.search(name) else param_spec(
+            name, var.shape, tp, expert_parallel=tp_cfg.expert_parallel)
         return jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=NamedSharding(mesh, spec))
 
     abstract = nnx.from_flat_state([(p, var.replace(target(path_name(p), var)))

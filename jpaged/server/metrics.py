@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from jpaged import compilations
+from jpaged.engine.expert_load import imbalance
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -49,6 +50,24 @@ class _EngineCollector:
                      compilations.count())]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"jpaged_{name}", doc, value=value)
+        if "expert_tokens" in s:  # a mixture-of-experts model: load balance (jpaged/engine/expert_load.py)
+            yield from expert_metrics(s)
+
+
+def expert_metrics(s: dict):
+    """Per-expert routed tokens (all MoE layers summed): a counter since start, the last step's, and the
+    last step's max / mean over experts."""
+    total = CounterMetricFamily("jpaged_moe_expert_tokens", "Tokens routed to each expert (all MoE layers)",
+                                labels=["expert"])
+    last = GaugeMetricFamily("jpaged_moe_expert_tokens_last_step", "Tokens routed to each expert in the last step",
+                             labels=["expert"])
+    for e, (t, n) in enumerate(zip(s["expert_tokens"], s["expert_tokens_last_step"])):
+        total.add_metric([str(e)], float(t))
+        last.add_metric([str(e)], float(n))
+    yield total
+    yield last
+    yield GaugeMetricFamily("jpaged_moe_expert_load_imbalance", "Max / mean tokens per expert in the last step",
+                            value=imbalance(s["expert_tokens_last_step"]))
 
 
 class ServerMetrics:
