@@ -22,6 +22,7 @@ from jpaged.engine.prompt_logprobs import PromptScorer
 from jpaged.engine.scheduler import ScheduledBatch, Scheduler
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
+from jpaged.structured.grammar import Constraints
 from pallas_kernels import select_backend
 
 CPU_KV_CACHE_BYTES = 1 << 30  # pool size on CPU when num_kv_blocks is not given
@@ -54,8 +55,10 @@ class Engine:
         num_pages = config.num_kv_blocks or self._default_num_pages()
         self.scheduler = Scheduler(config, num_blocks=num_pages, max_model_len=self.max_model_len,
                                    sliding_window=mcfg.sliding_window)
+        self.constraints = Constraints(tokenizer, mcfg.vocab_size, self.eos_token_ids)  # structured outputs
         self.runner = ModelRunner(config, model, spec=self.kv_spec, backend=self.backend, num_pages=num_pages,
-                                  max_model_len=self.max_model_len, mesh=mesh, eos_token_ids=self.eos_token_ids)
+                                  max_model_len=self.max_model_len, mesh=mesh, eos_token_ids=self.eos_token_ids,
+                                  constraints=self.constraints)
         self.model = self.runner.model  # the weights being served (sharded under TP): no other copy is kept
         self.output_processor = OutputProcessor(tokenizer, self.scheduler, eos_token_ids=self.eos_token_ids,
                                                 max_model_len=self.max_model_len, seq_ids=itertools.count())
@@ -88,14 +91,17 @@ class Engine:
     # -- requests --------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
-        """Queues a request; ValueError (and no state kept) for one that can never run."""
+                    priority: int | None = None, arrival_time: float | None = None) -> None:
+        """Queues a request; ValueError (and no state kept) for one that can never run. `priority`
+        defaults to params.priority."""
         params = params or SamplingParams()
+        priority = params.priority if priority is None else priority
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         prompt_text, prompt_ids = self._tokenize(prompt)
+        self._check_constraints(params)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
         if max_tokens < 1:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, which leaves no room to generate "
@@ -108,6 +114,13 @@ class Engine:
                                                                  self.tokenizer.decode)
         self.output_processor.add(request_id, prompt_text, prompt_ids, params, priority=priority,
                                   arrival_time=arrival_time, prompt_logprobs=prompt_logprobs)
+
+    def _check_constraints(self, params: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {max(params.logit_bias)}")
+        if params.structured_outputs is not None:
+            self.constraints.check(params.structured_outputs)
 
     @functools.cached_property
     def prompt_scorer(self) -> PromptScorer:
