@@ -13,6 +13,9 @@ from typing import Any
 import llguidance
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# JSON is written compactly (", " and ": ", no free whitespace), as vLLM does: a sampled model otherwise
+# spends tokens on runs of newlines and spaces the grammar would allow.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +68,9 @@ class StructuredOutputsParams:
     def to_grammar(self) -> str:
         """The constraint as llguidance grammar text (not yet checked: GrammarCompiler does that)."""
         kind = self.kind
-        if kind == "json":
-            return llguidance.grammar_from("json_schema", self.json if isinstance(self.json, str)
-                                           else json.dumps(self.json))
-        if kind == "json_object":
-            return llguidance.grammar_from("json_schema", '{"type": "object"}')
+        if kind in ("json", "json_object"):
+            schema = {"type": "object"} if kind == "json_object" else self.json
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         if kind == "choice":
             return llguidance.grammar_from("choice", json.dumps(list(self.choice)))
         if kind == "regex":
