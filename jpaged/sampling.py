@@ -2,13 +2,15 @@
 
 Sits after the model in the step (docs/architecture.md): `model_runner` and `jpaged.generate` both
 build a `SamplingTensors` (per-row settings as arrays) and call `sample`. Semantics follow vLLM:
-penalties first (repetition over prompt + output, then frequency and presence over output), then
+logit_bias and the structured-outputs token bitmask first (docs/structured_outputs.md), then
+penalties (repetition over prompt + output, then frequency and presence over output), then
 rows short of `min_tokens` outputs bar their stop ids (EOS and `stop_token_ids`); greedy rows take the
 argmax of the processed logits, the others divide by their temperature, drop tokens under min-p, keep
 the top-k then the top-p nucleus, and draw with the Gumbel-max trick.
 Returned logprobs are of the raw model logits (vLLM's default `raw_logprobs`), before any processing.
 
-Shapes: S rows (sequences, padded to a bucket), V vocab, K top logprobs, H history length, B barred ids.
+Shapes: S rows (sequences, padded to a bucket), V vocab, K top logprobs, H history length, B barred ids,
+W = ceil(V / 32) bitmask words, L biased ids.
 """
 from __future__ import annotations
 
@@ -42,11 +44,16 @@ class SamplingTensors:
     output_tokens: jax.Array       # [S, Ho] i32 generated ids, PAD_ID padded ([S, 0] without penalties)
     min_tokens: jax.Array          # [S] i32, the row may not sample a barred id while output_position < it
     barred_ids: jax.Array          # [S, B] i32 EOS and stop_token_ids, PAD_ID padded ([S, 0] without min_tokens)
+    token_bitmask: jax.Array = None  # [S, W] i32 packed allowed-token bits ([S, 0] without a constraint)
+    logit_bias_ids: jax.Array = None     # [S, L] i32, PAD_ID padded ([S, 0] without logit_bias)
+    logit_bias_values: jax.Array = None  # [S, L] f32
     # Which optional stages any row needs; static, so unused stages cost nothing in the compiled step.
     use_penalties: bool = struct.field(pytree_node=False, default=False)
     use_top_k_top_p: bool = struct.field(pytree_node=False, default=False)
     use_min_p: bool = struct.field(pytree_node=False, default=False)
     use_min_tokens: bool = struct.field(pytree_node=False, default=False)
+    use_bitmask: bool = struct.field(pytree_node=False, default=False)
+    use_logit_bias: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def num_rows(self) -> int:
@@ -57,7 +64,8 @@ class SamplingTensors:
                     output_positions: Sequence[int] | None = None,
                     prompt_token_ids: Sequence[Sequence[int]] | None = None,
                     output_token_ids: Sequence[Sequence[int]] | None = None,
-                    eos_token_ids: Collection[int] = ()) -> "SamplingTensors":
+                    eos_token_ids: Collection[int] = (),
+                    token_bitmask: np.ndarray | None = None) -> "SamplingTensors":
         """Builds the tensors on the host for `params[i]` in row i; rows past len(params) are greedy padding.
 
         Args:
@@ -115,6 +123,17 @@ class SamplingTensors:
         use_min_tokens = any(barred)
         barred_hist = (pad_histories(barred, num_rows, minimum=4) if use_min_tokens
                        else np.zeros((num_rows, 0), np.int32))
+        if token_bitmask is not None and token_bitmask.shape != (num_rows, (vocab_size + 31) // 32):
+            raise ValueError(f"token_bitmask must be [{num_rows}, {(vocab_size + 31) // 32}], got {token_bitmask.shape}")
+        use_logit_bias = any(p.logit_bias for p in distinct)
+        bias_ids = np.zeros((num_rows, 0), np.int32)
+        bias_values = np.zeros((num_rows, 0), np.float32)
+        if use_logit_bias:
+            biases = [params[i].logit_bias or {} for i in range(n)]
+            bias_ids = pad_histories([list(b) for b in biases], num_rows, minimum=4)
+            bias_values = np.zeros(bias_ids.shape, np.float32)
+            for i, b in enumerate(biases):
+                bias_values[i, :len(b)] = list(b.values())
         return cls(
             temperature=np.asarray(column([p.temperature for p in distinct], 0.0, np.float32)),
             top_k=np.asarray(column(top_k, vocab_size, np.int32)),
@@ -134,6 +153,12 @@ class SamplingTensors:
             use_top_k_top_p=any(not p.greedy and (0 < p.top_k < vocab_size or p.top_p < 1.0) for p in distinct),
             use_min_p=any(not p.greedy and p.min_p > 0.0 for p in distinct),
             use_min_tokens=use_min_tokens,
+            token_bitmask=(np.asarray(token_bitmask, np.int32) if token_bitmask is not None
+                           else np.zeros((num_rows, 0), np.int32)),
+            logit_bias_ids=bias_ids,
+            logit_bias_values=bias_values,
+            use_bitmask=token_bitmask is not None,
+            use_logit_bias=use_logit_bias,
         )
 
 
@@ -191,6 +216,23 @@ def apply_penalties(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
     logits = jnp.where(logits > 0, logits / rep, logits * rep)
     logits -= tensors.frequency_penalty[:, None] * output_counts
     return logits - tensors.presence_penalty[:, None] * (output_counts > 0)
+
+
+def apply_logit_bias(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
+    """Adds each row's biases at its biased ids (OpenAI's logit_bias)."""
+    vocab_size = logits.shape[-1]
+    ids = tensors.logit_bias_ids
+    ids = jnp.where((ids >= 0) & (ids < vocab_size), ids, vocab_size)  # padding: out of bounds, dropped
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, ids].add(tensors.logit_bias_values, mode="drop")
+
+
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """-inf where a row's packed bitmask ([S, ceil(V/32)] int32, bit t % 32 of word t // 32) is 0."""
+    vocab_size = logits.shape[-1]
+    bits = jnp.arange(32, dtype=jnp.int32)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).reshape(bitmask.shape[0], -1)[:, :vocab_size]
+    return jnp.where(allowed != 0, logits, -jnp.inf)
 
 
 def apply_min_tokens(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
@@ -256,7 +298,11 @@ def sample(logits: jax.Array, tensors: SamplingTensors, key: jax.Array, *,
     if not 0 <= num_top_logprobs <= SamplingParams.MAX_LOGPROBS:
         raise ValueError(f"num_top_logprobs must be in [0, {SamplingParams.MAX_LOGPROBS}], got {num_top_logprobs}")
     raw = logits.astype(jnp.float32)
-    processed = apply_penalties(raw, tensors) if tensors.use_penalties else raw
+    processed = apply_logit_bias(raw, tensors) if tensors.use_logit_bias else raw
+    if tensors.use_bitmask:
+        processed = apply_token_bitmask(processed, tensors.token_bitmask)
+    if tensors.use_penalties:
+        processed = apply_penalties(processed, tensors)
     if tensors.use_min_tokens:
         processed = apply_min_tokens(processed, tensors)
     greedy_tokens = jnp.argmax(processed, axis=-1)

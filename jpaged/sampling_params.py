@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jpaged.structured.params import StructuredOutputsParams
+
 
 @dataclasses.dataclass
 class SamplingParams:
@@ -31,8 +33,13 @@ class SamplingParams:
     # once it has finished (what LLM.generate asks for), which also lets the engine detokenize once at
     # the end instead of token by token when there are no stop strings.
     output_kind: str = "cumulative"
+    # Structured outputs, logit_bias and priority (docs/structured_outputs.md).
+    structured_outputs: StructuredOutputsParams | None = None  # constrains the output to a grammar
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, in [-100, 100]
+    priority: int = 0  # lower runs first under scheduling_policy="priority" (Engine.add_request's default)
 
     MAX_LOGPROBS = 20
+    MAX_LOGIT_BIAS = 100.0
     OUTPUT_KINDS = ("cumulative", "final_only")
 
     def __post_init__(self):
@@ -80,6 +87,16 @@ class SamplingParams:
                   f"{name} must be an integer in [0, {self.MAX_LOGPROBS}] or None, got {value!r}")
         check(self.output_kind in self.OUTPUT_KINDS,
               f"output_kind must be one of {self.OUTPUT_KINDS}, got {self.output_kind!r}")
+        check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+              f"structured_outputs must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
+        check(self.structured_outputs is None or not self.use_beam_search,
+              "structured_outputs is not supported with beam search")
+        check(self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+            isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and abs(b) <= self.MAX_LOGIT_BIAS
+            for t, b in self.logit_bias.items())),
+            f"logit_bias must map token ids (integers >= 0) to biases in [-{self.MAX_LOGIT_BIAS:g}, "
+            f"{self.MAX_LOGIT_BIAS:g}], got {self.logit_bias!r}")
+        check(isinstance(self.priority, int), f"priority must be an integer, got {self.priority!r}")
         if self.use_beam_search:
             check(self.n <= self.beam_width <= self.MAX_LOGPROBS // 2,
                   f"beam_width must be in [n ({self.n}), {self.MAX_LOGPROBS // 2}], got {self.beam_width}")

@@ -75,7 +75,7 @@ class DataParallelEngine:
     # -- requests --------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+                    priority: int | None = None, arrival_time: float | None = None) -> None:
         """Queues a request on the least loaded replica; ValueError (and no state kept) as `Engine`'s."""
         if self._replica_of(request_id) is not None:
             raise ValueError(f"request_id {request_id!r} is already in use")

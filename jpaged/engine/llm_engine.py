@@ -26,6 +26,7 @@ from models.sharding import tp_model_config
 from jpaged.engine.spec_decode.setup import make_speculator
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
+from jpaged.structured.grammar import Constraints
 from pallas_kernels import select_backend
 
 CPU_KV_CACHE_BYTES = 1 << 30  # pool size on CPU when num_kv_blocks is not given
@@ -66,9 +67,10 @@ class Engine:
         # Before the runner: a truncated draft shares the target's weights before they are fused.
         self.speculator = make_speculator(config, model, tokenizer, draft=draft, num_pages=num_pages,
                                           max_model_len=self.max_model_len)
+        self.constraints = Constraints(tokenizer, mcfg.vocab_size, self.eos_token_ids)  # structured outputs
         self.runner = ModelRunner(config, model, spec=self.kv_spec, backend=self.backend, num_pages=num_pages,
                                   max_model_len=self.max_model_len, mesh=mesh, eos_token_ids=self.eos_token_ids,
-                                  lora=self.lora)
+                                  lora=self.lora, constraints=self.constraints)
         self.model = self.runner.model  # the weights being served (sharded under TP): no other copy is kept
         self.output_processor = OutputProcessor(tokenizer, self.scheduler, eos_token_ids=self.eos_token_ids,
                                                 max_model_len=self.max_model_len, seq_ids=itertools.count())
@@ -101,17 +103,19 @@ class Engine:
     # -- requests --------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
-                    priority: int = 0, arrival_time: float | None = None,
+                    priority: int | None = None, arrival_time: float | None = None,
                     lora_request: LoRARequest | None = None) -> None:
         """Queues a request (through the adapter of `lora_request`, registered on first use); ValueError
-        (and no state kept) for one that can never run."""
+        (and no state kept) for one that can never run. `priority` defaults to params.priority."""
         params = params or SamplingParams()
+        priority = params.priority if priority is None else priority
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         adapter_id = self._adapter_id(lora_request, params)
         prompt_text, prompt_ids = self._tokenize(prompt)
+        self._check_constraints(params)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(prompt_ids)
         if max_tokens < 1:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, which leaves no room to generate "
@@ -149,6 +153,13 @@ class Engine:
         if any(seq.adapter_id == lora_int_id for req in self.requests.values() for seq in req.seqs):
             raise ValueError(f"LoRA adapter {lora_int_id} is in use by unfinished requests")
         self.lora.remove(lora_int_id)
+
+    def _check_constraints(self, params: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {max(params.logit_bias)}")
+        if params.structured_outputs is not None:
+            self.constraints.check(params.structured_outputs)
 
     @functools.cached_property
     def prompt_scorer(self) -> PromptScorer:

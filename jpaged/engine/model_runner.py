@@ -141,7 +141,7 @@ class ModelRunner:
     and the page pool of `spec`, with `backend`'s kernels."""
 
     def __init__(self, config, model, *, spec: KVCacheSpec, backend: Backend, num_pages: int, max_model_len: int,
-                 mesh=None, eos_token_ids=(), lora=None):
+                 mesh=None, eos_token_ids=(), lora=None, constraints=None):
         if (mesh is None) != (config.tensor_parallel_size == 1):
             raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs a mesh of that many "
                              "devices (serving_mesh), one device none")
@@ -169,6 +169,7 @@ class ModelRunner:
         # bound (StepInput.max_prefill_seqs); build_step_input checks every batch against it.
         self.max_prefill_seqs = config.max_num_prefill_seqs
         self.eos_token_ids = tuple(eos_token_ids)  # the sampler bars them before a row's min_tokens
+        self.constraints = constraints  # jpaged.structured.grammar.Constraints: token bitmasks, or None
         self.base_key = jax.random.PRNGKey(config.seed)
         self.expert_load = ExpertLoad(model.config.num_experts if model.config.is_moe else 0)
         graphdef, state = nnx.split(model)
@@ -344,7 +345,25 @@ class ModelRunner:
         the device. Rows without a seed draw from fold_in(the runner's key, step_counter)."""
         step, token_src = self.build_step_input(entries, sample_rows, pending, lora_slots)
         return self._dispatch(step, [row.seq for row in sample_rows], step_counter,
-                              [row.seq.sampling_params for row in sample_rows], token_src, prev)
+                              [row.seq.sampling_params for row in sample_rows], token_src, prev, pending)
+
+    def _bitmask(self, seqs, num_rows: int, prev: InFlight | None, pending) -> np.ndarray | None:
+        """The structured-outputs mask of the rows, or None. A constrained row whose last token is still
+        on the device (async scheduling) waits here for `prev`'s tokens: only those, not the whole
+        readback, so the previous step's host bookkeeping still overlaps this step."""
+        if self.constraints is None:
+            return None
+        prev_tokens = []
+
+        def pending_token(seq):
+            hit = (pending or {}).get(seq.seq_id)
+            if hit is None or prev is None:
+                return None
+            if not prev_tokens:
+                prev_tokens.append(np.asarray(prev.tokens))
+            return int(prev_tokens[0][hit[1]])
+
+        return self.constraints.bitmask(seqs, num_rows, pending_token)
 
     def fetch(self, inflight: InFlight):
         """Waits for a launched step; the sampler's outputs for its real rows, as numpy arrays."""
@@ -354,7 +373,7 @@ class ModelRunner:
         return jax.tree.map(lambda x: x[:inflight.num_rows], out)
 
     def _dispatch(self, step: StepInput, seqs, step_counter: int, params: list[SamplingParams],
-                  token_src: np.ndarray | None = None, prev: InFlight | None = None) -> InFlight:
+                  token_src: np.ndarray | None = None, prev: InFlight | None = None, pending=None) -> InFlight:
         penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                         for p in params)
         tensors = sampling.SamplingTensors.from_params(
@@ -362,7 +381,8 @@ class ModelRunner:
             output_positions=[seq.num_output_tokens for seq in seqs],
             prompt_token_ids=[seq.token_ids[:seq.num_prompt_tokens] for seq in seqs] if penalties else None,
             output_token_ids=[seq.output_token_ids for seq in seqs] if penalties else None,
-            eos_token_ids=self.eos_token_ids)
+            eos_token_ids=self.eos_token_ids,
+            token_bitmask=self._bitmask(seqs, step.logits_index.shape[0], prev, pending))
         # Two sizes only, so logprobs requests do not multiply compilations.
         top = 0 if all(p.logprobs is None and not p.use_beam_search for p in params) else SamplingParams.MAX_LOGPROBS
         if token_src is None:

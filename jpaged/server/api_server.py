@@ -32,6 +32,7 @@ from jpaged.server.lora_routes import LoRAAdapters, add_routes as add_lora_route
 from jpaged.server.metrics import CONTENT_TYPE, ServerMetrics
 from jpaged.server.prompts import PromptPreparer, longest_token_bytes, vocab_size_of
 from jpaged.server.settings import ServerSettings
+from jpaged.server import tools as tool_calling
 
 try:
     import orjson
@@ -162,6 +163,12 @@ class _Server:
         """The LoRA adapter `model` names (jpaged/server/lora_routes.py), None for the base model; 404 else."""
         return self.adapters.resolve(model, self.model_name)
 
+    def check_priority(self, params) -> None:
+        policy = getattr(getattr(self.engine.engine, "config", None), "scheduling_policy", "priority")
+        if params.priority and policy != "priority":
+            raise p.ApiError(400, "'priority' needs the server to run with --scheduling-policy priority",
+                             param="priority", code="invalid_value")
+
     def check_n(self, n: int) -> None:
         if n > self.settings.max_n:
             raise p.ApiError(400, f"'n' must be at most {self.settings.max_n}, got {n}", param="n",
@@ -196,11 +203,18 @@ class _Server:
 
     # -- engine requests -----------------------------------------------------------------------------
 
-    async def add_all(self, base_id: str, token_ids: list[list[int]], params, *, param: str, lora=None) -> None:
-        """Adds one engine request per prompt (through the LoRA adapter `lora`, if any), all or none."""
+    async def add_all(self, base_id: str, token_ids: list[list[int]], params, *, param: str, lora=None,
+                      constraint_param: str | None = None) -> None:
+        """Adds one engine request per prompt (through the LoRA adapter `lora`, if any), all or none. A
+        constraint the engine cannot compile is a 400 naming `constraint_param`, the field it came from."""
         try:
             await self.engine.add_many([(f"{base_id}-{i}", ids, params, lora) for i, ids in enumerate(token_ids)])
         except ValueError as e:
+            if "structured_outputs" in str(e) and constraint_param is not None:
+                raise p.ApiError(400, f"'{constraint_param}': {e}", param=constraint_param,
+                                 code="invalid_value") from None
+            if str(e).startswith("logit_bias"):
+                raise p.ApiError(400, str(e), param="logit_bias", code="invalid_value") from None
             raise p.ApiError(400, str(e), param=param, code="invalid_prompt") from None
         except QueueFullError as e:
             raise p.ApiError(429, str(e), type="rate_limit_exceeded", code="rate_limit_exceeded",
@@ -262,6 +276,7 @@ class _Server:
         req = _parse(p.CompletionRequest, body)
         lora = self.check_model(req.model)
         params = req.sampling_params()
+        self.check_priority(params)
         self.check_n(params.n)
         prompts = req.prompts()
         self.check_prompt_count(len(prompts))
@@ -272,7 +287,8 @@ class _Server:
             echo_texts = [prompt if isinstance(prompt, str) else await self.prompts.decode(prompt)
                           for prompt in prompts]
         base_id = p.new_id("cmpl")
-        await self.add_all(base_id, token_ids, params, param="prompt", lora=lora)
+        await self.add_all(base_id, token_ids, params, param="prompt", lora=lora,
+                           constraint_param=_constraint_field(req))
         head = {"id": base_id, "object": "text_completion", "created": int(time.time()),
                 "model": lora.lora_name if lora else self.model_name}
         if req.stream:
@@ -345,29 +361,34 @@ class _Server:
         t0 = time.monotonic()
         req = _parse(p.ChatCompletionRequest, body)
         lora = self.check_model(req.model)
-        params = req.sampling_params()
+        plan = tool_calling.plan_for(req, self.settings.tool_call_parser, self.settings.enable_auto_tool_choice)
+        params = req.sampling_params(forced=plan.forced, skip_special_tokens=plan.skip_special_tokens)
+        self.check_priority(params)
         self.check_n(params.n)
         self.check_prompt_count(1)
-        prompt = await self.prompts.chat_prompt([m.template_dict() for m in req.messages])
+        prompt = await self.prompts.chat_prompt([m.template_dict() for m in req.messages], plan.tools)
         token_ids = await self.prompts.token_ids([prompt], add_special_tokens=False, param="messages")
         params = self.resolve_max_tokens(params, token_ids, "messages")
         base_id = p.new_id("chatcmpl")
-        await self.add_all(base_id, token_ids, params, param="messages", lora=lora)
+        await self.add_all(base_id, token_ids, params, param="messages", lora=lora,
+                           constraint_param=_constraint_field(req, plan))
         head = {"id": base_id, "object": "chat.completion", "created": int(time.time()),
                 "model": lora.lora_name if lora else self.model_name}
         top = req.top_logprobs or 0
         if req.stream:
-            return _SSEResponse(self.chat_events(req, {**head, "object": "chat.completion.chunk"}, top, t0),
+            return _SSEResponse(self.chat_events(req, {**head, "object": "chat.completion.chunk"}, top, t0, plan),
                                 self.releaser(base_id, 1))
         (out,) = await self.final_outputs(request, base_id, 1, t0)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+        choices = [{"index": c.index, "message": _assistant_message(plan, c.text),
                     "logprobs": p.chat_logprobs(c.token_ids, c.logprobs or [], top) if req.logprobs else None,
-                    "finish_reason": c.finish_reason}
+                    "finish_reason": _finish_reason(plan, c)}
                    for c in sorted(out.outputs, key=lambda c: c.index)]
         return _json({**head, "choices": choices, "usage": _usage([out])})
 
-    async def chat_events(self, req: p.ChatCompletionRequest, head: dict, top: int, t0: float) -> AsyncIterator[bytes]:
+    async def chat_events(self, req: p.ChatCompletionRequest, head: dict, top: int, t0: float,
+                          plan: tool_calling.ToolPlan) -> AsyncIterator[bytes]:
         deltas: dict[int, p.ChoiceDelta] = {}
+        tool_streams = {} if plan.parses else None  # choice index -> ToolCallStream
         final = None
         usage_field = {"usage": None} if req.include_usage else {}
         yield b"".join(_sse({**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -384,6 +405,11 @@ class _Server:
                     continue
                 text, ids, entries = delta.advance(c)
                 if not text and not ids and not delta.finished:
+                    continue
+                if tool_streams is not None:
+                    stream = tool_streams.setdefault(c.index, plan.stream())
+                    events += [_sse({**head, "choices": [choice], **usage_field})
+                               for choice in _tool_choices(plan, stream, c, delta.finished)]
                     continue
                 events.append(_sse({**head, "choices": [{
                     "index": c.index, "delta": {"content": text} if text or not delta.finished else {},
@@ -429,6 +455,51 @@ class _Server:
 
 def _engine_error(e: EngineDeadError) -> p.ApiError:
     return _unavailable(str(e), "shutting_down" if isinstance(e, ShuttingDownError) else "engine_dead")
+
+
+def _constraint_field(req, plan: tool_calling.ToolPlan | None = None) -> str | None:
+    """The request field its output constraint came from (for a 400 about it)."""
+    sources = p._constraint_sources(req)
+    if sources:
+        return sources[0][0]
+    return "tool_choice" if plan is not None and plan.forced is not None else None
+
+
+def _assistant_message(plan: tool_calling.ToolPlan, text: str) -> dict:
+    content, calls = plan.split(text)
+    message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [call.wire() for call in calls]
+    return message
+
+
+def _finish_reason(plan: tool_calling.ToolPlan, c) -> str | None:
+    if c.finish_reason == "stop" and plan.parses and plan.split(c.text)[1]:
+        return "tool_calls"
+    return c.finish_reason
+
+
+def _tool_choices(plan: tool_calling.ToolPlan, stream: tool_calling.ToolCallStream, c, finished: bool) -> list[dict]:
+    """Streamed choice deltas of a chat with tools: content while it is plain text, then each tool call
+    (its id and name, then its arguments), then the finish reason."""
+    index = c.index
+    if not finished:
+        text = stream.content_delta(c.text)
+        return [{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}] if text else []
+    rest, calls = stream.finish(c.text)
+    if not plan.parallel:
+        calls = calls[:1]
+    out = []
+    if rest:
+        out.append({"index": index, "delta": {"content": rest}, "logprobs": None, "finish_reason": None})
+    for i, call in enumerate(calls):
+        head = {"index": i, "id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        out.append({"index": index, "delta": {"tool_calls": [head]}, "logprobs": None, "finish_reason": None})
+        out.append({"index": index, "delta": {"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]},
+                    "logprobs": None, "finish_reason": None})
+    reason = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+    out.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})
+    return out
 
 
 def _usage(outputs: list[RequestOutput], generated: bool = True) -> dict:
@@ -512,15 +583,35 @@ def build_app(engine_factory: Callable[[], object], settings: ServerSettings | N
         return wrapped
 
     async def models(request: Request) -> Response:
-        listing = p.model_list(server.model_name)
+        listing = p.model_list(server.model_name, engine.max_model_len)
         listing["data"] += server.adapters.cards(server.model_name)
         return _json(listing)
 
     async def model(request: Request) -> Response:
         lora = server.check_model(request.path_params["model_id"])
         if lora is None:
-            return _json(p.model_card(server.model_name))
+            return _json(p.model_card(server.model_name, engine.max_model_len))
         return _json(next(c for c in server.adapters.cards(server.model_name) if c["id"] == lora.lora_name))
+
+    async def tokenize(request: Request, body: bytes) -> Response:
+        req = _parse(p.TokenizeRequest, body)
+        server.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise p.ApiError(400, "give exactly one of 'prompt' and 'messages'", param="prompt", code="invalid_value")
+        if req.messages is not None:
+            text = await server.prompts.chat_prompt([m.template_dict() for m in req.messages],
+                                                    add_generation_prompt=req.add_generation_prompt)
+            add_special = False
+        else:
+            text, add_special = req.prompt, req.add_special_tokens
+        (ids,) = await server.prompts.token_ids([text], add_special_tokens=add_special, param="prompt")
+        return _json({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids})
+
+    async def detokenize(request: Request, body: bytes) -> Response:
+        req = _parse(p.DetokenizeRequest, body)
+        server.check_model(req.model)
+        server.prompts.check_token_ids([req.tokens], "tokens")
+        return _json({"prompt": await server.prompts.decode(req.tokens)})
 
     async def health(request: Request) -> Response:
         if server.draining:
@@ -545,6 +636,8 @@ def build_app(engine_factory: Callable[[], object], settings: ServerSettings | N
                       methods=["POST"])
     app.add_api_route("/v1/chat/completions", route("chat", server.chat, body=True, admit=True), methods=["POST"])
     add_lora_routes(app, server.adapters, route, _parse)
+    app.add_api_route("/tokenize", route("tokenize", tokenize, body=True, admit=True), methods=["POST"])
+    app.add_api_route("/detokenize", route("detokenize", detokenize, body=True, admit=True), methods=["POST"])
     app.add_api_route("/health", route("health", health, auth=False), methods=["GET"])
     app.add_api_route("/metrics", route("metrics", metrics, auth=False), methods=["GET"])
 

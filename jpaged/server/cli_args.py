@@ -45,6 +45,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=d.compilation_cache,
                         help="keep compiled steps in $JAX_COMPILATION_CACHE_DIR (default $JPAGED_CACHE/xla) so "
                         "that a restart compiles nothing (default on)")
+    parser.add_argument("--tool-call-parser", default=None, choices=("hermes", "llama3_json", "mistral"),
+                        help="how tool calls are read out of the model's text for tool_choice 'auto': hermes "
+                        "(Hermes, Qwen), llama3_json (Llama 3.x), mistral (default: none)")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true", default=d.enable_auto_tool_choice,
+                        help="accept tool_choice 'auto' (and tools without tool_choice); needs --tool-call-parser")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
 
 
@@ -56,4 +61,5 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         max_tokens_limit=args.max_tokens_limit, shutdown_timeout=args.shutdown_timeout,
         engine_stall_timeout=args.engine_stall_timeout, keep_alive_timeout=args.keep_alive_timeout,
         max_header_bytes=args.max_header_bytes, warmup=args.warmup, compilation_cache=args.compilation_cache,
-        stream_interval=args.stream_interval)
+        stream_interval=args.stream_interval, tool_call_parser=args.tool_call_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice)

@@ -100,12 +100,21 @@ class PromptPreparer:
     async def decode(self, token_ids: list[int]) -> str:
         return await self._off_thread(lambda: self.tokenizer.decode(token_ids, skip_special_tokens=False))
 
-    async def chat_prompt(self, messages: list[dict]) -> str:
-        """The conversation rendered by the model's chat template (400 when it has none or rejects it)."""
+    async def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None,
+                          add_generation_prompt: bool = True) -> str:
+        """The conversation rendered by the model's chat template (400 when it has none or rejects it).
+        `tools` go to the template's `tools=`, or in for a template without tools (jpaged/server/tools.py)."""
         self.check_text_fits(sum(len(m["content"].encode("utf-8")) for m in messages), "messages")
+        extra = {}
+        if tools is not None or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            from jpaged.server import tools as tool_calling
+            if tool_calling.template_mentions_tools(getattr(self.tokenizer, "chat_template", None)):
+                extra = {"tools": tools} if tools is not None else {}
+            else:
+                messages = tool_calling.plain_history(messages, tools)
         try:
-            return await self._off_thread(lambda: self.tokenizer.apply_chat_template(messages,
-                                                                                      add_generation_prompt=True))
+            return await self._off_thread(lambda: self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, **extra))
         except Exception as e:  # no template, or one that rejects the conversation (roles out of order)
             message = str(e) if isinstance(e, ValueError) else f"the chat template rejected 'messages': {e}"
             raise ApiError(400, message, param="messages", code="invalid_messages") from None

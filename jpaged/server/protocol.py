@@ -1,19 +1,20 @@
 """OpenAI wire format: pydantic request models, their SamplingParams, and response/chunk builders.
 
-Requests are validated strictly (a string is not an integer) and unknown fields are ignored, as vLLM
-does. Responses are plain dicts in OpenAI's schema; `logprobs` take each endpoint's own shape
+Requests are validated strictly (a string is not an integer); an unknown field is a 400 naming it, and
+a known field this server does not implement is refused by name when set (`_UNSUPPORTED`). Responses are plain dicts in OpenAI's schema; `logprobs` take each endpoint's own shape
 (legacy `tokens/token_logprobs/top_logprobs/text_offset` for completions, `content` for chat).
 """
 from __future__ import annotations
 
 import time
 import random
-from typing import Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jpaged.outputs import CompletionOutput, Logprob
 from jpaged.sampling_params import SamplingParams
+from jpaged.structured.params import StructuredOutputsParams
 
 
 class ApiError(Exception):
@@ -36,7 +37,11 @@ class ApiError(Exception):
 def validation_error(err: ValidationError) -> ApiError:
     """The first problem pydantic found, as a 400 naming the offending field."""
     errors = err.errors()
-    first = errors[0]
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    if first["type"] == "extra_forbidden":
+        where = ".".join(str(p) for p in first["loc"])
+        return ApiError(400, f"unknown field '{where}': this server does not implement it", param=where,
+                        code="unknown_field")
     if first["type"] == "json_invalid":
         return ApiError(400, f"request body is not valid JSON: {first['msg']}", code="invalid_json")
     if not first["loc"]:
@@ -72,7 +77,17 @@ def _field_types(param: str) -> str:
 
 class _Strict(BaseModel):
     # allow_inf_nan=False: JSON's Infinity / NaN (and numbers too large for a float) are refused by name.
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    # extra="forbid": an unknown field is refused by name, never silently dropped.
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    # Known fields this server does not implement: name -> the values that mean "not used" (accepted).
+    _UNSUPPORTED: ClassVar[dict[str, tuple]] = {}
+
+    def refuse_unsupported(self) -> None:
+        for name, accepted in self._UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value not in accepted:
+                raise ApiError(400, f"'{name}' is not supported by this server", param=name, code="unsupported_field")
 
 
 # Bounds the engine's SamplingParams does not set itself: OpenAI's temperature range, and seeds that
@@ -83,6 +98,48 @@ SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # constrained decoding always holds to the schema
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+def _constraint_sources(req) -> list[tuple[str, StructuredOutputsParams]]:
+    """(field, constraint) for each constraint field the request sets."""
+    found = []
+
+    def add(name, **kw):
+        try:
+            found.append((name, StructuredOutputsParams(**kw)))
+        except ValueError as e:
+            raise ApiError(400, f"'{name}': {e}", param=name, code="invalid_value") from None
+
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        add("response_format", json_object=True)
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise ApiError(400, "'response_format.json_schema.schema' is required for type json_schema",
+                           param="response_format", code="invalid_value")
+        add("response_format", json=rf.json_schema.schema_)
+    for name, kind in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                       ("guided_grammar", "grammar")):
+        if getattr(req, name) is not None:
+            add(name, **{kind: getattr(req, name)})
+    if req.structured_outputs is not None:
+        try:
+            found.append(("structured_outputs", StructuredOutputsParams.from_dict(req.structured_outputs)))
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, f"'structured_outputs': {e}", param="structured_outputs", code="invalid_value") from None
+    return found
 
 
 class _SamplingFields(_Strict):
@@ -105,12 +162,49 @@ class _SamplingFields(_Strict):
     # vLLM's extensions, which benchmarks use to fix output lengths
     ignore_eos: bool = False
     min_tokens: int = 0
+    # Structured outputs (OpenAI's response_format; vLLM's guided_* and structured_outputs), logit_bias,
+    # priority (vLLM's; lower runs first under --scheduling-policy priority).
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict | None = None
+    logit_bias: dict[str, float] | None = None
+    priority: int = 0
 
-    def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
-                ) -> SamplingParams:
+    def constraint(self, forced: tuple[str, StructuredOutputsParams] | None = None
+                   ) -> StructuredOutputsParams | None:
+        """The request's one constraint (`forced`: a tool_choice's); 400 naming the fields when several."""
+        sources = _constraint_sources(self) + ([forced] if forced is not None else [])
+        if len(sources) > 1:
+            names = [name for name, _ in sources]
+            raise ApiError(400, f"'{names[1]}' cannot be combined with '{names[0]}': one output constraint per "
+                           "request", param=names[1], code="invalid_value")
+        return sources[0][1] if sources else None
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, bias in self.logit_bias.items():
+            if not key.isdigit():
+                raise ApiError(400, f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias",
+                               code="invalid_value")
+            if not -SamplingParams.MAX_LOGIT_BIAS <= bias <= SamplingParams.MAX_LOGIT_BIAS:
+                raise ApiError(400, f"'logit_bias' values must be in [-100, 100], got {bias} for {key}",
+                               param="logit_bias", code="invalid_value")
+            out[int(key)] = float(bias)
+        return out
+
+    def _params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None, *,
+                best_of: int | None = None, forced=None, skip_special_tokens: bool = True) -> SamplingParams:
         def given(value, default):
             return default if value is None else value
 
+        self.refuse_unsupported()
+        constraint = self.constraint(forced)
+        logit_bias = self._logit_bias()
         if self.temperature is not None and not 0.0 <= self.temperature <= MAX_TEMPERATURE:
             raise ApiError(400, f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}",
                            param="temperature", code="invalid_value")
@@ -124,7 +218,9 @@ class _SamplingFields(_Strict):
                 presence_penalty=given(self.presence_penalty, 0.0),
                 frequency_penalty=given(self.frequency_penalty, 0.0),
                 repetition_penalty=given(self.repetition_penalty, 1.0), max_tokens=max_tokens, logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+                prompt_logprobs=prompt_logprobs, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                best_of=best_of, structured_outputs=constraint, logit_bias=logit_bias, priority=self.priority,
+                skip_special_tokens=skip_special_tokens)
         except ValueError as e:
             raise ApiError(400, str(e), param=str(e).split(" ", 1)[0], code="invalid_value") from None
 
@@ -138,6 +234,10 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    best_of: int | None = None
+    suffix: Any = None
+
+    _UNSUPPORTED: ClassVar[dict[str, tuple]] = {"suffix": (None, "")}
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of engine prompts (text or token ids), one per request."""
@@ -164,7 +264,7 @@ class CompletionRequest(_SamplingFields):
             raise ApiError(400, "max_tokens must be >= 1 (0 is accepted only with echo, to score the prompt)",
                            param="max_tokens", code="invalid_value")
         max_tokens = 1 if self.echo_only else self.max_tokens
-        return self._params(max_tokens, self.logprobs, self.logprobs if self.echo else None)
+        return self._params(max_tokens, self.logprobs, self.logprobs if self.echo else None, best_of=self.best_of)
 
 
 class TextPart(_Strict):
@@ -172,14 +272,55 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCallMessage(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # assistant
+    tool_call_id: str | None = None                  # tool
 
     def template_dict(self) -> dict:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        out = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None  # calls forced by tool_choice always hold to the schema
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -188,8 +329,41 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # Accepted, no effect on the output: identifiers and hints for OpenAI's own services.
+    metadata: dict[str, str] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # Refused by name when set (see _UNSUPPORTED).
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
+    store: Any = None
+    service_tier: Any = None
 
-    def sampling_params(self) -> SamplingParams:
+    _UNSUPPORTED: ClassVar[dict[str, tuple]] = {
+        "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "reasoning_effort": (None,),
+        "verbosity": (None,), "web_search_options": (None,), "functions": (None,), "function_call": (None,),
+        "store": (None, False), "service_tier": (None, "auto", "default")}
+
+    def tool_dicts(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    @property
+    def effective_tool_choice(self):
+        """OpenAI's default: "auto" with tools, "none" without; a named choice as a dict."""
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if self.tools else "none")
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
+    def sampling_params(self, *, forced=None, skip_special_tokens: bool = True) -> SamplingParams:
+        """`forced`: (field, constraint) a tool_choice imposes (jpaged/server/tools.py)."""
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "'top_logprobs' needs 'logprobs' set to true", param="top_logprobs",
                            code="invalid_value")
@@ -197,7 +371,8 @@ class ChatCompletionRequest(_SamplingFields):
             raise ApiError(400, f"'top_logprobs' must be in [0, {SamplingParams.MAX_LOGPROBS}], got {self.top_logprobs}",
                            param="top_logprobs", code="invalid_value")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        return self._params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, forced=forced,
+                            skip_special_tokens=skip_special_tokens)
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -216,12 +391,28 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def model_card(name: str) -> dict:
-    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "jpaged"}
+def model_card(name: str, max_model_len: int | None = None) -> dict:
+    card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "jpaged"}
+    return card if max_model_len is None else {**card, "max_model_len": max_model_len}
 
 
-def model_list(name: str) -> dict:
-    return {"object": "list", "data": [model_card(name)]}
+def model_list(name: str, max_model_len: int | None = None) -> dict:
+    return {"object": "list", "data": [model_card(name, max_model_len)]}
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: `prompt` text, or chat `messages` rendered by the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
 
 
 def _token_text(entry: dict[int, Logprob], token_id: int) -> str:

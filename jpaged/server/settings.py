@@ -29,6 +29,8 @@ class ServerSettings:
     warmup: bool = True                     # compile every step shape before /health answers 200
     compilation_cache: bool = True          # keep compiled steps on disk so a restart is fast (serve only)
     stream_interval: float = 0.0            # seconds between a stream's writes at least (0: at every token)
+    tool_call_parser: str | None = None     # hermes | llama3_json | mistral: parses tool calls (jpaged/server/tools.py)
+    enable_auto_tool_choice: bool = False   # tool_choice "auto" allowed (needs tool_call_parser)
 
     def __post_init__(self):
         def positive(name: str, integer: bool = True):
@@ -46,6 +48,11 @@ class ServerSettings:
         if isinstance(self.stream_interval, bool) or not isinstance(self.stream_interval, (int, float)) \
                 or not 0 <= self.stream_interval <= 10:
             raise ValueError(f"stream_interval must be in [0, 10] seconds, got {self.stream_interval!r}")
+        if self.tool_call_parser is not None:
+            from jpaged.server.tools import parser_named
+            parser_named(self.tool_call_parser)
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser")
         if self.max_tokens_limit is not None and (
                 not isinstance(self.max_tokens_limit, int) or self.max_tokens_limit < COMPLETIONS_DEFAULT_MAX_TOKENS):
             raise ValueError(f"max_tokens_limit must be an integer >= {COMPLETIONS_DEFAULT_MAX_TOKENS} (the "
