@@ -60,6 +60,9 @@ class EngineConfig:
     async_scheduling: bool = _knob(True, "schedule step N+1 while step N runs")
     fuse_projections: bool = _knob(True, "fuse q/k/v and gate/up into one GEMM each (one device)")
     seed: int = _knob(0, "engine seed for requests without a seed of their own")
+    # -- prompt logprobs in the scheduled prefill (jpaged/engine/prompt_logprobs.py) --
+    max_scored_prompt_tokens: int = _knob(512, "most prompt positions one step scores for prompt logprobs "
+                                          "(each takes a [vocab] row of float32 logits)")
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
@@ -89,3 +92,5 @@ class EngineConfig:
               f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         check(self.data_parallel_size >= 1, f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        check(self.max_scored_prompt_tokens >= 1,
+              f"max_scored_prompt_tokens must be >= 1, got {self.max_scored_prompt_tokens}")
