@@ -215,14 +215,12 @@ class ModelRunner:
 
     def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
         for src, dst, _ in step_variants.padded_moves(pairs, self.move_buckets, (0, self.num_pages)):
-            with self._mesh_context():
-                self.kv_cache = self.calls["copy_pages"](self.kv_cache, jnp.asarray(src), jnp.asarray(dst))
+            self.kv_cache = self.calls["copy_pages"](self.kv_cache, src, dst)
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Device page -> host page, for each (device, host) pair."""
         for dev, host, n in step_variants.padded_moves(pairs, self.move_buckets, (0, 0)):
-            with self._mesh_context():
-                k_data, v_data = jax.device_get(self.calls["read_pages"](self.kv_cache, jnp.asarray(dev)))
+            k_data, v_data = jax.device_get(self.calls["read_pages"](self.kv_cache, dev))
             for layer in range(len(self.host_k)):
                 self.host_k[layer][host[:n]] = k_data[layer][:n]
                 self.host_v[layer][host[:n]] = v_data[layer][:n]
@@ -230,10 +228,10 @@ class ModelRunner:
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Host page -> device page, for each (host, device) pair."""
         for host, dev, _ in step_variants.padded_moves(pairs, self.move_buckets, (0, self.num_pages)):
-            k_data = [jnp.asarray(h[host]) for h in self.host_k]
-            v_data = [jnp.asarray(h[host]) for h in self.host_v]
-            with self._mesh_context():
-                self.kv_cache = self.calls["write_pages"](self.kv_cache, jnp.asarray(dev), k_data, v_data)
+            # numpy straight into the jitted call: jnp.asarray would compile a transfer per shape
+            k_data = [h[host] for h in self.host_k]
+            v_data = [h[host] for h in self.host_v]
+            self.kv_cache = self.calls["write_pages"](self.kv_cache, dev, k_data, v_data)
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -280,13 +278,11 @@ class ModelRunner:
                                       score_targets=np.zeros(r, np.int32)))
         idle = np.full(self.move_buckets[-1], self.num_pages, np.int32)  # every destination dropped
         for b in self.move_buckets:
-            with self._mesh_context():
-                self.kv_cache = self.calls["copy_pages"](self.kv_cache, jnp.zeros(b, jnp.int32),
-                                                         jnp.asarray(idle[:b]))
-                if len(self.host_k):
-                    jax.block_until_ready(self.calls["read_pages"](self.kv_cache, jnp.zeros(b, jnp.int32)))
-                    zeros = [jnp.zeros((b, *h.shape[1:]), h.dtype) for h in self.host_k]
-                    self.kv_cache = self.calls["write_pages"](self.kv_cache, jnp.asarray(idle[:b]), zeros, zeros)
+            self.kv_cache = self.calls["copy_pages"](self.kv_cache, np.zeros(b, np.int32), idle[:b])
+            if len(self.host_k):
+                jax.device_get(self.calls["read_pages"](self.kv_cache, np.zeros(b, np.int32)))
+                zeros = [np.zeros((b, *h.shape[1:]), h.dtype) for h in self.host_k]
+                self.kv_cache = self.calls["write_pages"](self.kv_cache, idle[:b], zeros, zeros)
         jax.block_until_ready(self.kv_cache)
 
     def build_step_input(self, entries, sample_rows: list[SampleRow], pending=None, scored=None,
