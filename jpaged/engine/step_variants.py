@@ -5,8 +5,8 @@ A step's compiled shape is (T tokens, P pages per row, sampler tier); S rows fol
 but by tier, the smallest that covers every row of the batch:
 
 - "plain": temperature only (greedy or random), no logprobs;
-- "sample": + top-k / top-p, min-p, min_tokens, the top K logprobs (beam search, `logprobs`) and the
-  scored prompt positions of prompt logprobs;
+- "sample": + top-k / top-p, min-p, min_tokens, the top K logprobs (beam search, `logprobs`);
+- "score": + the scored prompt positions of prompt logprobs (R = min(max_scored_prompt_tokens, T) rows);
 - "full": + presence / frequency / repetition penalties, over token histories of a fixed width.
 
 Inside a tier a row that does not use a stage passes through it unchanged, so a tier changes no result.
@@ -22,13 +22,13 @@ import numpy as np
 from jpaged import sampling
 from jpaged.sampling_params import SamplingParams
 
-TIERS = ("plain", "sample", "full")
+TIERS = ("plain", "sample", "score", "full")
 WARMUP_CHOICES = ("all", "plain")  # --warmup-variants: every tier, or only "plain" (the others compile on first use)
 MAX_BARRED_IDS = 128  # width of the min_tokens barred-id table (stop_token_ids + EOS ids)
 
 
 def needs_sample_tier(p: SamplingParams, vocab_size: int) -> bool:
-    return (p.logprobs is not None or p.use_beam_search or p.prompt_logprobs is not None or p.min_tokens > 0
+    return (p.logprobs is not None or p.use_beam_search or p.min_tokens > 0
             or (not p.greedy and (0 < p.top_k < vocab_size or p.top_p < 1.0 or p.min_p > 0.0)))
 
 
@@ -40,7 +40,9 @@ def tier_of(params, vocab_size: int, scored: bool = False) -> str:
     """The smallest tier that runs every row of `params` (and the batch's scored prompt positions)."""
     if any(needs_full_tier(p) for p in params):
         return "full"
-    if scored or any(needs_sample_tier(p, vocab_size) for p in params):
+    if scored:
+        return "score"
+    if any(needs_sample_tier(p, vocab_size) for p in params):
         return "sample"
     return "plain"
 
@@ -50,8 +52,8 @@ def num_top_logprobs(tier: str) -> int:
 
 
 def num_scored_rows(tier: str, num_tokens: int, max_scored: int) -> int:
-    """R: the scored prompt rows of a step of T tokens (0 in "plain": no scoring there)."""
-    return 0 if tier == "plain" else min(max_scored, num_tokens)
+    """R: the scored prompt rows of a step of T tokens (none in "plain" and "sample")."""
+    return min(max_scored, num_tokens) if tier in ("score", "full") else 0
 
 
 def _pad_width(x: np.ndarray, width: int, what: str) -> np.ndarray:

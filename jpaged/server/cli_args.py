@@ -44,7 +44,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                         "/health and the API answer 503 'engine_starting' (default on)")
     parser.add_argument("--warmup-variants", choices=("all", "plain"), default=d.warmup_variants,
                         help="which step shapes the warm-up compiles: 'all' (every sampler tier: plain, "
-                        "top-k/top-p/min-p/logprobs/prompt logprobs, penalties) or 'plain' (temperature only; "
+                        "top-k/top-p/min-p/logprobs, prompt logprobs, penalties) or 'plain' (temperature only; "
                         "the others compile on first use) (default all)")
     parser.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=d.compilation_cache,
                         help="keep compiled steps in $JAX_COMPILATION_CACHE_DIR (default $JPAGED_CACHE/xla) so "

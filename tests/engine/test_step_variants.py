@@ -50,7 +50,7 @@ def test_tiers_cover_their_rows():
     assert step_variants.tier_of([SamplingParams(), SamplingParams(temperature=0)], vocab) == "plain"
     assert step_variants.tier_of([SamplingParams(top_p=0.5)], vocab) == "sample"
     assert step_variants.tier_of([SamplingParams(temperature=0, top_p=0.5)], vocab) == "plain"  # greedy ignores it
-    assert step_variants.tier_of([SamplingParams()], vocab, scored=True) == "sample"
+    assert step_variants.tier_of([SamplingParams(logprobs=1)], vocab, scored=True) == "score"
     assert step_variants.tier_of([SamplingParams(logprobs=0), SamplingParams(frequency_penalty=0.1)], vocab) == "full"
 
 
