@@ -186,6 +186,7 @@ def server_process(args):
     cmd = [sys.executable, os.path.abspath(__file__), "--role", "server", "--port", str(port),
            "--model", args.model, "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs)]
     cmd += ["--fake"] if args.fake else []
+    cmd += ["--warmup-variants", args.warmup_variants]
     cmd += ["--stream-interval", str(args.stream_interval)] if args.stream_interval else []
     cmd += ["--num-kv-blocks", str(args.num_kv_blocks)] if args.num_kv_blocks else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
@@ -242,7 +243,7 @@ def run_server(args) -> None:
     config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           num_kv_blocks=args.num_kv_blocks)
     settings = ServerSettings(port=args.port, max_pending_requests=100_000, stream_interval=args.stream_interval,
-                              warmup=True)
+                              warmup=True, warmup_variants=args.warmup_variants)
     serve(config, settings, log_level="warning",
           engine_factory=factory)
 
@@ -395,6 +396,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--warmup-variants", choices=("all", "plain"), default="plain",
+                        help="the server's --warmup-variants: its requests are greedy, so 'plain' (the default "
+                        "here) compiles every shape they use; 'all' times the whole warm-up")
     parser.add_argument("--stream-interval", type=float, default=0.0, help="the server's --stream-interval")
     parser.add_argument("--request-rates", type=parse_rates, default=[float("inf")],
                         help="comma-separated requests/s, run in order over one server start (inf: all at once)")

@@ -88,6 +88,9 @@ class EngineConfig:
     enable_expert_parallel: bool = _knob(
         False, "MoE models: split the experts over the tensor-parallel devices (all-to-all dispatch) instead "
         "of splitting every expert's width; needs tensor_parallel_size > 1", aliases=("--enable-expert-parallel",))
+    # -- prompt logprobs in the scheduled prefill (jpaged/engine/prompt_logprobs.py) --
+    max_scored_prompt_tokens: int = _knob(512, "most prompt positions one step scores for prompt logprobs "
+                                          "(each takes a [vocab] row of float32 logits)")
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
@@ -140,3 +143,5 @@ class EngineConfig:
         check(not self.enable_expert_parallel or self.tensor_parallel_size > 1,
               "enable_expert_parallel splits the experts over the tensor-parallel devices: it needs "
               f"tensor_parallel_size > 1, got {self.tensor_parallel_size}")
+        check(self.max_scored_prompt_tokens >= 1,
+              f"max_scored_prompt_tokens must be >= 1, got {self.max_scored_prompt_tokens}")

@@ -264,7 +264,7 @@ def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
     ordered = jnp.where(rank < top_k[:, None], ordered, -jnp.inf)
     probs = jax.nn.softmax(ordered, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < top_p[:, None]) & (rank < top_k[:, None])
+    keep = ((mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)) & (rank < top_k[:, None])
     keep = keep.at[:, 0].set(True)
     threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits >= threshold, logits, -jnp.inf)

@@ -40,6 +40,7 @@ class SamplingParams:
 
     MAX_LOGPROBS = 20
     MAX_LOGIT_BIAS = 100.0
+    MAX_STOP_TOKEN_IDS = 64  # the sampler's barred-id table is of a fixed width (jpaged/engine/step_variants.py)
     OUTPUT_KINDS = ("cumulative", "final_only")
 
     def __post_init__(self):
@@ -80,6 +81,8 @@ class SamplingParams:
         check(all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}")
         check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
               f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        check(len(self.stop_token_ids) <= self.MAX_STOP_TOKEN_IDS,
+              f"stop_token_ids must hold at most {self.MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}")
         check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)

@@ -94,9 +94,9 @@ class DataParallelEngine:
     def has_unfinished(self) -> bool:
         return any(e.has_unfinished() for e in self.replicas)
 
-    def warmup(self) -> None:
+    def warmup(self, variants: str = "all") -> None:
         for replica in self.replicas:
-            replica.warmup()
+            replica.warmup(variants)
 
     # -- the step --------------------------------------------------------------------------------
 

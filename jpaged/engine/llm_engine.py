@@ -8,7 +8,6 @@ RequestOutputs (n > 1 forks, beam search, detokenization, stop checks).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import logging
 
@@ -19,7 +18,8 @@ from jpaged import sharding
 from jpaged.config import EngineConfig, resolve_dtype
 from jpaged.engine.model_runner import InFlight, ModelRunner, SampleRow, serving_mesh, serving_spec
 from jpaged.engine.output_processor import OutputProcessor, StepResult
-from jpaged.engine.prompt_logprobs import PromptScorer
+from jpaged.engine import step_variants
+from jpaged.engine.prompt_logprobs import PromptScores, ScorePlan, plan_scores, record_step
 from jpaged.engine.scheduler import ScheduledBatch, Scheduler
 from jpaged.lora import LoRAManager, LoRARequest
 from models.sharding import tp_model_config
@@ -122,21 +122,21 @@ class Engine:
                              f"within max_model_len={self.max_model_len}")
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=max_tokens)
-        prompt_logprobs = None
-        if params.prompt_logprobs is not None:
-            prompt_logprobs = self.prompt_scorer.prompt_logprobs(prompt_ids, params.prompt_logprobs,
-                                                                 self.tokenizer.decode)
-        self.output_processor.add(request_id, prompt_text, prompt_ids, params, priority=priority,
-                                  arrival_time=arrival_time, prompt_logprobs=prompt_logprobs, adapter_id=adapter_id)
+        seq = self.output_processor.add(request_id, prompt_text, prompt_ids, params, priority=priority,
+                                        arrival_time=arrival_time, adapter_id=adapter_id)
+        if params.prompt_logprobs is not None:  # scored by the prefill steps (prompt_logprobs.py)
+            req = self.requests[request_id]
+            if len(prompt_ids) < 2:
+                req.prompt_logprobs = [None]
+            else:
+                req.prompt_scores = PromptScores(len(prompt_ids))
+                seq.scores_pending = True
 
     def _adapter_id(self, lora_request: LoRARequest | None, params: SamplingParams) -> int:
         if lora_request is None:
             return 0
         if self.lora is None:
             raise ValueError("lora_request needs an engine with enable_lora=True")
-        if params.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs with a lora_request is not implemented (prompts are scored by "
-                             "the base model)")
         self.lora.add(lora_request)
         return lora_request.lora_int_id
 
@@ -161,11 +161,6 @@ class Engine:
         if params.structured_outputs is not None:
             self.constraints.check(params.structured_outputs)
 
-    @functools.cached_property
-    def prompt_scorer(self) -> PromptScorer:
-        """Built (and compiled) on the first request that asks for prompt logprobs."""
-        return PromptScorer(self.model, spec=self.kv_spec, backend=self.backend, mesh=self.runner.mesh)
-
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
@@ -183,9 +178,12 @@ class Engine:
         """Frees every page of the request, whatever state it is in; no more outputs for it."""
         self.output_processor.abort(request_id)
 
-    def warmup(self) -> None:
-        """Compiles every step shape up front (serving calls it; steady state then never compiles)."""
-        self.runner.warmup()
+    def warmup(self, variants: str = "all") -> None:
+        """Compiles every step shape up front (serving calls it; steady state then never compiles).
+        `variants`: "all" the sampler tiers, or "plain" only (jpaged/engine/step_variants.py)."""
+        if variants not in step_variants.WARMUP_CHOICES:
+            raise ValueError(f"variants must be one of {step_variants.WARMUP_CHOICES}, got {variants!r}")
+        self.runner.warmup(step_variants.TIERS if variants == "all" else ("plain",))
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -253,17 +251,22 @@ class Engine:
                         and all(_needs_no_history(row.seq.sampling_params) for row in rows))
         lora_slots = None if self.lora is None else self.lora.activate(
             e.seq.adapter_id for e in batch.entries if e.seq.adapter_id)
+        scored = plan_scores(batch.entries)
         handle = self.runner.launch(batch.entries, rows, self._num_steps,
                                     pending=prev.pending if prev is not None else None,
-                                    prev=prev.handle if prev is not None else None, lora_slots=lora_slots)
+                                    prev=prev.handle if prev is not None else None, lora_slots=lora_slots,
+                                    scored=scored)
         self._num_steps += 1
         self.scheduler.advance(batch)
         pending = {seq.seq_id: (pos, r) for r, (seq, pos) in enumerate(zip(seqs, positions))}
-        return _Launched(batch, seqs, positions, handle, overlappable, pending)
+        return _Launched(batch, seqs, positions, handle, overlappable, pending, scored)
 
     def _resolve(self, launched: _Launched) -> list[RequestOutput]:
         """Reads a launched step's samples back (waiting for it) and does their bookkeeping."""
         samples = self.runner.fetch(launched.handle)
+        if launched.scored is not None:  # before the samples: the first output carries the prompt's scores
+            record_step(launched.scored, self.runner.fetch_scores(launched.handle), self.requests,
+                        self.tokenizer.decode)
         batch = launched.batch
         self.prompt_tokens_total += sum(max(0, min(e.start + e.num_tokens, e.seq.num_prompt_tokens) - e.start)
                                         for e in batch.entries)
@@ -295,6 +298,7 @@ class _Launched:
     handle: InFlight
     overlappable: bool  # the next step may be scheduled before this one is read back
     pending: dict[int, tuple[int, int]]  # seq_id -> (position, row): tokens the next step takes on device
+    scored: ScorePlan | None = None  # the prompt positions this step scores
 
 
 def _lora_manager(config: EngineConfig, model, mesh) -> LoRAManager | None:

@@ -6,8 +6,10 @@ tokens back to the engine. It also performs the page copies the block manager as
 (copy-on-write, swap to and from host memory).
 
 Shapes come from buckets (powers of two): T tokens, S sequence rows (also the sampler's rows),
-P pages per row. The jitted step compiles once per (T, S, P, sampler flags) seen; `warmup()` can
-compile the common ones up front.
+P pages per row. The jitted step compiles once per (T, P, sampler tier) (jpaged/engine/step_variants.py
+lists them); `warmup()` compiles them all up front. A step that scores prompt positions (prompt
+logprobs, jpaged/engine/prompt_logprobs.py) takes their logits after the sample rows' and returns
+their scores after the samples.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jpaged import sampling, sharding
-from jpaged.engine import packing
+from jpaged.engine import packing, prompt_logprobs, step_variants
 from jpaged.engine.expert_load import ExpertLoad
 from jpaged.sampling_params import SamplingParams
 from models import fp8_linear
@@ -66,9 +68,12 @@ class SampleRow:
 class InFlight:
     """A launched step: its outputs still on the device (reading them waits for the step)."""
 
-    packed: jax.Array  # [S, 3 + 2K] int32, packing.pack_outputs
+    packed: jax.Array  # [S + R, 3 + 2K] int32, packing.pack_outputs: S sample rows, then R scored rows
     tokens: jax.Array  # [max_pending_rows] int32, the sampled tokens: where the next step finds its pending ones
     num_rows: int
+    num_sample_rows: int = 0  # S, where the scored rows start
+    num_scored: int = 0  # real scored rows (the plan's)
+    host: np.ndarray | None = None  # `packed` once read back
     expert_tokens: jax.Array | None = None  # MoE: [MoE layers, X] int32 tokens routed to each expert
 
 
@@ -83,15 +88,22 @@ def make_step_fn(graphdef, state_treedef, max_pending_rows: int):
     def step_fn(weights, kv_cache: KVCache, int_buf, float_buf, base_key, prev_tokens, lora=None, *, layout,
                 backend: Backend, num_top_logprobs: int):
         model = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
-        step, tensors, step_counter, token_src = packing.unpack(int_buf, float_buf, layout)
+        step, tensors, step_counter, token_src, score_targets = packing.unpack(int_buf, float_buf, layout)
         token_ids = jnp.where(token_src >= 0, prev_tokens[jnp.maximum(token_src, 0)], step.token_ids)
         step = dataclasses.replace(step, token_ids=token_ids)
         key = jax.random.fold_in(base_key, step_counter)  # a fresh key per step, no host-side split
-        logits, kv_cache, expert_tokens = model.forward(kv_cache, step, backend=backend, lora=lora)
-        out = sampling.sample(logits, tensors, key, num_top_logprobs=num_top_logprobs)
+        logits, kv_cache, expert_tokens = model.forward(kv_cache, step, backend=backend, lora=lora)  # [S + R, V]
+        num_rows = tensors.num_rows
+        out = sampling.sample(logits[:num_rows], tensors, key, num_top_logprobs=num_top_logprobs)
         n = min(max_pending_rows, out.tokens.shape[0])
         tokens = jnp.zeros(max_pending_rows, jnp.int32).at[:n].set(out.tokens[:n].astype(jnp.int32))
-        packed = packing.pack_outputs(out.tokens, out.logprobs, out.ranks, out.top_ids, out.top_logprobs)
+        columns = (out.tokens, out.logprobs, out.ranks, out.top_ids, out.top_logprobs)
+        if score_targets.shape[0]:  # prompt logprobs: the scored rows follow the sample rows
+            logprobs, ranks, top_ids, top_logprobs = prompt_logprobs.score_rows(
+                logits[num_rows:], score_targets, num_top_logprobs)
+            columns = tuple(jnp.concatenate([a, b.astype(a.dtype)]) for a, b in zip(
+                columns, (score_targets, logprobs, ranks, top_ids, top_logprobs)))
+        packed = packing.pack_outputs(*columns)
         # An MoE model adds its per-expert token counts (models/moe.py); a dense one returns three outputs.
         return (packed, tokens, kv_cache) + (() if expert_tokens is None else (expert_tokens,))
 
@@ -106,9 +118,10 @@ def _placed_on(model, mesh) -> bool:
 
 
 # Page movement maps over every leaf of the cache (each has the page axis first), so the scales of
-# 8-bit pages go wherever their pages go.
+# 8-bit pages go wherever their pages go. Moves are padded to step_variants.move_buckets sizes; a
+# padding entry's destination is one past the last page, and mode="drop" skips it.
 def _copy_pages(kv_cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
-    return jax.tree.map(lambda x: x.at[dst].set(x[src]), kv_cache)
+    return jax.tree.map(lambda x: x.at[dst].set(x[src], mode="drop"), kv_cache)
 
 
 def _read_pages(kv_cache: KVCache, pages: jax.Array) -> KVCache:
@@ -116,7 +129,7 @@ def _read_pages(kv_cache: KVCache, pages: jax.Array) -> KVCache:
 
 
 def _write_pages(kv_cache: KVCache, pages: jax.Array, data: KVCache) -> KVCache:
-    return jax.tree.map(lambda x, d: x.at[pages].set(d), kv_cache, data)
+    return jax.tree.map(lambda x, d: x.at[pages].set(d, mode="drop"), kv_cache, data)
 
 
 def serving_mesh(config, devices=None):
@@ -163,6 +176,10 @@ class ModelRunner:
         self.page_size = spec.page_size
         self.num_pages = num_pages
         self.max_pages_per_seq = spec.pages_for(max_model_len)
+        self.move_buckets = step_variants.move_buckets(self.max_pages_per_seq)
+        # The "full" tier's token histories: one width for every step (a prompt + output never exceeds it).
+        self.history_width = max(16, 1 << (max_model_len - 1).bit_length())
+        self.max_scored = config.max_scored_prompt_tokens
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_num_seqs = config.max_num_seqs
         # The scheduler's cap on sequences with > 1 new token per step, carried to the kernels as a static
@@ -207,27 +224,22 @@ class ModelRunner:
     # -- page movement ---------------------------------------------------------------------------
 
     def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
-        if not pairs:
-            return
-        src, dst = (jnp.asarray(np.array(x, np.int32)) for x in zip(*pairs))
-        self.kv_cache = self.calls["copy_pages"](self.kv_cache, src, dst)
+        for src, dst, _ in step_variants.padded_moves(pairs, self.move_buckets, (0, self.num_pages)):
+            self.kv_cache = self.calls["copy_pages"](self.kv_cache, src, dst)
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Device page -> host page, for each (device, host) pair."""
-        if not pairs:
-            return
-        dev, host = (np.array(x, np.int32) for x in zip(*pairs))
-        data = jax.device_get(self.calls["read_pages"](self.kv_cache, jnp.asarray(dev)))
-        for pool, pages in zip(jax.tree.leaves(self.host_pool), jax.tree.leaves(data)):
-            pool[host] = pages
+        for dev, host, n in step_variants.padded_moves(pairs, self.move_buckets, (0, 0)):
+            data = jax.device_get(self.calls["read_pages"](self.kv_cache, dev))
+            for pool, pages in zip(jax.tree.leaves(self.host_pool), jax.tree.leaves(data)):
+                pool[host[:n]] = pages[:n]
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Host page -> device page, for each (host, device) pair."""
-        if not pairs:
-            return
-        host, dev = (np.array(x, np.int32) for x in zip(*pairs))
-        data = jax.tree.map(lambda pool: jnp.asarray(pool[host]), self.host_pool)
-        self.kv_cache = self.calls["write_pages"](self.kv_cache, jnp.asarray(dev), data)
+        for host, dev, _ in step_variants.padded_moves(pairs, self.move_buckets, (0, self.num_pages)):
+            # numpy straight into the jitted call: jnp.asarray would compile a transfer per shape
+            data = jax.tree.map(lambda pool: pool[host], self.host_pool)
+            self.kv_cache = self.calls["write_pages"](self.kv_cache, dev, data)
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -254,27 +266,42 @@ class ModelRunner:
         p = next(b for b in self.page_buckets() if b >= max_pages)
         return t, s, p
 
-    def warmup(self) -> None:
-        """Compiles the step for every (T, P) bucket with default sampling, so serving never waits."""
-        for t in self.token_buckets():
-            for p in self.page_buckets():
-                _, s, _ = self.shape_for(t, 1, p)
-                step = StepInput(
-                    token_ids=np.zeros(t, np.int32), positions=np.zeros(t, np.int32),
-                    cu_q_lens=np.zeros(s + 1, np.int32), kv_lens=np.zeros(s, np.int32),
-                    page_table=np.zeros((s, p), np.int32), slot_mapping=np.full(t, -1, np.int32),
-                    logits_index=np.zeros(s, np.int32), num_seqs=np.int32(0),
-                    max_prefill_seqs=self.max_prefill_seqs,
-                    lora_index=None if self.lora is None else np.full(t, -1, np.int32))
-                self.fetch(self._dispatch(step, [], 0, []))
+    def variants(self, tiers=step_variants.TIERS) -> list[step_variants.Variant]:
+        return step_variants.step_variants(self.token_buckets(), self.page_buckets(), tiers)
 
-    def build_step_input(self, entries, sample_rows: list[SampleRow], pending=None, lora_slots=None
-                         ) -> tuple[StepInput, np.ndarray]:
+    def warmup(self, tiers=step_variants.TIERS) -> None:
+        """Compiles the step for every (T, P, tier) of `tiers` and every page-move size, so serving never
+        waits for a compilation (steps of a tier left out compile on first use)."""
+        for v in self.variants(tiers):
+            _, s, _ = self.shape_for(v.num_tokens, 1, v.max_pages)
+            r = step_variants.num_scored_rows(v.tier, v.num_tokens, self.max_scored)
+            t = v.num_tokens
+            step = StepInput(
+                token_ids=np.zeros(t, np.int32), positions=np.zeros(t, np.int32),
+                cu_q_lens=np.zeros(s + 1, np.int32), kv_lens=np.zeros(s, np.int32),
+                page_table=np.zeros((s, v.max_pages), np.int32), slot_mapping=np.full(t, -1, np.int32),
+                logits_index=np.zeros(s + r, np.int32), num_seqs=np.int32(0),
+                max_prefill_seqs=self.max_prefill_seqs,
+                lora_index=None if self.lora is None else np.full(t, -1, np.int32))
+            self.fetch(self._dispatch(step, [], 0, [], tier=v.tier, num_sample_rows=s,
+                                      score_targets=np.zeros(r, np.int32)))
+        idle = np.full(self.move_buckets[-1], self.num_pages, np.int32)  # every destination dropped
+        for b in self.move_buckets:
+            self.kv_cache = self.calls["copy_pages"](self.kv_cache, np.zeros(b, np.int32), idle[:b])
+            jax.device_get(self.calls["read_pages"](self.kv_cache, np.zeros(b, np.int32)))
+            zeros = jax.tree.map(lambda h: np.zeros((b, *h.shape[1:]), h.dtype), self.host_pool)
+            self.kv_cache = self.calls["write_pages"](self.kv_cache, idle[:b], zeros)
+        jax.block_until_ready(self.kv_cache)
+
+    def build_step_input(self, entries, sample_rows: list[SampleRow], pending=None, scored=None,
+                         tier: str = "plain", lora_slots=None) -> tuple[StepInput, np.ndarray]:
         """Packs scheduled entries (seq, start, num_tokens) into padded numpy arrays.
 
         `pending` maps seq_id -> (position, row): that token is row `row` of the previous step's
-        samples, not read back yet. `lora_slots` ({adapter_id: slot}, LoRA on) gives each token its
-        adapter's slot (-1: base). Returns the StepInput and token_src ([T], the row or -1)."""
+        samples, not read back yet. `scored` (a prompt_logprobs.ScorePlan) adds its token indices to
+        logits_index after the S sample rows, padded to the tier's R rows. `lora_slots` ({adapter_id:
+        slot}, LoRA on) gives each token its adapter's slot (-1: base). Returns the StepInput and
+        token_src ([T], the row or -1)."""
         # Vectorised over the entries: at large batches a per-entry loop of numpy calls costs milliseconds.
         ps, n_e = self.page_size, len(entries)
         starts = np.fromiter((e.start for e in entries), np.int64, n_e)
@@ -296,7 +323,11 @@ class ModelRunner:
         cu_q_lens = np.full(s + 1, num_tokens, np.int32)
         kv_lens = np.zeros(s, np.int32)
         page_table = np.zeros((s, p), np.int32)
-        logits_index = np.zeros(s, np.int32)
+        num_scored = step_variants.num_scored_rows(tier, t, self.max_scored)
+        if scored is not None and len(scored) > num_scored:
+            raise ValueError(f"the step scores {len(scored)} prompt positions, more than its {num_scored} rows "
+                             f"(tier {tier!r}, max_scored_prompt_tokens {self.max_scored})")
+        logits_index = np.zeros(s + num_scored, np.int32)
         token_src = np.full(t, -1, np.int32)
         if n_e:
             token_row = np.repeat(np.arange(n_e), counts)
@@ -321,6 +352,8 @@ class ModelRunner:
                 if hit is not None and e.start <= hit[0] < e.start + e.num_tokens:
                     token_src[offsets[i] + hit[0] - e.start] = hit[1]
         logits_index[:len(sample_rows)] = [row.token_index for row in sample_rows]
+        if scored is not None:
+            logits_index[s:s + len(scored)] = scored.token_index
         step = StepInput(token_ids=token_ids, positions=positions, cu_q_lens=cu_q_lens, kv_lens=kv_lens,
                          page_table=page_table, slot_mapping=slot_mapping, logits_index=logits_index,
                          num_seqs=np.int32(len(entries)), max_prefill_seqs=self.max_prefill_seqs)
@@ -338,14 +371,22 @@ class ModelRunner:
         return self.fetch(self.launch(entries, sample_rows, step_counter))
 
     def launch(self, entries, sample_rows: list[SampleRow], step_counter: int, *, pending=None,
-               prev: InFlight | None = None, lora_slots=None) -> InFlight:
+               prev: InFlight | None = None, scored=None, lora_slots=None) -> InFlight:
         """Starts one step on the device and returns at once (JAX dispatch is asynchronous).
 
         Tokens listed in `pending` (seq_id -> (position, row of `prev`)) come from `prev`'s samples on
-        the device. Rows without a seed draw from fold_in(the runner's key, step_counter)."""
-        step, token_src = self.build_step_input(entries, sample_rows, pending, lora_slots)
-        return self._dispatch(step, [row.seq for row in sample_rows], step_counter,
-                              [row.seq.sampling_params for row in sample_rows], token_src, prev, pending)
+        the device. Rows without a seed draw from fold_in(the runner's key, step_counter). `scored`: the
+        prompt positions to score (prompt_logprobs.plan_scores), read with `fetch_scores`."""
+        params = [row.seq.sampling_params for row in sample_rows]
+        tier = step_variants.tier_of(params, self.model_config.vocab_size, scored is not None)
+        step, token_src = self.build_step_input(entries, sample_rows, pending, scored, tier, lora_slots)
+        s = step.kv_lens.shape[0]
+        targets = np.zeros(step.logits_index.shape[0] - s, np.int32)
+        if scored is not None:
+            targets[:len(scored)] = scored.targets
+        return self._dispatch(step, [row.seq for row in sample_rows], step_counter, params, token_src, prev,
+                              pending, tier=tier, num_sample_rows=s, score_targets=targets,
+                              num_scored=len(scored) if scored is not None else 0)
 
     def _bitmask(self, seqs, num_rows: int, prev: InFlight | None, pending) -> np.ndarray | None:
         """The structured-outputs mask of the rows, or None. A constrained row whose last token is still
@@ -367,32 +408,43 @@ class ModelRunner:
 
     def fetch(self, inflight: InFlight):
         """Waits for a launched step; the sampler's outputs for its real rows, as numpy arrays."""
-        out = sampling.SamplerOutput(**packing.unpack_outputs(np.asarray(inflight.packed)))
+        if inflight.host is None:
+            inflight.host = np.asarray(inflight.packed)
         if inflight.expert_tokens is not None:
             self.expert_load.record(np.asarray(inflight.expert_tokens))
-        return jax.tree.map(lambda x: x[:inflight.num_rows], out)
+            inflight.expert_tokens = None  # recorded once, however often the step is read
+        return sampling.SamplerOutput(**packing.unpack_outputs(inflight.host[:inflight.num_rows]))
+
+    def fetch_scores(self, inflight: InFlight):
+        """The scored prompt rows of a fetched step, in plan order: a SamplerOutput whose `tokens` are
+        the scored tokens, `logprobs` / `ranks` theirs, and the top K."""
+        if inflight.host is None:
+            inflight.host = np.asarray(inflight.packed)
+        start = inflight.num_sample_rows
+        return sampling.SamplerOutput(**packing.unpack_outputs(inflight.host[start:start + inflight.num_scored]))
 
     def _dispatch(self, step: StepInput, seqs, step_counter: int, params: list[SamplingParams],
-                  token_src: np.ndarray | None = None, prev: InFlight | None = None, pending=None) -> InFlight:
+                  token_src: np.ndarray | None = None, prev: InFlight | None = None, pending=None, *, tier: str,
+                  num_sample_rows: int, score_targets: np.ndarray, num_scored: int = 0) -> InFlight:
         penalties = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                         for p in params)
         tensors = sampling.SamplingTensors.from_params(
-            params, num_rows=step.logits_index.shape[0], vocab_size=self.model_config.vocab_size,
+            params, num_rows=num_sample_rows, vocab_size=self.model_config.vocab_size,
             output_positions=[seq.num_output_tokens for seq in seqs],
             prompt_token_ids=[seq.token_ids[:seq.num_prompt_tokens] for seq in seqs] if penalties else None,
             output_token_ids=[seq.output_token_ids for seq in seqs] if penalties else None,
             eos_token_ids=self.eos_token_ids,
-            token_bitmask=self._bitmask(seqs, step.logits_index.shape[0], prev, pending))
-        # Two sizes only, so logprobs requests do not multiply compilations.
-        top = 0 if all(p.logprobs is None and not p.use_beam_search for p in params) else SamplingParams.MAX_LOGPROBS
+            token_bitmask=self._bitmask(seqs, num_sample_rows, prev, pending))
+        tensors = step_variants.fit_tensors(tensors, tier, self.history_width)
+        top = step_variants.num_top_logprobs(tier)
         if token_src is None:
             token_src = np.full(step.token_ids.shape, -1, np.int32)
-        int_buf, float_buf, layout = packing.pack((step, tensors, np.int32(step_counter), token_src))
+        int_buf, float_buf, layout = packing.pack((step, tensors, np.int32(step_counter), token_src, score_targets))
         prev_tokens = prev.tokens if prev is not None else self._no_prev_tokens
         lora = () if self.lora is None else (self.lora.weights,)
         with self._mesh_context():
             packed, tokens, self.kv_cache, *expert_tokens = self.calls["step"](
                 self.weights, self.kv_cache, int_buf, float_buf, self.base_key, prev_tokens, *lora,
                 layout=layout, backend=self.backend, num_top_logprobs=top)
-        return InFlight(packed=packed, tokens=tokens, num_rows=len(seqs),
-                        expert_tokens=expert_tokens[0] if expert_tokens else None)
+        return InFlight(packed=packed, tokens=tokens, num_rows=len(seqs), num_sample_rows=num_sample_rows,
+                        num_scored=num_scored, expert_tokens=expert_tokens[0] if expert_tokens else None)

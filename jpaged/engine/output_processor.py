@@ -51,7 +51,8 @@ class RequestState:
     first_token_time: float | None = None
     hypotheses: list[beam_search.Hypothesis] | None = None  # beam search: finished hypotheses
     beam_done: bool = False
-    prompt_logprobs: list | None = None  # SamplingParams.prompt_logprobs: scored once, at admission
+    prompt_logprobs: list | None = None  # SamplingParams.prompt_logprobs, once the whole prompt is scored
+    prompt_scores: object = None  # prompt_logprobs.PromptScores while the prefill scores the prompt
 
     @property
     def finished(self) -> bool:

@@ -1,121 +1,133 @@
-"""Prompt logprobs: how likely the model finds each prompt token after the ones before it.
+"""Prompt logprobs inside the scheduled prefill: how likely the model finds each prompt token.
 
-`Engine.add_request` calls `PromptScorer.score` for a request with `SamplingParams.prompt_logprobs`
-(vLLM's name). It is a forward pass of its own over the prompt into a scratch cache of contiguous
-pages, outside the page pool and the scheduler, so requests without it pay nothing. The logits of
-every position give log_softmax, the next prompt token's logprob and rank, and the top K.
+A request with `SamplingParams.prompt_logprobs` (vLLM's name) is prefilled by the normal scheduler in
+normal chunks. Each step that computes some of its prompt also scores those positions: the step's
+logits are taken at the sample rows and, after them, at the scored positions (`plan_scores` picks them
+on the host), and `score_rows` turns each scored row into the next prompt token's logprob and rank and
+the top K, on the device. Only [R, 2 + 2K] numbers come back, never a [T, V] array. The scores land in
+the request's `PromptScores` by position, so a preempted and recomputed prompt just scores again, and
+an abort at any chunk leaves nothing behind.
 
-Compilations stay few: the prompt is padded to a power of two (>= MIN_LEN, one compilation per
-length) and runs in chunks of at most CHUNK tokens (chunked prefill into the scratch cache), so the
-[chunk, V] logits stay small however long the prompt is.
+The scheduler caps the positions scored per step at `EngineConfig.max_scored_prompt_tokens` (the
+logits of a scored position are a [V] float32 row each) and gives a scoring sequence no prefix-cache
+hit while its scores are pending: a cached page has no logits to score (docs/architecture.md).
 
-Shapes: L prompt tokens, Lp padded length, C chunk, V vocab, K = SamplingParams.MAX_LOGPROBS.
+Shapes: R scored rows of a step, V vocab, K = SamplingParams.MAX_LOGPROBS.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jpaged.outputs import Logprob
 from jpaged.sampling_params import SamplingParams
-from models.kv_cache import KVCacheSpec, StepInput
-from pallas_kernels import Backend
 
-CHUNK = 512
-MIN_LEN = 16
+VOCAB_BLOCK = 4096  # top-k over the vocabulary in blocks of this many ids, then over the blocks' winners
+ROW_BLOCK = 128     # scored rows processed together (bounds the [rows, V] temporaries)
 
 
-def padded_length(num_tokens: int) -> int:
-    """Lp: the smallest power of two >= num_tokens and >= MIN_LEN."""
-    return max(MIN_LEN, 1 << max(0, num_tokens - 1).bit_length())
+def blockwise_top_k(x: jax.Array, k: int, block: int = VOCAB_BLOCK) -> tuple[jax.Array, jax.Array]:
+    """(values, indices) of the top k of each row of x [R, V]: top k within vocabulary blocks, then
+    among those R x (V / block) x k candidates (lax.top_k over a whole large vocabulary is slow on GPUs)."""
+    rows, vocab = x.shape
+    if vocab <= block:
+        return jax.lax.top_k(x, k)
+    num_blocks = -(-vocab // block)
+    padded = jnp.pad(x, ((0, 0), (0, num_blocks * block - vocab)), constant_values=-jnp.inf)
+    values, idx = jax.lax.top_k(padded.reshape(rows, num_blocks, block), k)          # [R, nb, k]
+    idx = idx + (jnp.arange(num_blocks, dtype=idx.dtype) * block)[None, :, None]
+    values, pick = jax.lax.top_k(values.reshape(rows, -1), k)                       # [R, k]
+    return values, jnp.take_along_axis(idx.reshape(rows, -1), pick, axis=-1)
 
 
-def _chunk_step(start, length, chunk: int, num_pages: int, token_ids) -> StepInput:
-    """Prompt tokens [start, start + chunk) as one sequence over pages 0..num_pages-1 used in order."""
-    positions = start + jnp.arange(chunk, dtype=jnp.int32)
-    num_new = jnp.minimum(chunk, length - start)
-    return StepInput(
-        token_ids=token_ids, positions=positions, cu_q_lens=jnp.stack([jnp.int32(0), num_new]).astype(jnp.int32),
-        kv_lens=(start + num_new)[None].astype(jnp.int32),
-        page_table=jnp.arange(num_pages, dtype=jnp.int32)[None],
-        slot_mapping=jnp.where(positions < length, positions, -1),  # contiguous pages: slot == position
-        logits_index=jnp.arange(chunk, dtype=jnp.int32), num_seqs=jnp.array(1, jnp.int32))
+def score_rows(logits: jax.Array, targets: jax.Array, num_top: int):
+    """For logits [R, V] and the token that follows each row, targets [R]: (logprob [R], rank [R],
+    top ids [R, K], top logprobs [R, K]) under log_softmax, ROW_BLOCK rows at a time."""
+    rows = logits.shape[0]
+    block = min(ROW_BLOCK, rows)
+    padded = -(-rows // block) * block
+
+    def one_block(args):
+        x, t = args
+        logprobs = jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+        chosen = jnp.take_along_axis(logprobs, t[:, None], axis=-1)[:, 0]
+        ranks = jnp.sum(logprobs >= chosen[:, None], axis=-1).astype(jnp.int32)
+        top_logprobs, top_ids = blockwise_top_k(logprobs, num_top)
+        return chosen, ranks, top_ids.astype(jnp.int32), top_logprobs
+
+    x = jnp.pad(logits, ((0, padded - rows), (0, 0))).reshape(padded // block, block, -1)
+    t = jnp.pad(targets, (0, padded - rows)).reshape(padded // block, block)
+    outs = jax.lax.map(one_block, (x, t))
+    return tuple(o.reshape(padded, *o.shape[2:])[:rows] for o in outs)
 
 
-def make_score_fn(graphdef, state_treedef):
-    """The pure scoring function over the model's flat weight list (graphdef, treedef closed over)."""
+@dataclasses.dataclass
+class ScorePlan:
+    """The positions one step scores: row j is token `token_index[j]` of the step, position
+    `positions[j]` of `seqs[j]`, whose next prompt token is `targets[j]`."""
 
-    def score_fn(weights, token_ids, length, *, chunk: int, spec: KVCacheSpec, num_top: int, backend: Backend):
-        """token_ids: [Lp] i32 (L real); returns the logprob and rank [Lp] of token i+1 after tokens
-        0..i, and the top `num_top` ids and logprobs [Lp, K] at each position i."""
-        model = nnx.merge(graphdef, jax.tree.unflatten(state_treedef, weights))
-        padded = token_ids.shape[0]
-        num_pages = spec.pages_for(padded)
-        targets = jnp.roll(token_ids, -1)                                       # [Lp] next token
-        init = (spec.create(num_pages),
-                jnp.zeros((padded,), jnp.float32), jnp.zeros((padded,), jnp.int32),
-                jnp.zeros((padded, num_top), jnp.int32), jnp.zeros((padded, num_top), jnp.float32))
+    token_index: list[int]
+    targets: list[int]
+    seqs: list
+    positions: list[int]
 
-        def body(c, carry):
-            kv_cache, *outs = carry
-            start = c * chunk
-            ids = jax.lax.dynamic_slice(token_ids, (start,), (chunk,))
-            logits, kv_cache = model(kv_cache, _chunk_step(start, length, chunk, num_pages, ids),
-                                     backend=backend)
-            logprobs = jax.nn.log_softmax(logits, axis=-1)                      # [C, V]
-            nxt = jax.lax.dynamic_slice(targets, (start,), (chunk,))
-            chosen = jnp.take_along_axis(logprobs, nxt[:, None], axis=-1)[:, 0]
-            ranks = jnp.sum(logprobs >= chosen[:, None], axis=-1).astype(jnp.int32)
-            top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
-            new = (chosen, ranks, top_ids.astype(jnp.int32), top_logprobs)
-            outs = [jax.lax.dynamic_update_slice_in_dim(o, n, start, axis=0) for o, n in zip(outs, new)]
-            return (kv_cache, *outs)
-
-        _, *outs = jax.lax.fori_loop(0, (length + chunk - 1) // chunk, body, init)
-        return tuple(outs)
-
-    return score_fn
+    def __len__(self) -> int:
+        return len(self.token_index)
 
 
-class PromptScorer:
-    """Scores prompts with `model`'s weights (pass the weights being served: nothing is copied), its pages
-    as `spec` describes them and `backend`'s kernels (the engine's own). `mesh`: the mesh a sharded model
-    lives on, under which the scoring function is traced (None on one device)."""
+def plan_scores(entries) -> ScorePlan | None:
+    """The scored positions of a batch (ScheduledSeq entries, in step order): every computed prompt
+    position but the last of each sequence whose `scores_pending` is set; None when there are none."""
+    plan, offset = ScorePlan([], [], [], []), 0
+    for e in entries:
+        seq = e.seq
+        if seq.scores_pending:
+            end = min(e.start + e.num_tokens, seq.num_prompt_tokens - 1)
+            for position in range(e.start, end):
+                plan.token_index.append(offset + position - e.start)
+                plan.targets.append(seq.token_ids[position + 1])
+                plan.seqs.append(seq)
+                plan.positions.append(position)
+        offset += e.num_tokens
+    return plan if len(plan) else None
 
-    def __init__(self, model, *, spec: KVCacheSpec, backend: Backend, mesh=None, chunk: int = CHUNK):
-        if chunk < MIN_LEN or chunk & (chunk - 1):
-            raise ValueError(f"chunk must be a power of two >= {MIN_LEN}, got {chunk}")
-        graphdef, state = nnx.split(model)
-        self._weights, treedef = jax.tree.flatten(state)
-        self._num_top = min(SamplingParams.MAX_LOGPROBS, model.config.vocab_size)
-        self._spec, self._backend, self._chunk, self._mesh = spec, backend, chunk, mesh
-        self._jit_score = jax.jit(make_score_fn(graphdef, treedef),
-                                  static_argnames=("chunk", "spec", "num_top", "backend"))
 
-    def score(self, token_ids: list[int]) -> tuple[np.ndarray, ...]:
-        """(logprobs [L-1], ranks [L-1], top_ids [L-1, K], top_logprobs [L-1, K]); row i is about
-        token i+1 of the prompt."""
-        length = len(token_ids)
-        padded = padded_length(length)
-        ids = np.zeros(padded, np.int32)
-        ids[:length] = token_ids
-        with jax.set_mesh(self._mesh) if self._mesh is not None else contextlib.nullcontext():
-            outs = self._jit_score(self._weights, ids, np.int32(length), chunk=min(self._chunk, padded),
-                                   spec=self._spec, num_top=self._num_top, backend=self._backend)
-        return tuple(np.asarray(o)[:length - 1] for o in outs)
+def scored_positions(start: int, num_tokens: int, num_prompt_tokens: int) -> int:
+    """How many positions a chunk [start, start + num_tokens) of a scoring sequence scores."""
+    return max(0, min(start + num_tokens, num_prompt_tokens - 1) - start)
 
-    def prompt_logprobs(self, token_ids: list[int], k: int,
-                        decode: Callable[[list[int]], str]) -> list[dict[int, Logprob] | None]:
+
+class PromptScores:
+    """One request's prompt scores, filled by position as its prefill chunks are read back."""
+
+    def __init__(self, num_prompt_tokens: int, num_top: int = SamplingParams.MAX_LOGPROBS):
+        n = max(0, num_prompt_tokens - 1)  # row i is about prompt token i + 1
+        self.logprobs = np.zeros(n, np.float32)
+        self.ranks = np.zeros(n, np.int32)
+        self.top_ids = np.zeros((n, num_top), np.int32)
+        self.top_logprobs = np.zeros((n, num_top), np.float32)
+        self._scored = np.zeros(n, bool)
+
+    @property
+    def done(self) -> bool:
+        return bool(self._scored.all())
+
+    def record(self, positions: np.ndarray, logprobs, ranks, top_ids, top_logprobs) -> None:
+        k = self.top_ids.shape[1]
+        self.logprobs[positions] = logprobs
+        self.ranks[positions] = ranks
+        self.top_ids[positions] = top_ids[:, :k]
+        self.top_logprobs[positions] = top_logprobs[:, :k]
+        self._scored[positions] = True
+
+    def entries(self, prompt_ids: list[int], k: int, decode: Callable[[list[int]], str]
+                ) -> list[dict[int, Logprob] | None]:
         """vLLM's RequestOutput.prompt_logprobs: None for the first token (nothing predicts it), then
         per token {token id: Logprob} holding the token itself (with its rank) and the top k."""
-        if len(token_ids) < 2:
-            return [None]
-        logprobs, ranks, top_ids, top_logprobs = self.score(token_ids)
         texts: dict[int, str] = {}
 
         def text(token: int) -> str:
@@ -124,9 +136,33 @@ class PromptScorer:
             return texts[token]
 
         entries: list[dict[int, Logprob] | None] = [None]
-        for i, token in enumerate(token_ids[1:]):
-            entry = {token: Logprob(float(logprobs[i]), int(ranks[i]), text(token))}
-            for rank, (tid, lp) in enumerate(zip(top_ids[i, :k].tolist(), top_logprobs[i, :k].tolist()), start=1):
+        logprobs, ranks = self.logprobs.tolist(), self.ranks.tolist()
+        top_ids, top_logprobs = self.top_ids[:, :k].tolist(), self.top_logprobs[:, :k].tolist()
+        for i, token in enumerate(prompt_ids[1:]):
+            entry = {token: Logprob(logprobs[i], ranks[i], text(token))}
+            for rank, (tid, lp) in enumerate(zip(top_ids[i], top_logprobs[i]), start=1):
                 entry.setdefault(tid, Logprob(lp, rank, text(tid)))
             entries.append(entry)
         return entries
+
+
+def record_step(plan: ScorePlan, rows, requests: dict, decode: Callable[[list[int]], str]) -> None:
+    """Writes a read-back step's scored rows (`rows`: a SamplerOutput of numpy arrays, one row per
+    plan row) into their requests (`requests`: the output processor's RequestStates by id); a request
+    whose prompt is now fully scored gets its `prompt_logprobs` and its sequence stops scoring."""
+    by_seq: dict[int, list[int]] = {}
+    for j, seq in enumerate(plan.seqs):
+        by_seq.setdefault(id(seq), []).append(j)
+    for js in by_seq.values():
+        seq = plan.seqs[js[0]]
+        req = requests.get(seq.request_id)
+        if req is None or req.prompt_scores is None or not seq.scores_pending:
+            continue  # aborted, or scored already (a recompute)
+        idx = np.asarray(js)
+        req.prompt_scores.record(np.asarray(plan.positions)[idx], rows.logprobs[idx], rows.ranks[idx],
+                                 rows.top_ids[idx], rows.top_logprobs[idx])
+        if req.prompt_scores.done:
+            seq.scores_pending = False
+            req.prompt_logprobs = req.prompt_scores.entries(req.prompt_token_ids, req.params.prompt_logprobs,
+                                                            decode)
+            req.prompt_scores = None

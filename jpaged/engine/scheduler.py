@@ -20,6 +20,9 @@ and the head of a queue that does not fit blocks the ones behind it (no starvati
 Without chunked prefill a prompt waits for a step with room for all of it; a recompute longer than
 the whole budget is chunked anyway (it could never run otherwise).
 Counters: num_preemptions; prefix_cache_queries / prefix_cache_hits count tokens at each admission.
+A sequence whose prompt logprobs are pending (`seq.scores_pending`) is admitted without prefix-cache
+hits and its chunks score at most `max_scored_prompt_tokens` positions per step, shared by all such
+sequences of the step (jpaged/engine/prompt_logprobs.py).
 
 API:
   Scheduler(config, num_blocks, max_model_len, sliding_window=None)
@@ -154,6 +157,7 @@ class Scheduler:
         self._proposals = proposals or {}
         self._budget = self.config.max_num_batched_tokens
         self._num_prefills = 0  # entries with more than one token
+        self._score_budget = self.config.max_scored_prompt_tokens  # prompt positions left to score this step
         self._in_batch: set[int] = set()
         self._adapters: set[int] = set()  # LoRA adapters of this step's entries, at most max_loras
         running = [s for s in self.running if not self._ends_with_pending(s)]
@@ -179,7 +183,13 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, start: int) -> int:
         """Tokens of seq to compute this step from `start` (0: wait for a step with more budget, or with
-        room for one more prefill chunk)."""
+        room for one more prefill chunk, or with scoring rows left)."""
+        n = self._budget_chunk(seq, start)
+        if n and seq.scores_pending and min(start + n, seq.num_prompt_tokens - 1) - start > self._score_budget:
+            n = self._score_budget  # positions start.. up to the prompt's last are scored
+        return n
+
+    def _budget_chunk(self, seq: Sequence, start: int) -> int:
         remaining = seq.num_tokens - start
         if (seq.adapter_id and seq.adapter_id not in self._adapters
                 and len(self._adapters) >= self.config.max_loras):
@@ -201,6 +211,8 @@ class Scheduler:
         batch.entries.append(ScheduledSeq(seq, start, n, num_samples=int(start + n == seq.num_tokens)))
         self._budget -= n
         self._num_prefills += n > 1
+        if seq.scores_pending:
+            self._score_budget -= max(0, min(start + n, seq.num_prompt_tokens - 1) - start)
         self._in_batch.add(seq.seq_id)
         if seq.adapter_id:
             self._adapters.add(seq.adapter_id)
@@ -262,7 +274,7 @@ class Scheduler:
             if not candidates:
                 return
             seq = min(candidates, key=self._order)
-            cached = bm.cached_prefix(seq)
+            cached = [] if seq.scores_pending else bm.cached_prefix(seq)
             n = self._chunk(seq, len(cached) * self.page_size)
             if n == 0 or bm.pages_to_admit(seq, cached, len(cached) * self.page_size + n) > bm.num_free_pages:
                 return

@@ -55,6 +55,9 @@ class Sequence:
     # block_table have been offered to the cache.
     page_keys: list[int] = dataclasses.field(default_factory=list)
     num_registered_pages: int = 0
+    # Prompt logprobs not all scored yet (jpaged/engine/prompt_logprobs.py): the scheduler caps its prompt
+    # chunks at the step's scoring rows and gives it no prefix-cache hit.
+    scores_pending: bool = False
 
     def __post_init__(self):
         if not self.token_ids:

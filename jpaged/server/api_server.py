@@ -529,7 +529,7 @@ def build_app(engine_factory: Callable[[], object], settings: ServerSettings | N
     settings = dataclasses.replace(settings or ServerSettings(), **overrides)
     check_limit(settings.max_request_bytes)
     engine = AsyncEngine(engine_factory, max_pending_requests=settings.max_pending_requests, warmup=settings.warmup,
-                         stream_interval=settings.stream_interval)
+                         stream_interval=settings.stream_interval, warmup_variants=settings.warmup_variants)
     server = _Server(engine, settings)
 
     async def watch_engine():

@@ -68,20 +68,22 @@ class AsyncEngine:
     Args:
       engine_factory: builds the engine (called on the engine thread, which then owns it).
       max_pending_requests: requests (running + waiting) accepted at once; more get QueueFullError.
-      warmup: call the engine's `warmup()` (compile every step shape) before serving; the state is
-        "starting" until it returns.
+      warmup: call the engine's `warmup(warmup_variants)` (compile every step shape) before serving; the
+        state is "starting" until it returns.
+      warmup_variants: "all" the sampler tiers or "plain" only (jpaged/engine/step_variants.py).
       stream_interval: seconds a stream waits after yielding before it looks for news, so that one
         write carries every token of that time (0: yield as soon as there is a new output).
     """
 
     def __init__(self, engine_factory: Callable[[], object], *, max_pending_requests: int = 1024,
-                 warmup: bool = False, stream_interval: float = 0.0):
+                 warmup: bool = False, stream_interval: float = 0.0, warmup_variants: str = "all"):
         if max_pending_requests < 1:
             raise ValueError(f"max_pending_requests must be >= 1, got {max_pending_requests}")
         if not stream_interval >= 0:
             raise ValueError(f"stream_interval must be >= 0 seconds, got {stream_interval}")
         self._factory = engine_factory
         self._warmup = warmup
+        self._warmup_variants = warmup_variants
         self._stream_interval = stream_interval
         self.max_pending_requests = max_pending_requests
         self._commands: queue.Queue = queue.Queue()
@@ -277,7 +279,7 @@ class AsyncEngine:
             if self._warmup and hasattr(self.engine, "warmup"):
                 log.info("warming up the engine (compiling every step shape; --no-warmup skips it)")
                 start = time.monotonic()
-                self.engine.warmup()
+                self.engine.warmup(self._warmup_variants)
                 log.info("warm-up done in %.1f s", time.monotonic() - start)
             self._warm = True
             self._loop_forever()

@@ -42,6 +42,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
                         help="compile every step shape (the engine's warmup()) before serving; until it is done "
                         "/health and the API answer 503 'engine_starting' (default on)")
+    parser.add_argument("--warmup-variants", choices=("all", "plain"), default=d.warmup_variants,
+                        help="which step shapes the warm-up compiles: 'all' (every sampler tier: plain, "
+                        "top-k/top-p/min-p/logprobs, prompt logprobs, penalties) or 'plain' (temperature only; "
+                        "the others compile on first use) (default all)")
     parser.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=d.compilation_cache,
                         help="keep compiled steps in $JAX_COMPILATION_CACHE_DIR (default $JPAGED_CACHE/xla) so "
                         "that a restart compiles nothing (default on)")
@@ -60,6 +64,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         max_pending_requests=args.max_pending_requests, max_n=args.max_n, max_request_bytes=args.max_request_bytes,
         max_tokens_limit=args.max_tokens_limit, shutdown_timeout=args.shutdown_timeout,
         engine_stall_timeout=args.engine_stall_timeout, keep_alive_timeout=args.keep_alive_timeout,
-        max_header_bytes=args.max_header_bytes, warmup=args.warmup, compilation_cache=args.compilation_cache,
+        max_header_bytes=args.max_header_bytes, warmup=args.warmup,
+        warmup_variants=args.warmup_variants, compilation_cache=args.compilation_cache,
         stream_interval=args.stream_interval, tool_call_parser=args.tool_call_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice)

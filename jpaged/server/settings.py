@@ -27,6 +27,7 @@ class ServerSettings:
     keep_alive_timeout: int = 5             # seconds an idle keep-alive connection stays open
     max_header_bytes: int = 16 << 10        # an unfinished request head buffering more than this: 400 from uvicorn
     warmup: bool = True                     # compile every step shape before /health answers 200
+    warmup_variants: str = "all"            # "all" sampler tiers, or "plain" only (engine/step_variants.py)
     compilation_cache: bool = True          # keep compiled steps on disk so a restart is fast (serve only)
     stream_interval: float = 0.0            # seconds between a stream's writes at least (0: at every token)
     tool_call_parser: str | None = None     # hermes | llama3_json | mistral: parses tool calls (jpaged/server/tools.py)
@@ -45,6 +46,8 @@ class ServerSettings:
             positive(name)
         for name in ("shutdown_timeout", "engine_stall_timeout"):
             positive(name, integer=False)
+        if self.warmup_variants not in ("all", "plain"):
+            raise ValueError(f"warmup_variants must be 'all' or 'plain', got {self.warmup_variants!r}")
         if isinstance(self.stream_interval, bool) or not isinstance(self.stream_interval, (int, float)) \
                 or not 0 <= self.stream_interval <= 10:
             raise ValueError(f"stream_interval must be in [0, 10] seconds, got {self.stream_interval!r}")

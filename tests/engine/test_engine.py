@@ -98,7 +98,7 @@ def test_sliding_window_matches_hf_and_bounds_pages_per_sequence(tiny_mistral, b
 def test_steady_state_serving_never_recompiles(tiny_llama, byte_tokenizer):
     _, model = tiny_llama
     engine = make_engine(model, byte_tokenizer, num_kv_blocks=96, max_model_len=256, max_num_batched_tokens=64)
-    engine.warmup()
+    engine.warmup("plain")  # every sampler tier: tests/engine/test_step_variants.py
     compiled = engine.stats()["num_compilations"]
     assert compiled == len(engine.runner.token_buckets()) * len(engine.runner.page_buckets())
     # A long mixed run: prompts of 1..240 tokens, chunked prefill, preemption, prefix hits.

@@ -1,11 +1,15 @@
-"""Prompt logprobs: the scorer equals log_softmax of HF transformers' full forward pass, and the engine
-reports them in vLLM's shape (None first, then {token id: Logprob} with the token and the top k)."""
+"""Prompt logprobs scored inside the scheduled prefill equal log_softmax of HF transformers' full
+forward pass, in vLLM's shape (None first, then {token id: Logprob} with the token and the top k),
+over several chunks, beside other requests, after a prefix-cache hit, and abortable mid-prompt."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy.special import log_softmax
 
-from jpaged.engine.prompt_logprobs import PromptScorer, padded_length
+from jpaged.engine.prompt_logprobs import blockwise_top_k, plan_scores
+from jpaged.engine.scheduler import ScheduledSeq
+from jpaged.engine.sequence import Sequence
 from jpaged.sampling_params import SamplingParams
-from pallas_kernels import REFERENCE
 from tests.engine.test_engine import make_engine
 from tests.hf_reference import hf_logits
 
@@ -15,46 +19,69 @@ def reference(hf, prompt):
     return log_softmax(hf_logits(hf, prompt).astype(np.float64), axis=-1)[:-1]
 
 
-def test_scores_equal_log_softmax_of_a_full_forward_pass(tiny_llama):
-    hf, model = tiny_llama
-    length, chunk = 40, 16  # three chunks into the scratch cache (one chunk: the engine test below)
-    prompt = np.random.RandomState(length).randint(3, 256, size=length).tolist()
-    want = reference(hf, prompt)
-    logprobs, ranks, top_ids, top_logprobs = PromptScorer(model, spec=model.kv_cache_spec(16),
-                                                          backend=REFERENCE, chunk=chunk).score(prompt)
-    nxt = np.asarray(prompt[1:])
-    chosen = want[np.arange(length - 1), nxt]
-    np.testing.assert_allclose(logprobs, chosen, atol=2e-4)
-    np.testing.assert_array_equal(ranks, (want >= chosen[:, None] - 1e-6).sum(-1))
-    np.testing.assert_array_equal(top_ids[:, :5], np.argsort(-want, axis=-1)[:, :5])
-    np.testing.assert_allclose(top_logprobs, np.take_along_axis(want, top_ids, -1), atol=2e-4)
-
-
-def test_prompt_lengths_pad_to_powers_of_two():
-    assert [padded_length(n) for n in (1, 16, 17, 100, 512, 513)] == [16, 16, 32, 128, 512, 1024]
-
-
-def test_engine_reports_prompt_logprobs_in_vllm_shape(tiny_llama, byte_tokenizer):
-    hf, model = tiny_llama
-    prompt = [5, 60, 7, 99, 42, 3, 17]
-    want = reference(hf, prompt)
-    engine = make_engine(model, byte_tokenizer)
-    engine.add_request("lp", prompt, SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, n=2))
-    engine.add_request("plain", prompt, SamplingParams(temperature=0, max_tokens=3))
+def run(engine):
     first, done = {}, {}
     while engine.has_unfinished():
         for out in engine.step():
             first.setdefault(out.request_id, out)
             if out.finished:
                 done[out.request_id] = out
-    assert done["plain"].prompt_logprobs is None
-    entries = first["lp"].prompt_logprobs
-    assert entries is done["lp"].prompt_logprobs and len(entries) == len(prompt) and entries[0] is None
+    return first, done
+
+
+def check_entries(entries, prompt, want, k, decode):
+    assert len(entries) == len(prompt) and entries[0] is None
     for i, (token, entry) in enumerate(zip(prompt[1:], entries[1:])):
-        top2 = np.argsort(-want[i])[:2].tolist()
-        assert set(entry) == {token, *top2}
-        assert entry[token].decoded_token == byte_tokenizer.decode([token])
+        top = np.argsort(-want[i])[:k].tolist()
+        assert set(entry) == {token, *top}
+        assert entry[token].decoded_token == decode([token])
         assert entry[token].rank == int((want[i] >= want[i, token] - 1e-6).sum())
-        assert [entry[t].rank for t in top2 if t != token] == [r for r, t in enumerate(top2, 1) if t != token]
+        assert [entry[t].rank for t in top if t != token] == [r for r, t in enumerate(top, 1) if t != token]
         np.testing.assert_allclose([entry[t].logprob for t in entry], want[i, list(entry)], atol=2e-4)
+
+
+def test_scored_in_chunks_beside_other_requests_after_a_prefix_hit_and_abortable(tiny_llama, byte_tokenizer):
+    hf, model = tiny_llama
+    prompt = np.random.RandomState(3).randint(3, 256, size=40).tolist()
+    want = reference(hf, prompt)
+    # 10 scored positions a step: the 40-token prompt takes 4 chunks, beside a plain request.
+    engine = make_engine(model, byte_tokenizer, max_scored_prompt_tokens=10, max_num_batched_tokens=64,
+                         max_model_len=128, num_kv_blocks=64)
+    engine.add_request("warm", prompt, SamplingParams(temperature=0, max_tokens=2))  # fills the prefix cache
+    run(engine)
+    engine.add_request("lp", prompt, SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, n=2))
+    engine.add_request("plain", prompt[:20], SamplingParams(temperature=0, max_tokens=3))
+    engine.add_request("one", [7], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3))
+    steps = engine.stats()["num_steps"]
+    first, done = run(engine)
+    assert engine.stats()["num_steps"] - steps >= 4
+    assert done["plain"].prompt_logprobs is None and done["one"].prompt_logprobs == [None]
+    assert first["lp"].prompt_logprobs is done["lp"].prompt_logprobs
+    check_entries(done["lp"].prompt_logprobs, prompt, want, 2, byte_tokenizer.decode)
     assert engine.stats()["num_used_pages"] == 0
+    # Cancellable at any chunk: an abort after two steps leaves no request and no page behind.
+    engine.add_request("cut", list(range(3, 60)), SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1))
+    engine.step()
+    engine.step()
+    engine.abort("cut")
+    run(engine)
+    engine.step()  # reads back the step in flight
+    assert not engine.requests and engine.stats()["num_used_pages"] == 0
+
+
+def test_plan_scores_every_prompt_position_but_the_last():
+    seq = Sequence(seq_id=0, request_id="a", token_ids=[10, 11, 12, 13, 14])
+    other = Sequence(seq_id=1, request_id="b", token_ids=[1, 2])
+    seq.scores_pending = True
+    plan = plan_scores([ScheduledSeq(other, 1, 1, 1), ScheduledSeq(seq, 2, 3, 1)])
+    assert plan.token_index == [1, 2] and plan.positions == [2, 3] and plan.targets == [13, 14]
+    assert plan_scores([ScheduledSeq(other, 0, 2, 1)]) is None
+
+
+def test_blockwise_top_k_equals_top_k():
+    x = jax.random.normal(jax.random.PRNGKey(0), (5, 100))
+    values, idx = blockwise_top_k(x, 7, block=16)
+    want_values, want_idx = jax.lax.top_k(x, 7)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(values, want_values)
+    assert jnp.all(jnp.isfinite(values))

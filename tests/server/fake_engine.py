@@ -149,8 +149,9 @@ class FakeEngine:
                     self.free_pages += req.pages
                     self.num_aborted += 1
 
-    def warmup(self) -> None:
+    def warmup(self, variants: str = "all") -> None:
         self._check_thread()
+        self.warmup_variants = variants
         time.sleep(self.warmup_delay)
         self.warmed_up = True
 

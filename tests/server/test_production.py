@@ -129,7 +129,7 @@ def test_a_slow_tokenization_does_not_stall_other_streams():
 
 
 def test_warm_up_keeps_health_at_503_starting_until_done():
-    app = build_app(lambda: FakeEngine(warmup_delay=1.0), warmup=True)
+    app = build_app(lambda: FakeEngine(warmup_delay=1.0), warmup=True, warmup_variants="plain")
     with BackgroundServer(app) as url:
         r = HTTP.get(url + "/health")
         _error(r, 503, None, "engine_starting")
@@ -139,7 +139,7 @@ def test_warm_up_keeps_health_at_503_starting_until_done():
         while HTTP.get(url + "/health").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert fake_engine_of(app).warmed_up
+        assert fake_engine_of(app).warmed_up and fake_engine_of(app).warmup_variants == "plain"
         assert HTTP.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 200
 
 
