@@ -166,6 +166,8 @@ class Engine:
     def warmup(self) -> None:
         """Compiles every step shape up front (serving calls it; steady state then never compiles)."""
         self.runner.warmup()
+        if self.lora is not None:
+            self.lora.warmup()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)

@@ -147,6 +147,14 @@ class LoRAManager:
 
     # -- the slots -------------------------------------------------------------------------------
 
+    def warmup(self) -> None:
+        """Compiles the slot write (on a free slot, with zeros), so the first adapter load compiles nothing."""
+        if not self._free:
+            return
+        zeros = tuple({t: (np.zeros((din, self.max_rank), self.dtype), np.zeros((self.max_rank, dout), self.dtype))
+                       for t, (din, dout) in self.dims.items()} for _ in range(self.num_layers))
+        self.weights = self._write(self.weights, jnp.int32(self._free[0]), zeros)
+
     @property
     def resident(self) -> list[int]:
         """Adapter ids in device slots, least recently used first."""

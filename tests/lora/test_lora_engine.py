@@ -42,7 +42,6 @@ def test_lru_eviction_under_max_loras_and_no_recompilation(engine, lora_requests
     order = [*lora_requests, None, lora_requests[0]]
     expected = [merged_greedy[r.lora_int_id if r else 0] for r in order]
     engine.warmup()
-    assert run(engine, [(PROMPT, order[0])]) == expected[:1]  # the first slot write compiles
     before, evictions = compilations.count(), engine.lora.num_evictions
     # Five adapters at once over four slots: the scheduler runs at most four per step, slots are
     # evicted and adapters reloaded from their host copies.
@@ -58,3 +57,16 @@ def test_request_refusals_keep_no_state(engine, lora_requests):
     with pytest.raises(ValueError, match="prompt_logprobs"):
         engine.add_request("x", PROMPT, SamplingParams(max_tokens=2, prompt_logprobs=1), lora_request=lora_requests[0])
     assert not engine.has_unfinished() and engine.scheduler.num_free_pages == free
+
+
+def test_llm_generate_takes_one_lora_request_per_prompt(engine, lora_requests, merged_greedy):
+    import itertools
+
+    from jpaged.llm import LLM
+
+    llm = LLM.__new__(LLM)  # the facade over the shared engine (building another would compile again)
+    llm.engine, llm._ids = engine, itertools.count()
+    outs = llm.generate([PROMPT] * 3, GREEDY, lora_request=[lora_requests[1], None, lora_requests[0]])
+    assert [o.outputs[0].token_ids for o in outs] == [merged_greedy[2], merged_greedy[0], merged_greedy[1]]
+    with pytest.raises(ValueError, match="lora_request has 1 entries for 2 prompts"):
+        llm.generate([PROMPT] * 2, GREEDY, lora_request=[lora_requests[0]])
