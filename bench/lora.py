@@ -25,11 +25,12 @@ IMPLS = ("masked", "ragged")
 
 
 def slot_weights(cfg, num_slots: int, rank: int, dtype, seed: int = 0):
-    """Random per-layer {target: (A [Din, L, R], B [L, R, Dout])}, the manager's device layout."""
+    """Random per-layer {projection: (A [Din, L, kR], B [L, kR, Dout])}, the manager's device layout for
+    the fused model (q/k/v and gate/up each one projection of k targets)."""
     import jax
     import jax.numpy as jnp
 
-    from jpaged.lora.manager import target_dims
+    from jpaged.lora.manager import slot_layout
 
     key = jax.random.key(seed)
     draw = jax.jit(lambda k, shape: jax.random.normal(k, shape, dtype) * jnp.asarray(0.01, dtype),
@@ -37,10 +38,10 @@ def slot_weights(cfg, num_slots: int, rank: int, dtype, seed: int = 0):
     layers = []
     for i in range(cfg.num_layers):
         layer = {}
-        for j, (target, (din, dout)) in enumerate(target_dims(cfg).items()):
+        for j, (name, (members, din, dout)) in enumerate(slot_layout(cfg, fused=True).items()):
             k = jax.random.fold_in(key, i * 16 + j)
-            layer[target] = (draw(jax.random.fold_in(k, 0), (din, num_slots, rank)),
-                             draw(jax.random.fold_in(k, 1), (num_slots, rank, dout)))
+            layer[name] = (draw(jax.random.fold_in(k, 0), (din, num_slots, len(members) * rank)),
+                           draw(jax.random.fold_in(k, 1), (num_slots, len(members) * rank, dout)))
         layers.append(layer)
     return tuple(layers)
 

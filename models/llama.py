@@ -75,11 +75,11 @@ class Attention(nnx.Module):
     def __call__(self, x, inv_freq, k_pages, v_pages, step: StepInput, backend: Backend, lora=None):
         t = x.shape[0]
         if getattr(self, "qkv_proj", None) is not None:
-            qkv = lora_update.add(self.qkv_proj(x), x, lora, ("q_proj", "k_proj", "v_proj"), step, backend)
+            qkv = lora_update.add(self.qkv_proj(x), x, lora, "qkv_proj", step, backend)
             nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         else:
-            q, k, v = (lora_update.add(proj(x), x, lora, (name,), step, backend) for proj, name in
+            q, k, v = (lora_update.add(proj(x), x, lora, name, step, backend) for proj, name in
                        ((self.q_proj, "q_proj"), (self.k_proj, "k_proj"), (self.v_proj, "v_proj")))
         q = q.reshape(t, self.num_heads, self.head_dim)      # [T, Hq, D]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
@@ -92,7 +92,7 @@ class Attention(nnx.Module):
             q, k, v, k_pages, v_pages, step, sm_scale=self.head_dim ** -0.5,
             sliding_window=self.sliding_window, backend=backend)
         o = o.reshape(t, -1)
-        return lora_update.add(self.o_proj(o), o, lora, ("o_proj",), step, backend), k_pages, v_pages
+        return lora_update.add(self.o_proj(o), o, lora, "o_proj", step, backend), k_pages, v_pages
 
 
 class MLP(nnx.Module):
@@ -115,10 +115,10 @@ class MLP(nnx.Module):
             else:
                 h = lora_update.gate_up_swiglu(x, self.gate_up_proj.kernel[...], lora, step, backend)
         else:
-            gate = lora_update.add(self.gate_proj(x), x, lora, ("gate_proj",), step, backend)
-            up = lora_update.add(self.up_proj(x), x, lora, ("up_proj",), step, backend)
+            gate = lora_update.add(self.gate_proj(x), x, lora, "gate_proj", step, backend)
+            up = lora_update.add(self.up_proj(x), x, lora, "up_proj", step, backend)
             h = jax.nn.silu(gate) * up
-        return lora_update.add(self.down_proj(h), h, lora, ("down_proj",), step, backend)
+        return lora_update.add(self.down_proj(h), h, lora, "down_proj", step, backend)
 
 
 class DecoderLayer(nnx.Module):

@@ -91,7 +91,7 @@ def test_logits_through_an_adapter_match_hf_and_peft(tiny_llama, lora_requests):
         peft_model.unload()
     model = jpaged_from_hf(hf)
     model.fuse_projections()
-    manager = LoRAManager(model.config, max_loras=2, max_lora_rank=16, dtype=jnp.float32)
+    manager = LoRAManager(model.config, max_loras=2, max_lora_rank=16, dtype=jnp.float32, fused=True)
     manager.add(request)
     slot = manager.activate([request.lora_int_id])[request.lora_int_id]
     step = contiguous_step_input(ids, 0, page_size=8, num_pages=4, all_logits=True)
