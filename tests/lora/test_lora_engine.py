@@ -25,9 +25,14 @@ def engine(lora_engine):
 
 
 def test_greedy_through_lora_equals_merged_weights_one_request_at_a_time(engine, lora_requests, merged_greedy):
-    # One after another on one engine with prefix caching: a page cached for one adapter is never reused by another.
+    # One after another on one engine with prefix caching: a page cached for one adapter is never reused by
+    # another (its K/V were computed without that adapter), but is by the same adapter.
+    hits = engine.stats()["prefix_cache_hits"]
     got = [run(engine, [(PROMPT, lora)])[0] for lora in [None, *lora_requests]]
     assert got == merged_greedy
+    assert engine.stats()["prefix_cache_hits"] == hits
+    assert run(engine, [(PROMPT, lora_requests[0])]) == [merged_greedy[1]]
+    assert engine.stats()["prefix_cache_hits"] > hits
 
 
 def test_mixed_batch_of_four_adapters_and_base_equals_each_alone(engine, lora_requests, merged_greedy):
