@@ -4,8 +4,9 @@ alone, for both LoRA implementations (Backend.lora "masked" and "ragged"), on on
 Workloads (Llama-3-8B shape by default): a batch-64 decode step (each sequence at a 512-token context)
 with 8 distinct rank-16 adapters on all seven targets (q/k/v/o/gate/up/down; tokens interleaved over
 the adapters), and a 4 x 1024-token prefill with 4 adapters (one per sequence). Each is timed as the
-base model (no LoRA argument), LoRA on with every token on the base (slots loaded, index -1), and
-every token through an adapter; the ratios are to the base model measured in the same run.
+base model (no LoRA argument) and with every token through an adapter (`--all-base` adds LoRA on with
+every token on the base: slots loaded, index -1); the ratios are to the base model measured in the
+same run. Each variant compiles the 8B step once (about six compilations by default).
 Adapter weights are random, written straight into the slots' layout (jpaged/lora/manager.py).
 
   PYTHONPATH=. python -m bench.lora --out bench/results/lora_h100.json
@@ -25,11 +26,12 @@ IMPLS = ("masked", "ragged")
 
 
 def slot_weights(cfg, num_slots: int, rank: int, dtype, seed: int = 0):
-    """Random per-layer {target: (A [Din, L, R], B [L, R, Dout])}, the manager's device layout."""
+    """Random per-layer {projection: (A [Din, L, kR], B [L, kR, Dout])}, the manager's device layout for
+    the fused model (q/k/v and gate/up each one projection of k targets)."""
     import jax
     import jax.numpy as jnp
 
-    from jpaged.lora.manager import target_dims
+    from jpaged.lora.manager import slot_layout
 
     key = jax.random.key(seed)
     draw = jax.jit(lambda k, shape: jax.random.normal(k, shape, dtype) * jnp.asarray(0.01, dtype),
@@ -37,10 +39,10 @@ def slot_weights(cfg, num_slots: int, rank: int, dtype, seed: int = 0):
     layers = []
     for i in range(cfg.num_layers):
         layer = {}
-        for j, (target, (din, dout)) in enumerate(target_dims(cfg).items()):
+        for j, (name, (members, din, dout)) in enumerate(slot_layout(cfg, fused=True).items()):
             k = jax.random.fold_in(key, i * 16 + j)
-            layer[target] = (draw(jax.random.fold_in(k, 0), (din, num_slots, rank)),
-                             draw(jax.random.fold_in(k, 1), (num_slots, rank, dout)))
+            layer[name] = (draw(jax.random.fold_in(k, 0), (din, num_slots, len(members) * rank)),
+                           draw(jax.random.fold_in(k, 1), (num_slots, len(members) * rank, dout)))
         layers.append(layer)
     return tuple(layers)
 
@@ -89,7 +91,7 @@ def time_forward(model, spec, backend, step, num_pages: int, lora, reps: int) ->
     return (time.perf_counter() - start) / reps
 
 
-def run_workload(name, model, spec, base_backend, lengths, contexts, num_adapters, slots, reps) -> dict:
+def run_workload(name, model, spec, base_backend, lengths, contexts, num_adapters, slots, reps, all_base) -> dict:
     t = sum(lengths)
     per_token = np.arange(t) % num_adapters if name == "decode" else np.repeat(np.arange(len(lengths)), lengths)
     figures = {}
@@ -98,7 +100,8 @@ def run_workload(name, model, spec, base_backend, lengths, contexts, num_adapter
     for impl in IMPLS:
         backend = dataclasses.replace(base_backend, lora=impl)
         try:
-            for label, index in (("all_base", np.full(t, -1)), ("adapters", per_token % num_adapters)):
+            variants = [("adapters", per_token % num_adapters)] + ([("all_base", np.full(t, -1))] if all_base else [])
+            for label, index in variants:
                 step, _ = step_input(lengths, contexts, spec.page_size, index)
                 ms = 1e3 * time_forward(model, spec, backend, step, pages, slots, reps)
                 figures[f"{impl}_{label}_ms"] = ms
@@ -121,6 +124,7 @@ def main(argv=None) -> dict:
     p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--all-base", action="store_true", help="also time LoRA on with every token on the base model")
     p.add_argument("--tiny", action="store_true", help="tiny-llama, small batches, few reps (CPU check)")
     p.add_argument("--out", help="JSON path (default bench/results/lora_<device>.json)")
     args = p.parse_args(argv)
@@ -151,10 +155,10 @@ def main(argv=None) -> dict:
     print(f"jax {jax.__version__}, {result['device']['device_kind']}, backend {backend.describe()}", flush=True)
     result["figures"]["decode"] = run_workload(
         "decode", model, spec, backend, [1] * args.decode_batch, [args.decode_context] * args.decode_batch,
-        args.decode_adapters, slots, args.reps)
+        args.decode_adapters, slots, args.reps, args.all_base)
     result["figures"]["prefill"] = run_workload(
         "prefill", model, spec, backend, [args.prefill_len] * args.prefill_seqs,
-        [args.prefill_len] * args.prefill_seqs, args.prefill_seqs, slots, max(3, args.reps // 3))
+        [args.prefill_len] * args.prefill_seqs, args.prefill_seqs, slots, max(3, args.reps // 3), args.all_base)
     path = common.write_json(result, args.out, "lora")
     print(f"wrote {path}")
     return result

@@ -60,11 +60,13 @@ class LLM:
             raise
         return self._run(order, use_tqdm)
 
-    def chat(self, messages, sampling_params: SamplingParams | None = None, *, use_tqdm: bool | None = None
-             ) -> list[RequestOutput]:
-        """`messages`: one conversation (a list of {"role", "content"}) or a list of conversations."""
+    def chat(self, messages, sampling_params: SamplingParams | None = None, *, use_tqdm: bool | None = None,
+             lora_request=None) -> list[RequestOutput]:
+        """`messages`: one conversation (a list of {"role", "content"}) or a list of conversations;
+        `lora_request` as in generate()."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        return self.generate([self.chat_prompt_ids(c) for c in conversations], sampling_params, use_tqdm=use_tqdm)
+        return self.generate([self.chat_prompt_ids(c) for c in conversations], sampling_params, use_tqdm=use_tqdm,
+                             lora_request=lora_request)
 
     def chat_prompt_ids(self, conversation: list[dict]) -> list[int]:
         """Token ids of the chat template around a conversation (the template holds the special tokens)."""

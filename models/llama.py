@@ -78,11 +78,11 @@ class Attention(nnx.Module):
         """layer_cache: (k_pages, v_pages, k_scale, v_scale) of this layer (`KVCache.layers`)."""
         t = x.shape[0]
         if getattr(self, "qkv_proj", None) is not None:
-            qkv = lora_update.add(self.qkv_proj(x), x, lora, ("q_proj", "k_proj", "v_proj"), step, backend)
+            qkv = lora_update.add(self.qkv_proj(x), x, lora, "qkv_proj", step, backend)
             nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         else:
-            q, k, v = (lora_update.add(proj(x), x, lora, (name,), step, backend) for proj, name in
+            q, k, v = (lora_update.add(proj(x), x, lora, name, step, backend) for proj, name in
                        ((self.q_proj, "q_proj"), (self.k_proj, "k_proj"), (self.v_proj, "v_proj")))
         q = q.reshape(t, self.num_heads, self.head_dim)      # [T, Hq, D]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)   # [T, Hkv, D]
@@ -96,7 +96,7 @@ class Attention(nnx.Module):
             q, k, v, k_pages, v_pages, step, sm_scale=self.head_dim ** -0.5,
             sliding_window=self.sliding_window, backend=backend, k_scale=k_scale, v_scale=v_scale)
         o = o.reshape(t, -1)
-        return lora_update.add(self.o_proj(o), o, lora, ("o_proj",), step, backend), tuple(layer_cache)
+        return lora_update.add(self.o_proj(o), o, lora, "o_proj", step, backend), tuple(layer_cache)
 
 
 class MLP(nnx.Module):
@@ -119,16 +119,12 @@ class MLP(nnx.Module):
             else:
                 h = lora_update.gate_up_swiglu(x, self.gate_up_proj.kernel[...], lora, step, backend)
         elif getattr(self, "gate_up_proj", None) is not None:   # fp8 weights (models/fp8_linear.py)
-            y = self.gate_up_proj(x)
-            if lora is not None:
-                y = y + interleave_gate_up(lora_update.delta(x, lora, "gate_proj", step, backend),
-                                           lora_update.delta(x, lora, "up_proj", step, backend))
-            h = swiglu(*split_gate_up(y))
+            h = swiglu(*split_gate_up(lora_update.add(self.gate_up_proj(x), x, lora, "gate_up_proj", step, backend)))
         else:
-            gate = lora_update.add(self.gate_proj(x), x, lora, ("gate_proj",), step, backend)
-            up = lora_update.add(self.up_proj(x), x, lora, ("up_proj",), step, backend)
+            gate = lora_update.add(self.gate_proj(x), x, lora, "gate_proj", step, backend)
+            up = lora_update.add(self.up_proj(x), x, lora, "up_proj", step, backend)
             h = jax.nn.silu(gate) * up
-        return lora_update.add(self.down_proj(h), h, lora, ("down_proj",), step, backend)
+        return lora_update.add(self.down_proj(h), h, lora, "down_proj", step, backend)
 
 
 class DecoderLayer(nnx.Module):

@@ -184,6 +184,8 @@ class Engine:
         if variants not in step_variants.WARMUP_CHOICES:
             raise ValueError(f"variants must be one of {step_variants.WARMUP_CHOICES}, got {variants!r}")
         self.runner.warmup(step_variants.TIERS if variants == "all" else ("plain",))
+        if self.lora is not None:
+            self.lora.warmup()
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -309,8 +311,9 @@ def _lora_manager(config: EngineConfig, model, mesh) -> LoRAManager | None:
     if jax.process_count() > 1:
         raise ValueError("enable_lora across several hosts is not implemented")
     served = tp_model_config(model.config, config.tensor_parallel_size)
+    fused = mesh is None and config.fuse_projections and hasattr(model, "fuse_projections")  # as ModelRunner
     manager = LoRAManager(served, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
-                          dtype=model.dtype, mesh=mesh)
+                          dtype=model.dtype, fused=fused, mesh=mesh)
     for i, module in enumerate(config.lora_modules, start=1):
         name, _, path = module.partition("=")
         manager.add(LoRARequest(name, i, path))

@@ -359,9 +359,9 @@ class ModelRunner:
                          num_seqs=np.int32(len(entries)), max_prefill_seqs=self.max_prefill_seqs)
         if self.lora is not None:
             lora_index = np.full(t, -1, np.int32)
-            slots = lora_slots or {}
+            slots = lora_slots or {}  # every adapter of the batch has a slot (LoRAManager.activate)
             lora_index[:num_tokens] = np.repeat(
-                np.fromiter((slots.get(e.seq.adapter_id, -1) if e.seq.adapter_id else -1 for e in entries),
+                np.fromiter((slots[e.seq.adapter_id] if e.seq.adapter_id else -1 for e in entries),
                             np.int32, n_e), counts)
             step = dataclasses.replace(step, lora_index=lora_index)
         return step, token_src

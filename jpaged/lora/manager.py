@@ -1,8 +1,12 @@
 """LoRAManager: adapters known to the engine (host copies) and the `max_loras` device slots they run from.
 
-Device layout, per layer and target: A [Din, L, R] and B [L, R, Dout] for L = max_loras slots of rank
-R = max_lora_rank (an adapter of a smaller rank is zero-padded, one without a target is all zeros there;
-B holds the scale). These arrays are an argument of the jitted step, never a constant of it, so loading
+Device layout, per layer and projection of the served model: A [Din, L, R] and B [L, R, Dout] for
+L = max_loras slots of rank R = max_lora_rank (an adapter of a smaller rank is zero-padded, one without
+a target is all zeros there; B holds the scale). A fused projection (`fused=True`: q/k/v as `qkv_proj`,
+gate/up as `gate_up_proj`, as `LlamaForCausalLM.fuse_projections` lays them out) has one slot pair for
+its targets together: their A side by side ([Din, L, kR]) and their B block-diagonal ([L, kR, Dout], for
+gate/up with the columns interleaved as the fused weight's), so the step runs one shrink and one expand
+GEMM per fused projection. These arrays are an argument of the jitted step, never a constant of it, so loading
 an adapter into a slot (a jitted scatter of the slot's rows, the slot index traced) compiles once and a
 step never recompiles for a change of adapters. Slots are handed out least recently used first;
 an evicted adapter keeps its host copy and comes back with one host-to-device copy.
@@ -21,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jpaged.lora.peft import TARGETS, LoRAAdapter, load_peft_adapter
+from jpaged.lora.peft import LoRAAdapter, load_peft_adapter
 from jpaged.lora.request import LoRARequest
+from pallas_kernels.matmul_mgpu import interleave_gate_up
 
 
 def target_dims(model_config) -> dict[str, tuple[int, int]]:
@@ -34,6 +39,20 @@ def target_dims(model_config) -> dict[str, tuple[int, int]]:
 
 
 ROW_PARALLEL = ("o_proj", "down_proj")
+# fused projection -> its targets, in the order of the fused weight's columns
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def slot_layout(model_config, fused: bool) -> dict[str, tuple[tuple[str, ...], int, int]]:
+    """{projection: (its targets, Din, Dout)}: the slot pairs of each layer of the served model."""
+    dims = target_dims(model_config)
+    if not fused:
+        return {t: ((t,), din, dout) for t, (din, dout) in dims.items()}
+    layout = {}
+    for name, members in (("qkv_proj", FUSED["qkv_proj"]), ("o_proj", ("o_proj",)),
+                          ("gate_up_proj", FUSED["gate_up_proj"]), ("down_proj", ("down_proj",))):
+        layout[name] = (members, dims[members[0]][0], sum(dims[t][1] for t in members))
+    return layout
 
 
 def slot_specs(target: str) -> tuple[P, P]:
@@ -66,14 +85,17 @@ class LoRAManager:
     `activate(ids)` before each step puts those adapters in slots and returns {id: slot}; `weights` is
     then the step's LoRA argument."""
 
-    def __init__(self, model_config, *, max_loras: int, max_lora_rank: int, dtype, mesh=None):
+    def __init__(self, model_config, *, max_loras: int, max_lora_rank: int, dtype, fused: bool = False, mesh=None):
         if max_loras < 1:
             raise ValueError(f"max_loras must be >= 1, got {max_loras}")
         if max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {max_lora_rank}")
         self.max_loras, self.max_rank, self.dtype = max_loras, max_lora_rank, jnp.dtype(dtype)
         self.num_layers, self.head_dim = model_config.num_layers, model_config.head_dim
+        if fused and mesh is not None:
+            raise ValueError("LoRAManager: fused projections are for one device; under a mesh pass fused=False")
         self.dims = target_dims(model_config)
+        self.layout = slot_layout(model_config, fused)
         l, r = max_loras, max_lora_rank
 
         def zeros(shape, spec):
@@ -81,8 +103,9 @@ class LoRAManager:
                 return jnp.zeros(shape, self.dtype)
             return jnp.zeros(shape, self.dtype, device=NamedSharding(mesh, spec))
 
-        self.weights = tuple({t: (zeros((din, l, r), slot_specs(t)[0]), zeros((l, r, dout), slot_specs(t)[1]))
-                              for t, (din, dout) in self.dims.items()} for _ in range(self.num_layers))
+        self.weights = tuple({name: (zeros((din, l, len(members) * r), slot_specs(name)[0]),
+                                     zeros((l, len(members) * r, dout), slot_specs(name)[1]))
+                              for name, (members, din, dout) in self.layout.items()} for _ in range(self.num_layers))
         self.requests: dict[int, LoRARequest] = {}
         self._host: dict[int, tuple] = {}  # id -> per layer {target: (a [Din, R], b [R, Dout])}, padded
         self._slot_of: collections.OrderedDict[int, int] = collections.OrderedDict()  # LRU first
@@ -132,20 +155,39 @@ class LoRAManager:
                 raise ValueError(f"LoRA adapter {adapter.path!r}: {target} maps {a.shape[1]} -> {b.shape[2]} "
                                  f"features; the model's {target} maps {din} -> {dout}")
             weights[target] = (a, b)
-        layers = []
-        for i in range(self.num_layers):
-            layer = {}
-            for target, (din, dout) in self.dims.items():
-                a = np.zeros((din, self.max_rank), self.dtype)
-                b = np.zeros((self.max_rank, dout), self.dtype)
-                if target in weights:
-                    a[:, :adapter.rank] = weights[target][0][i]
-                    b[:adapter.rank] = weights[target][1][i]
-                layer[target] = (a, b)
-            layers.append(layer)
-        return tuple(layers)
+        return tuple({name: self._slot_pair(name, members, din, dout, weights, adapter.rank, i)
+                      for name, (members, din, dout) in self.layout.items()} for i in range(self.num_layers))
+
+    def _slot_pair(self, name, members, din, dout, weights, rank, layer) -> tuple[np.ndarray, np.ndarray]:
+        """(a [Din, kR], b [kR, Dout]) of one projection in one layer: member j's A in columns
+        [jR, jR + rank), its B in rows [jR, jR + rank) under its own output columns."""
+        r = self.max_rank
+        a = np.zeros((din, len(members) * r), self.dtype)
+        b = np.zeros((len(members) * r, dout), self.dtype)
+        col = 0
+        parts = []  # gate/up: each member's B over its own F columns, interleaved below
+        for j, target in enumerate(members):
+            width = self.dims[target][1]
+            part = b[:, col:col + width] if name != "gate_up_proj" else np.zeros((len(members) * r, width), self.dtype)
+            if target in weights:
+                a[:, j * r:j * r + rank] = weights[target][0][layer]
+                part[j * r:j * r + rank] = weights[target][1][layer]
+            parts.append(part)
+            col += width
+        if name == "gate_up_proj":
+            b = np.asarray(interleave_gate_up(*parts))
+        return a, b
 
     # -- the slots -------------------------------------------------------------------------------
+
+    def warmup(self) -> None:
+        """Compiles the slot write (on a free slot, with zeros), so the first adapter load compiles nothing."""
+        if not self._free:
+            return
+        zeros = tuple({name: (np.zeros((din, len(members) * self.max_rank), self.dtype),
+                              np.zeros((len(members) * self.max_rank, dout), self.dtype))
+                       for name, (members, din, dout) in self.layout.items()} for _ in range(self.num_layers))
+        self.weights = self._write(self.weights, jnp.int32(self._free[0]), zeros)
 
     @property
     def resident(self) -> list[int]:

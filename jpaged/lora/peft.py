@@ -2,8 +2,8 @@
 
 An adapter adds `scale * x @ A^T @ B^T` to each targeted projection, with PEFT's shapes A [r, in] and
 B [out, r] and `scale = lora_alpha / r` (`lora_alpha / sqrt(r)` with `use_rslora`). Here every
-target's weights are stacked over layers as A [L, in, r] and B [L, r, out], B already scaled: the
-device slots (jpaged/lora/manager.py) take them as they are. What PEFT can express and this does not
+target's weights are stacked over layers as A [layers, in, r] and B [layers, r, out], B already
+scaled; the device slots (jpaged/lora/manager.py) pad and place them. What PEFT can express and this does not
 run (DoRA, biases, extra trained modules, per-layer ranks, embeddings or the head) is refused by name.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ _MUST_BE_OFF = ("use_dora", "fan_in_fan_out", "modules_to_save", "layers_to_tran
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LoRAAdapter:
-    """One adapter on the host: rank, scale and per target (A [L, in, r], B [L, r, out]) float32, B scaled."""
+    """One adapter on the host: rank, scale and per target (A [layers, in, r], B [layers, r, out]) float32, B scaled."""
 
     path: str
     rank: int

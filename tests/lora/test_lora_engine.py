@@ -25,9 +25,14 @@ def engine(lora_engine):
 
 
 def test_greedy_through_lora_equals_merged_weights_one_request_at_a_time(engine, lora_requests, merged_greedy):
-    # One after another on one engine with prefix caching: a page cached for one adapter is never reused by another.
+    # One after another on one engine with prefix caching: a page cached for one adapter is never reused by
+    # another (its K/V were computed without that adapter), but is by the same adapter.
+    hits = engine.stats()["prefix_cache_hits"]
     got = [run(engine, [(PROMPT, lora)])[0] for lora in [None, *lora_requests]]
     assert got == merged_greedy
+    assert engine.stats()["prefix_cache_hits"] == hits
+    assert run(engine, [(PROMPT, lora_requests[0])]) == [merged_greedy[1]]
+    assert engine.stats()["prefix_cache_hits"] > hits
 
 
 def test_mixed_batch_of_four_adapters_and_base_equals_each_alone(engine, lora_requests, merged_greedy):
@@ -42,7 +47,6 @@ def test_lru_eviction_under_max_loras_and_no_recompilation(engine, lora_requests
     order = [*lora_requests, None, lora_requests[0]]
     expected = [merged_greedy[r.lora_int_id if r else 0] for r in order]
     engine.warmup()
-    assert run(engine, [(PROMPT, order[0])]) == expected[:1]  # the first slot write compiles
     before, evictions = compilations.count(), engine.lora.num_evictions
     # Five adapters at once over four slots: the scheduler runs at most four per step, slots are
     # evicted and adapters reloaded from their host copies.
@@ -58,3 +62,16 @@ def test_request_refusals_keep_no_state(engine, lora_requests):
     with pytest.raises(ValueError, match="prompt_logprobs"):
         engine.add_request("x", PROMPT, SamplingParams(max_tokens=2, prompt_logprobs=1), lora_request=lora_requests[0])
     assert not engine.has_unfinished() and engine.scheduler.num_free_pages == free
+
+
+def test_llm_generate_takes_one_lora_request_per_prompt(engine, lora_requests, merged_greedy):
+    import itertools
+
+    from jpaged.llm import LLM
+
+    llm = LLM.__new__(LLM)  # the facade over the shared engine (building another would compile again)
+    llm.engine, llm._ids = engine, itertools.count()
+    outs = llm.generate([PROMPT] * 3, GREEDY, lora_request=[lora_requests[1], None, lora_requests[0]])
+    assert [o.outputs[0].token_ids for o in outs] == [merged_greedy[2], merged_greedy[0], merged_greedy[1]]
+    with pytest.raises(ValueError, match="lora_request has 1 entries for 2 prompts"):
+        llm.generate([PROMPT] * 2, GREEDY, lora_request=[lora_requests[0]])

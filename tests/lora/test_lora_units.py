@@ -91,7 +91,7 @@ def test_logits_through_an_adapter_match_hf_and_peft(tiny_llama, lora_requests):
         peft_model.unload()
     model = jpaged_from_hf(hf)
     model.fuse_projections()
-    manager = LoRAManager(model.config, max_loras=2, max_lora_rank=16, dtype=jnp.float32)
+    manager = LoRAManager(model.config, max_loras=2, max_lora_rank=16, dtype=jnp.float32, fused=True)
     manager.add(request)
     slot = manager.activate([request.lora_int_id])[request.lora_int_id]
     step = contiguous_step_input(ids, 0, page_size=8, num_pages=4, all_logits=True)
@@ -99,3 +99,21 @@ def test_logits_through_an_adapter_match_hf_and_peft(tiny_llama, lora_requests):
     logits, _ = model(model.new_kv_cache(4, 8), step, lora=manager.weights)
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=2e-4, atol=2e-4)
     assert np.abs(expected - hf_logits(hf, ids)).max() > 1e-2, "the adapter must change the logits"
+
+
+def test_serve_flags_and_config_refusals():
+    from jpaged import cli
+    from jpaged.config import EngineConfig
+    from jpaged.server.api_server import engine_config
+
+    args = cli.build_parser().parse_args(["serve", "--enable-lora", "--lora-modules", "a=/x", "b=/y",
+                                          "--max-loras", "3", "--max-lora-rank", "32"])
+    config = engine_config(args)
+    assert (config.enable_lora, config.lora_modules, config.max_loras, config.max_lora_rank) == (
+        True, ("a=/x", "b=/y"), 3, 32)
+    for fields, message in [(dict(lora_modules=("a=/x",)), "needs enable_lora"),
+                            (dict(enable_lora=True, lora_modules=("nopath",)), "NAME=PATH"),
+                            (dict(enable_lora=True, max_loras=0), "max_loras"),
+                            (dict(enable_lora=True, data_parallel_size=2), "data_parallel_size")]:
+        with pytest.raises(ValueError, match=message):
+            EngineConfig(**fields)
