@@ -60,6 +60,12 @@ class EngineConfig:
     async_scheduling: bool = _knob(True, "schedule step N+1 while step N runs")
     fuse_projections: bool = _knob(True, "fuse q/k/v and gate/up into one GEMM each (one device)")
     seed: int = _knob(0, "engine seed for requests without a seed of their own")
+    # -- tiered KV cache (jpaged/engine/kv_tiers.py): host and disk tiers of prefix-cached pages --
+    kv_host_cache_gb: float = _knob(0.0, "host RAM (GiB) for cached KV pages evicted from the device, found "
+                                    "again by prefix lookup (0: no host tier)")
+    kv_disk_cache_dir: str | None = _knob(None, "directory of the disk tier: pages dropped by the host tier, "
+                                          "found again by later processes on the same model (needs a host tier)")
+    kv_disk_cache_gb: float = _knob(16.0, "most disk space (GiB) the disk tier takes")
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
@@ -89,3 +95,9 @@ class EngineConfig:
               f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         check(self.tensor_parallel_size >= 1, f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         check(self.data_parallel_size >= 1, f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        check(self.kv_host_cache_gb >= 0, f"kv_host_cache_gb must be >= 0, got {self.kv_host_cache_gb}")
+        check(self.kv_host_cache_gb == 0 or self.enable_prefix_caching,
+              "kv_host_cache_gb > 0 needs prefix caching (the host tier holds prefix-cached pages)")
+        check(self.kv_disk_cache_dir is None or self.kv_host_cache_gb > 0,
+              "kv_disk_cache_dir needs a host tier (kv_host_cache_gb > 0): pages reach disk from the host")
+        check(self.kv_disk_cache_gb > 0, f"kv_disk_cache_gb must be > 0, got {self.kv_disk_cache_gb}")

@@ -16,6 +16,7 @@ import numpy as np
 
 from jpaged import sharding
 from jpaged.config import EngineConfig, resolve_dtype
+from jpaged.engine import kv_tiers
 from jpaged.engine.model_runner import InFlight, ModelRunner, SampleRow, serving_mesh, serving_spec
 from jpaged.engine.output_processor import OutputProcessor, StepResult
 from jpaged.engine.prompt_logprobs import PromptScorer
@@ -52,10 +53,13 @@ class Engine:
         self.backend = select_backend(mesh.devices.flat[0] if mesh is not None else jax.devices()[0], self.kv_spec,
                                       config.backend)
         num_pages = config.num_kv_blocks or self._default_num_pages()
+        host_pool, tiers = kv_tiers.build(config, self.kv_spec, model)
         self.scheduler = Scheduler(config, num_blocks=num_pages, max_model_len=self.max_model_len,
-                                   sliding_window=mcfg.sliding_window)
+                                   sliding_window=mcfg.sliding_window, num_host_pages=host_pool.num_pages, tiers=tiers)
         self.runner = ModelRunner(config, model, spec=self.kv_spec, backend=self.backend, num_pages=num_pages,
-                                  max_model_len=self.max_model_len, mesh=mesh, eos_token_ids=self.eos_token_ids)
+                                  max_model_len=self.max_model_len, mesh=mesh, eos_token_ids=self.eos_token_ids,
+                                  host_pool=host_pool)
+        self.scheduler.fetch_arrived = self.runner.fetch_arrived
         self.model = self.runner.model  # the weights being served (sharded under TP): no other copy is kept
         self.output_processor = OutputProcessor(tokenizer, self.scheduler, eos_token_ids=self.eos_token_ids,
                                                 max_model_len=self.max_model_len, seq_ids=itertools.count())
@@ -150,9 +154,7 @@ class Engine:
         """
         prev, self._inflight = self._inflight, None
         batch = self.scheduler.schedule()
-        self.runner.swap_out(batch.swap_out)
-        self.runner.swap_in(batch.swap_in)
-        self.runner.copy_pages(batch.copy_pages)
+        self.runner.move_pages(batch)
         launched = self._launch(batch, prev) if batch.entries else None
         outputs = self._resolve(prev) if prev is not None else []
         if launched is not None:

@@ -3,7 +3,7 @@
 Where it sits: Scheduler.schedule() decides who runs; the runner packs their new tokens into
 padded numpy arrays, runs `_step` (model + sampling, the KV cache donated) and hands the sampled
 tokens back to the engine. It also performs the page copies the block manager asks for
-(copy-on-write, swap to and from host memory).
+(copy-on-write, swap to and from host memory, the host tier's offloads and fetches).
 
 Shapes come from buckets (powers of two): T tokens, S sequence rows (also the sampler's rows),
 P pages per row. The jitted step compiles once per (T, S, P, sampler flags) seen; `warmup()` can
@@ -23,6 +23,7 @@ from flax import nnx
 
 from jpaged import sampling, sharding
 from jpaged.engine import packing
+from jpaged.engine.kv_tiers import HostPagePool
 from jpaged.sampling_params import SamplingParams
 from models.kv_cache import MIN_STEP_TOKENS, KVCache, KVCacheSpec, StepInput
 from models.sharding import tp_model_config
@@ -114,6 +115,14 @@ def _write_pages(kv_cache: KVCache, pages: jax.Array, k_data, v_data) -> KVCache
                    v=tuple(v.at[pages].set(d) for v, d in zip(kv_cache.v, v_data)))
 
 
+def _pad_pow2(rows: np.ndarray) -> np.ndarray:
+    """Rows repeated at the end up to a power of two: page moves compile once per bucket, not per count
+    (a repeated (page, data) pair writes the same data twice)."""
+    n = rows.shape[0]
+    padded = bucket(n, 1)
+    return rows if padded == n else np.concatenate([rows, np.repeat(rows[-1:], padded - n, axis=0)])
+
+
 def serving_mesh(config, devices=None):
     """The ("data", "model") mesh of one replica's tensor-parallel group, or None with one device.
     `devices`: the group (default the first tensor_parallel_size of jax.devices())."""
@@ -135,7 +144,7 @@ class ModelRunner:
     and the page pool of `spec`, with `backend`'s kernels."""
 
     def __init__(self, config, model, *, spec: KVCacheSpec, backend: Backend, num_pages: int, max_model_len: int,
-                 mesh=None, eos_token_ids=()):
+                 mesh=None, eos_token_ids=(), host_pool: HostPagePool | None = None):
         if (mesh is None) != (config.tensor_parallel_size == 1):
             raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs a mesh of that many "
                              "devices (serving_mesh), one device none")
@@ -165,7 +174,9 @@ class ModelRunner:
         self.weights, treedef = jax.tree.flatten(state)
         self.kv_cache = (spec.create(num_pages) if self.mesh is None
                          else sharding.new_kv_cache(spec, self.mesh, num_pages))
-        self.host_k, self.host_v = spec.host_pool(config.num_host_kv_blocks)
+        # Host pages of swap preemption and the host tier (jpaged/engine/kv_tiers.py).
+        self.host = host_pool if host_pool is not None else HostPagePool(spec, config.num_host_kv_blocks)
+        self._fetches: dict[int, tuple[np.ndarray, list, list]] = {}  # seq_id -> (device pages, k, v) on the way
         # Rows of one step whose tokens the next step may take on the device (async scheduling):
         # one per sequence, so as many as a step has sequences.
         self.max_pending_rows = max(4, min(self.token_buckets()[-1], self.max_num_seqs))
@@ -202,23 +213,56 @@ class ModelRunner:
         self.kv_cache = self.calls["copy_pages"](self.kv_cache, src, dst)
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        """Device page -> host page, for each (device, host) pair."""
+        """Device page -> host page, for each (device, host) pair: the read is queued on the device and
+        lands in the host pool asynchronously (the host pool drains it before its next read)."""
         if not pairs:
             return
-        dev, host = (np.array(x, np.int32) for x in zip(*pairs))
-        k_data, v_data = jax.device_get(self.calls["read_pages"](self.kv_cache, jnp.asarray(dev)))
-        for layer in range(len(self.host_k)):
-            self.host_k[layer][host] = k_data[layer]
-            self.host_v[layer][host] = v_data[layer]
+        dev, host = (_pad_pow2(np.array(x, np.int32)) for x in zip(*pairs))
+        k_data, v_data = self.calls["read_pages"](self.kv_cache, jnp.asarray(dev))
+        self.host.write_from_device(host, k_data, v_data)
+
+    offload = swap_out  # an evicted cached page -> its host-tier page: the same copy
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Host page -> device page, for each (host, device) pair."""
         if not pairs:
             return
-        host, dev = (np.array(x, np.int32) for x in zip(*pairs))
-        k_data = [jnp.asarray(h[host]) for h in self.host_k]
-        v_data = [jnp.asarray(h[host]) for h in self.host_v]
+        host, dev = (_pad_pow2(np.array(x, np.int32)) for x in zip(*pairs))
+        k_data, v_data = self.host.read(host)
         self.kv_cache = self.calls["write_pages"](self.kv_cache, jnp.asarray(dev), k_data, v_data)
+
+    def start_fetch(self, orders) -> None:
+        """Starts the host -> device transfers of host-tier hits (block_manager.FetchOrder); they land in
+        staging arrays, written into the pool by commit_fetch once fetch_arrived says so."""
+        for order in orders:
+            put = (lambda x: jax.device_put(x)) if self.mesh is None else (
+                lambda x: jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())))
+            self._fetches[order.seq_id] = (_pad_pow2(np.array(order.device_pages, np.int32)),
+                                           [put(_pad_pow2(x)) for x in order.k], [put(_pad_pow2(x)) for x in order.v])
+
+    def fetch_arrived(self, seq_id: int) -> bool:
+        _, k, v = self._fetches[seq_id]
+        return all(x.is_ready() for x in (*k, *v))
+
+    def commit_fetch(self, seq_ids) -> None:
+        for seq_id in seq_ids:
+            dev, k, v = self._fetches.pop(seq_id)
+            self.kv_cache = self.calls["write_pages"](self.kv_cache, jnp.asarray(dev), k, v)
+
+    def cancel_fetch(self, seq_ids) -> None:
+        for seq_id in seq_ids:
+            self._fetches.pop(seq_id, None)
+
+    def move_pages(self, batch) -> None:
+        """A ScheduledBatch's page moves, reads before writes: offloads and swap-outs read pages this
+        step may overwrite; then the fetches, swap-ins and copy-on-write copies."""
+        self.offload(batch.offload)
+        self.swap_out(batch.swap_out)
+        self.cancel_fetch(batch.fetch_cancel)
+        self.commit_fetch(batch.fetch_commit)
+        self.start_fetch(batch.fetch)
+        self.swap_in(batch.swap_in)
+        self.copy_pages(batch.copy_pages)
 
     # -- the step --------------------------------------------------------------------------------
 
