@@ -305,3 +305,18 @@ def build(config, spec: KVCacheSpec, model) -> tuple[HostPagePool, PageTiers | N
         fingerprint = model_fingerprint(spec, config.model, embed[...] if embed is not None else None)
         disk = DiskPageStore(config.kv_disk_cache_dir, fingerprint, int(config.kv_disk_cache_gb * (1 << 30)), spec)
     return pool, PageTiers(pool, disk)
+
+
+def tier_stats(block_manager, spec: KVCacheSpec) -> dict:
+    """The tiers' sizes, hits and page moves (pages; bytes = pages x host_page_bytes) for stats()."""
+    bm, c = block_manager, block_manager.counters
+    page_bytes = host_page_bytes(spec)
+    page_tokens = bm.page_size
+    disk = bm.tiers.disk if bm.tiers is not None else None
+    host_cached = bm.host_cache.num_idle if bm.host_cache is not None else 0
+    return dict(kv_host_pages_total=bm.num_host_pages, kv_host_pages_cached=host_cached,
+                kv_disk_pages=disk.num_pages if disk else 0, kv_disk_bytes=disk.num_bytes if disk else 0,
+                kv_host_hit_pages=c.host_hits, kv_disk_hit_pages=c.disk_hits, kv_page_bytes=page_bytes,
+                kv_page_tokens=page_tokens,
+                **{f"kv_pages_{name}": getattr(c, name) for name in
+                   ("offloaded", "fetched", "spilled", "loaded", "host_dropped", "swapped_out", "swapped_in")})

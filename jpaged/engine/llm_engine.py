@@ -208,6 +208,12 @@ class Engine:
 
     # -- introspection ---------------------------------------------------------------------------
 
+    def cache_map(self) -> dict:
+        """Every KV page's state (device, host, disk) and who holds it, as JSON-able data
+        (jpaged/engine/cache_map.py)."""
+        from jpaged.engine.cache_map import cache_map
+        return cache_map(self.scheduler)
+
     def stats(self) -> dict:
         s = self.scheduler
         return dict(num_running=s.num_running, num_waiting=s.num_waiting, num_free_pages=s.num_free_pages,
@@ -215,7 +221,7 @@ class Engine:
                     prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits,
                     num_preemptions=s.num_preemptions, prompt_tokens=self.prompt_tokens_total,
                     generation_tokens=self.generation_tokens_total, num_steps=self._num_steps,
-                    num_compilations=self.runner.num_compilations)
+                    num_compilations=self.runner.num_compilations, **kv_tiers.tier_stats(self.scheduler.block_manager, self.kv_spec))
 
 
 @dataclasses.dataclass

@@ -169,6 +169,14 @@ class AsyncEngine:
             self.release(ids)
             raise
 
+    async def call(self, fn: Callable[[object], object]):
+        """fn(engine) run on the engine thread between steps (a consistent view of its state); its result."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine failed: {self.error}")
+        done = self._loop.create_future()
+        self._commands.put(("call", fn, done))
+        return await done
+
     async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
         """Yields the newest output of an added request until it finishes; aborts it if left early."""
         stream = self._streams.get(request_id)
@@ -302,6 +310,14 @@ class AsyncEngine:
             self.stats = engine.stats()
 
     def _apply(self, command: tuple) -> None:
+        if command[0] == "call":
+            _, fn, done = command
+            try:
+                result, error = fn(self.engine), None
+            except Exception as e:  # the caller gets it; the engine thread goes on
+                result, error = None, e
+            self._loop.call_soon_threadsafe(_answer, done, result, error)
+            return
         if command[0] == "abort":
             if command[1] in self._live:
                 self.engine.abort(command[1])
@@ -346,6 +362,17 @@ class AsyncEngine:
                 break
             if command[0] == "add":
                 self._loop.call_soon_threadsafe(_settle, command[-1], dead)
+            elif command[0] == "call":
+                self._loop.call_soon_threadsafe(_answer, command[-1], None, dead)
+
+
+def _answer(future: asyncio.Future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _settle(future: asyncio.Future, error) -> None:
