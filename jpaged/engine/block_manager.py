@@ -91,6 +91,7 @@ class BlockManager:
         self._host_unreadable: set[int] = set()  # host pages whose data this step's copies bring
         self._host_busy: set[int] = set()  # host pages a lookup found and a fetch will read
         self._from_disk: set[int] = set()  # of those, the ones the lookup read from disk
+        self._host_freed: list[int] = []  # host pages a swap-in of this step reads: free from the next
 
     # -- counts ----------------------------------------------------------------------------------
 
@@ -105,7 +106,7 @@ class BlockManager:
 
     @property
     def num_free_host_pages(self) -> int:
-        return len(self._host_free)
+        return len(self._host_free) + len(self._host_freed)
 
     def ref_count(self, page: int) -> int:
         return self._ref_counts[page]
@@ -298,7 +299,9 @@ class BlockManager:
             table.append(page)
             if host >= 0:
                 pairs.append((host, page))
-                self._host_free.append(host)
+        # With a host tier, free from the next step on: this step's offloads run before its swap-ins,
+        # and must not land in a host page a swap-in still reads.
+        (self._host_freed if self.host_cache is not None else self._host_free).extend(h for h, _ in pairs)
         seq.block_table, seq.host_block_table = table, []
         self.counters.swapped_in += len(pairs)
         return pairs
@@ -313,6 +316,8 @@ class BlockManager:
         """A new schedule: the copies the last one asked for have been started, so their pages are readable."""
         self._host_unreadable.clear()
         self._host_busy.clear()
+        self._host_free.extend(self._host_freed)
+        self._host_freed.clear()
 
     def take_offloads(self) -> list[tuple[int, int]]:
         """The (device, host) copies of evicted cached pages since the last call; the runner starts them
@@ -419,7 +424,7 @@ class BlockManager:
     def host_states(self) -> list[str]:
         """Each host page's state: 'free', 'swapped' (held by a swapped sequence) or 'cached'."""
         states = ["swapped"] * self.num_host_pages
-        for page in self._host_free:
+        for page in (*self._host_free, *self._host_freed):
             states[page] = "free"
         for page in self.host_cache.cached_pages() if self.host_cache is not None else ():
             states[page] = "cached"
@@ -456,9 +461,9 @@ class BlockManager:
             self.prefix_cache.check_invariants()
             assert not free & self.prefix_cache.cached_pages(), "a free page is still in the prefix cache"
         assert all(n == 1 for n in host_held.values()), "a host page has two holders"
-        host_free = set(self._host_free)
+        host_free = set(self._host_free) | set(self._host_freed)
         host_cached = self.host_cache.cached_pages() if self.host_cache is not None else set()
-        assert len(host_free) == len(self._host_free), "a host page is in the free deque twice"
+        assert len(host_free) == len(self._host_free) + len(self._host_freed), "a host page is free twice"
         assert not host_free & set(host_held), "host pages both free and held"
         assert not host_cached & set(host_held), "host pages both cached and held by a swapped sequence"
         assert not host_cached & host_free, "host pages both cached and free"
