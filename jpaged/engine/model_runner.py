@@ -301,6 +301,22 @@ class ModelRunner:
                     logits_index=np.zeros(s, np.int32), num_seqs=np.int32(0),
                     max_prefill_seqs=self.max_prefill_seqs)
                 self.fetch(self._dispatch(step, [], 0, []))
+        self.warmup_page_moves()
+
+    def warmup_page_moves(self) -> None:
+        """Compiles the page reads and writes of swap and the host tier for every row bucket (before
+        any page holds data: it writes page 0's own contents back)."""
+        if not self.host.num_pages:
+            return
+        n = 1
+        while True:
+            pages = jnp.zeros(n, jnp.int32)
+            k_data, v_data = self.calls["read_pages"](self.kv_cache, pages)
+            self.kv_cache = self.calls["write_pages"](self.kv_cache, pages, k_data, v_data)
+            if n >= min(self.max_pages_per_seq, self.num_pages, self.host.num_pages):
+                break
+            n *= 2
+        jax.block_until_ready(self.kv_cache)
 
     def build_step_input(self, entries, sample_rows: list[SampleRow], pending=None) -> tuple[StepInput, np.ndarray]:
         """Packs scheduled entries (seq, start, num_tokens) into padded numpy arrays.

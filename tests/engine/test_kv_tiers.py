@@ -26,7 +26,7 @@ from jpaged.engine.scheduler import Scheduler
 from jpaged.engine.sequence import Sequence, SequenceStatus
 from jpaged.sampling_params import SamplingParams
 from models.kv_cache import KVCacheSpec
-from tests.engine.test_block_manager import BlockManagerMachine, KVContents, compute
+from tests.engine.test_block_manager import BlockManagerMachine, KVContents, compute, new_seq, tokens_st
 
 PS = 4
 TINY_SPEC = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=1, page_size=PS, dtype=np.float32)
@@ -85,11 +85,11 @@ class TieredKV(KVContents):
 
 
 class TieredBlockManagerMachine(BlockManagerMachine):
-    """BlockManagerMachine with a host tier (6 pages, shared with swap) and a disk tier of ~6 pages."""
+    """BlockManagerMachine with a host tier (8 pages, shared with swap) and a disk tier of 3 or 12 pages."""
 
-    @initialize(window=st.sampled_from([None, 6]), disk_pages=st.sampled_from([3, 8]))
+    @initialize(window=st.sampled_from([None, 6]), disk_pages=st.sampled_from([3, 12]))
     def setup(self, window, disk_pages):
-        self.ps, self.num_pages, self.num_host = PS, 10, 6
+        self.ps, self.num_pages, self.num_host = PS, 10, 8
         self.dir = tempfile.mkdtemp(prefix="jpaged-tiers-")
         self.disk_capacity = disk_pages * self._file_bytes()
         self.kv = TieredKV(self.ps, window)
@@ -108,7 +108,7 @@ class TieredBlockManagerMachine(BlockManagerMachine):
         return size
 
     def _admit(self, seq, chunk):
-        self.kv._offloads()
+        self.next_step()  # each admission in a step of its own, as the scheduler would see it
         cached = self.bm.cached_prefix(seq)
         hosted = self.bm.host_prefix(seq, len(cached))
         start = (len(cached) + len(hosted)) * self.ps
@@ -148,6 +148,21 @@ class TieredBlockManagerMachine(BlockManagerMachine):
         n = min(chunk, seq.num_tokens - seq.num_computed_tokens)
         if self.bm.pages_to_grow(seq, seq.num_computed_tokens + n) <= self.bm.num_free_pages:
             compute(self.bm, self.kv, seq, n)
+
+    @rule()
+    def flush_device_cache(self):
+        """A fresh sequence takes every available page (idle cached ones go to the host tier), then ends."""
+        n = self.bm.num_free_pages
+        if n:
+            seq = new_seq(self._fresh_id(), [2000 + self.next_id] * (self.ps * n))
+            if self._admit(seq, chunk=seq.num_tokens):
+                self._end(seq)
+
+    @rule(prefix=st.sampled_from([0, 1]), tail=tokens_st, chunk=st.integers(1, 20))
+    def revisit(self, prefix, tail, chunk):
+        """A shared prefix comes back after its device pages went: a host or disk hit, when they are there."""
+        self.flush_device_cache()
+        self.admit(prefix, tail, chunk)
 
     @rule()
     def next_step(self):
@@ -270,22 +285,22 @@ def test_scheduler_admits_a_fetching_sequence_only_when_its_pages_arrived():
     sched.fetch_arrived = lambda seq_id: seq_id in arrived
     prompt = list(range(3, 27))  # 3 pages
 
-    def new_seq(seq_id, tokens):
+    def seq_of(seq_id, tokens):
         return Sequence(seq_id, f"r{seq_id}", list(tokens), SamplingParams(max_tokens=1))
 
-    first = new_seq(1, prompt)
+    first = seq_of(1, prompt)
     sched.add(first)
     while not first.is_finished:
         batch = sched.schedule()
         sched.postprocess(batch, {e.seq.seq_id: [5] for e in batch.entries if e.num_samples})
         if first.num_tokens > len(prompt):
             sched.finish(first, "length")
-    other = new_seq(2, list(range(100, 124)))  # evicts the first prompt's two cached pages
+    other = seq_of(2, list(range(100, 124)))  # evicts the first prompt's two cached pages
     sched.add(other)
     batch = sched.schedule()
     assert len(batch.offload) == 2
     sched.finish(other, "abort")
-    again = new_seq(3, prompt + [1])
+    again = seq_of(3, prompt + [1])
     sched.add(again)
     batch = sched.schedule()
     assert [len(o.device_pages) for o in batch.fetch] == [2] and not batch.entries
