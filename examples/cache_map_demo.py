@@ -55,7 +55,7 @@ def run(engine: Engine) -> tuple[dict, int]:
         snapshot = engine.cache_map()
         present = {p["state"] for p in snapshot["device"]["pages"]} | {
             "host_" + p["state"] for p in snapshot["host"]["pages"]}
-        score = len(present) + 3 * len(present & {"shared", "host_swapped", "window_released"})
+        score = len(present) + 3 * len(present & {"shared", "host_swapped", "host_cached", "window_released"})
         if score > best_score:
             best, best_score, best_step = snapshot, score, step
     return best, best_step
