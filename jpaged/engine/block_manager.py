@@ -52,13 +52,12 @@ def _held(table: list[int]) -> list[int]:
 
 @dataclasses.dataclass
 class FetchOrder:
-    """Host -> device copies of one sequence's prefix hits: `k`, `v` are the host data (per layer
-    [n, ...]), read when the order was made; `device_pages` receive them before the sequence runs."""
+    """Host -> device copies of one sequence's prefix hits: host page host_pages[i] -> device page
+    device_pages[i]. The host pages stay unwritten until fetch_done(seq_id)."""
 
     seq_id: int
+    host_pages: list[int]
     device_pages: list[int]
-    k: list
-    v: list
 
 
 class BlockManager:
@@ -90,6 +89,7 @@ class BlockManager:
         self._offloads: list[tuple[int, int]] = []  # (device, host) copies this step must start
         self._host_unreadable: set[int] = set()  # host pages whose data this step's copies bring
         self._host_busy: set[int] = set()  # host pages a lookup found and a fetch will read
+        self._host_reading: dict[int, list[int]] = {}  # seq_id -> host pages its fetch still reads
         self._from_disk: set[int] = set()  # of those, the ones the lookup read from disk
         self._host_freed: list[int] = []  # host pages a swap-in of this step reads: free from the next
 
@@ -325,15 +325,19 @@ class BlockManager:
         offloads, self._offloads = self._offloads, []
         return offloads
 
+    def _host_pinned(self, page: int) -> bool:
+        """Not to be overwritten now: written this step, found by this step's lookup, or being fetched."""
+        return (page in self._host_busy or page in self._host_unreadable
+                or any(page in pages for pages in self._host_reading.values()))
+
     def _num_host_evictable(self) -> int:
         if self.host_cache is None:
             return 0
-        return sum(1 for p in self.host_cache.iter_idle() if p not in self._host_busy and p not in self._host_unreadable)
+        return sum(1 for p in self.host_cache.iter_idle() if not self._host_pinned(p))
 
     def _host_victim(self) -> int | None:
         """The least recently used host-cached page that is readable and no fetch will read."""
-        return next((p for p in self.host_cache.iter_idle()
-                     if p not in self._host_busy and p not in self._host_unreadable), None)
+        return next((p for p in self.host_cache.iter_idle() if not self._host_pinned(p)), None)
 
     def _host_slot(self) -> int | None:
         """A host page to write: a free one, else the host cache's least recently used readable one
@@ -407,9 +411,10 @@ class BlockManager:
 
     def fetch(self, seq: Sequence, host_pages: list[int]) -> FetchOrder:
         """After admit(seq, ...): fresh device pages for the host hits `host_pages` (from host_prefix),
-        appended to seq's table; those tokens count as computed. The caller checked the room."""
+        appended to seq's table; those tokens count as computed. The caller checked the room. The host
+        pages are kept unwritten until fetch_done(seq.seq_id) (the copy has landed, or was cancelled)."""
         assert len(seq.block_table) * self.page_size == seq.num_computed_tokens, seq.seq_id
-        k, v = self.tiers.read(host_pages)  # before any take: a take may reuse a host page
+        self._host_reading[seq.seq_id] = list(host_pages)  # before any take: a take may reuse a host page
         disk_hits = len(self._from_disk.intersection(host_pages))
         self.counters.disk_hits += disk_hits
         self.counters.host_hits += len(host_pages) - disk_hits
@@ -419,7 +424,11 @@ class BlockManager:
         seq.block_table.extend(device)
         seq.num_computed_tokens = len(seq.block_table) * self.page_size
         self.counters.fetched += len(device)
-        return FetchOrder(seq.seq_id, device, k, v)
+        return FetchOrder(seq.seq_id, list(host_pages), device)
+
+    def fetch_done(self, seq_id: int) -> None:
+        """The fetch of seq_id landed (or was cancelled): its host pages may be overwritten again."""
+        self._host_reading.pop(seq_id, None)
 
     def host_states(self) -> list[str]:
         """Each host page's state: 'free', 'swapped' (held by a swapped sequence) or 'cached'."""

@@ -61,45 +61,52 @@ class HostPagePool:
         self.spec = spec
         self.num_pages = num_pages
         self.k, self.v = spec.host_pool(num_pages)
+        self._lock = threading.RLock()  # the runner's fetch thread reads while the engine thread writes
         self._pending: list[tuple[np.ndarray, list, list]] = []  # device reads not landed yet, in order
 
     def write_from_device(self, pages, k_data, v_data) -> None:
         """Starts copying device arrays (per layer [n, ...]) into host pages `pages`; lands on drain()."""
         for x in (*k_data, *v_data):
             x.copy_to_host_async()
-        self._pending.append((np.asarray(pages, np.int64), list(k_data), list(v_data)))
+        with self._lock:
+            self._pending.append((np.asarray(pages, np.int64), list(k_data), list(v_data)))
 
     def drain(self) -> None:
         """Completes every started device read, in the order they were started."""
-        for pages, k_data, v_data in self._pending:
-            for layer in range(len(self.k)):
-                self.k[layer][pages] = np.asarray(k_data[layer])
-                self.v[layer][pages] = np.asarray(v_data[layer])
-        self._pending.clear()
+        with self._lock:
+            for pages, k_data, v_data in self._pending:
+                for layer in range(len(self.k)):
+                    self.k[layer][pages] = np.asarray(k_data[layer])
+                    self.v[layer][pages] = np.asarray(v_data[layer])
+            self._pending.clear()
 
     def read(self, pages) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Copies of host pages `pages` (per layer [n, ...]), safe to hand to an asynchronous transfer."""
-        self.drain()
-        idx = np.asarray(pages, np.int64)
-        return [k[idx] for k in self.k], [v[idx] for v in self.v]
+        with self._lock:
+            self.drain()
+            idx = np.asarray(pages, np.int64)
+            return [k[idx] for k in self.k], [v[idx] for v in self.v]
 
     def write(self, pages, k_data, v_data) -> None:
-        self.drain()
-        idx = np.asarray(pages, np.int64)
-        for layer in range(len(self.k)):
-            self.k[layer][idx] = k_data[layer]
-            self.v[layer][idx] = v_data[layer]
+        with self._lock:
+            self.drain()
+            idx = np.asarray(pages, np.int64)
+            for layer in range(len(self.k)):
+                self.k[layer][idx] = k_data[layer]
+                self.v[layer][idx] = v_data[layer]
 
     def page(self, page: int) -> np.ndarray:
         """One page as one array [2, L, page_size, Hkv, D] (K then V)."""
-        self.drain()
-        return np.stack([np.stack([k[page] for k in self.k]), np.stack([v[page] for v in self.v])])
+        with self._lock:
+            self.drain()
+            return np.stack([np.stack([k[page] for k in self.k]), np.stack([v[page] for v in self.v])])
 
     def set_page(self, page: int, data: np.ndarray) -> None:
-        self.drain()
-        for layer in range(len(self.k)):
-            self.k[layer][page] = data[0, layer]
-            self.v[layer][page] = data[1, layer]
+        with self._lock:
+            self.drain()
+            for layer in range(len(self.k)):
+                self.k[layer][page] = data[0, layer]
+                self.v[layer][page] = data[1, layer]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,9 +292,6 @@ class PageTiers:
             return False
         self.host.set_page(host_page, data)
         return True
-
-    def read(self, host_pages: list[int]):
-        return self.host.read(host_pages)
 
 
 def build(config, spec: KVCacheSpec, model) -> tuple[HostPagePool, PageTiers | None]:

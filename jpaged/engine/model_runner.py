@@ -12,6 +12,7 @@ compile the common ones up front.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
 import itertools
 import math
@@ -176,7 +177,8 @@ class ModelRunner:
                          else sharding.new_kv_cache(spec, self.mesh, num_pages))
         # Host pages of swap preemption and the host tier (jpaged/engine/kv_tiers.py).
         self.host = host_pool if host_pool is not None else HostPagePool(spec, config.num_host_kv_blocks)
-        self._fetches: dict[int, tuple[np.ndarray, list, list]] = {}  # seq_id -> (device pages, k, v) on the way
+        self._fetches: dict[int, tuple[np.ndarray, Future]] = {}  # seq_id -> (device pages, staged (k, v))
+        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-fetch")
         # Rows of one step whose tokens the next step may take on the device (async scheduling):
         # one per sequence, so as many as a step has sequences.
         self.max_pending_rows = max(4, min(self.token_buckets()[-1], self.max_num_seqs))
@@ -232,21 +234,30 @@ class ModelRunner:
         self.kv_cache = self.calls["write_pages"](self.kv_cache, jnp.asarray(dev), k_data, v_data)
 
     def start_fetch(self, orders) -> None:
-        """Starts the host -> device transfers of host-tier hits (block_manager.FetchOrder); they land in
-        staging arrays, written into the pool by commit_fetch once fetch_arrived says so."""
+        """Starts the host -> device copies of host-tier hits (block_manager.FetchOrder) on the fetch
+        thread (host read, then transfer into staging arrays); commit_fetch writes them into the pool
+        once fetch_arrived says they landed."""
         for order in orders:
-            put = (lambda x: jax.device_put(x)) if self.mesh is None else (
-                lambda x: jax.device_put(x, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())))
             self._fetches[order.seq_id] = (_pad_pow2(np.array(order.device_pages, np.int32)),
-                                           [put(_pad_pow2(x)) for x in order.k], [put(_pad_pow2(x)) for x in order.v])
+                                           self._fetcher.submit(self._stage, _pad_pow2(np.array(order.host_pages))))
+
+    def _stage(self, host_pages: np.ndarray):
+        k, v = self.host.read(host_pages)
+        sharding = (jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+                    if self.mesh is not None else None)
+        return jax.device_put(k, sharding), jax.device_put(v, sharding)
 
     def fetch_arrived(self, seq_id: int) -> bool:
-        _, k, v = self._fetches[seq_id]
+        _, staged = self._fetches[seq_id]
+        if not staged.done():
+            return False
+        k, v = staged.result()
         return all(x.is_ready() for x in (*k, *v))
 
     def commit_fetch(self, seq_ids) -> None:
         for seq_id in seq_ids:
-            dev, k, v = self._fetches.pop(seq_id)
+            dev, staged = self._fetches.pop(seq_id)
+            k, v = staged.result()
             self.kv_cache = self.calls["write_pages"](self.kv_cache, jnp.asarray(dev), k, v)
 
     def cancel_fetch(self, seq_ids) -> None:

@@ -166,6 +166,8 @@ class Scheduler:
         self._in_batch: set[int] = set()
         self.block_manager.begin_step()
         batch.fetch_cancel, self._cancelled_fetches = self._cancelled_fetches, []
+        for seq_id in batch.fetch_cancel:
+            self.block_manager.fetch_done(seq_id)
         self._commit_fetches(batch)
         running = [s for s in self.running if not self._ends_with_pending(s)]
         decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
@@ -184,6 +186,7 @@ class Scheduler:
         their pages are written by this step's commit)."""
         for seq in [s for s in self.fetching if self.fetch_arrived(s.seq_id)]:
             self.fetching.remove(seq)
+            self.block_manager.fetch_done(seq.seq_id)
             batch.fetch_commit.append(seq.seq_id)
             self.block_manager.register_full_pages(seq)
             self.block_manager.release_outside_window(seq)
@@ -378,6 +381,8 @@ class Scheduler:
         if seq not in queue:
             raise ValueError(f"seq {seq.seq_id} was never added to this scheduler")
         if seq.status is SequenceStatus.FETCHING:
+            # The runner may still be reading its host pages: they stay pinned until the next schedule
+            # tells it to forget the fetch (fetch_done there).
             self._cancelled_fetches.append(seq.seq_id)
         queue.remove(seq)
         self.block_manager.release(seq)

@@ -60,9 +60,6 @@ class StandInTiers(PageTiers):
         self.kv.host[host_page] = decode(data)
         return True
 
-    def read(self, host_pages):
-        return [dict(self.kv.host.get(h, {})) for h in host_pages], [None] * len(host_pages)
-
 
 class TieredKV(KVContents):
     """KVContents that first performs the block manager's offloads (device -> host), as the runner does
@@ -131,14 +128,16 @@ class TieredBlockManagerMachine(BlockManagerMachine):
 
     @rule(data=st.data(), chunk=st.integers(1, 20))
     def fetch_arrives(self, data, chunk):
-        """A fetch lands: its host copies go to its device pages, then the sequence runs."""
+        """A fetch lands: its host pages (read only now, as the runner's fetch thread may) go to its
+        device pages, then the sequence runs."""
         seq = self._pick(data, self.fetching)
         if seq is None:
             return
         self.kv._offloads()
         order = self.orders.pop(seq.seq_id)
-        for dev, contents in zip(order.device_pages, order.k):
-            self.kv.device[dev] = dict(contents)
+        for dev, host in zip(order.device_pages, order.host_pages):
+            self.kv.device[dev] = dict(self.kv.host.get(host, {}))
+        self.bm.fetch_done(seq.seq_id)
         self.fetching.remove(seq)
         self.bm.register_full_pages(seq)
         self.bm.release_outside_window(seq)
@@ -188,6 +187,7 @@ class TieredBlockManagerMachine(BlockManagerMachine):
         if seq in self.fetching:
             self.fetching.remove(seq)
             self.orders.pop(seq.seq_id)
+            self.bm.fetch_done(seq.seq_id)
         super()._end(seq)
 
     @rule(data=st.data())
