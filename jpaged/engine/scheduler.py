@@ -30,7 +30,8 @@ API:
     (= advance(batch) when the step is launched + fill(batch, sampled) when its output is read: with
     async scheduling the next schedule() runs in between, each token to sample a PLACEHOLDER)
   finish(seq, reason); abort(request_id) -> [Sequence]; fork(parent, child_seq_id) -> Sequence
-  has_unfinished(); running, waiting, swapped (lists); num_running, num_waiting, num_swapped
+  has_unfinished(); running, waiting, swapped, fetching (lists); num_running, num_waiting, num_swapped
+  fetch_arrived (seq_id -> bool: the engine sets it to its runner's check)
   num_preemptions, prefix_cache_queries, prefix_cache_hits (tokens), num_free_pages, num_used_pages
   check_invariants(batch=None)
 """
