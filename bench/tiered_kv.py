@@ -111,7 +111,7 @@ def multi_turn(model, args, host_gb: float) -> dict:
         ttfts, seconds, generated = conversations("c", args.turns)
         stats = engine.stats()
     finally:
-        del llm, engine
+        llm = engine = None
         gc.collect()
     return dict(host_gb=host_gb, num_kv_pages=num_pages, working_set_pages=working_pages,
                 mean_ttft_ms=1e3 * float(np.mean(ttfts)), p90_ttft_ms=1e3 * float(np.percentile(ttfts, 90)),
@@ -137,7 +137,7 @@ def fetch_vs_recompute(model, args) -> dict:
         fetch = _run_requests(engine, [("target-again", target, 1)])["ttft_s"][0]
         after = engine.stats()
     finally:
-        del llm, engine
+        llm = engine = None
         gc.collect()
     return dict(tokens=n, recompute_ms=1e3 * recompute, fetch_ms=1e3 * fetch, ratio=fetch / recompute,
                 fetched_pages=after["kv_pages_fetched"] - before["kv_pages_fetched"],
@@ -186,7 +186,7 @@ def decode_under_fetches(model, args) -> dict:
         during, _ = timed_steps(args.decode_steps // 2, max(1, args.decode_steps // (2 * num_fetches)), "f")
         fetched = engine.stats()["kv_pages_fetched"] - before
     finally:
-        del llm, engine
+        llm = engine = None
         gc.collect()
     return dict(decode_seqs=args.decode_seqs, steps_alone=len(alone), steps_with_fetch=len(during),
                 mean_step_ms_alone=1e3 * float(np.mean(alone)),
