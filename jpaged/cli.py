@@ -118,6 +118,34 @@ def _convert(args: argparse.Namespace) -> None:
     _log(f"saved {save_checkpoint(model, tokenizer, args.dst)}")
 
 
+def _cache_map(args: argparse.Namespace) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from jpaged.engine.cache_map import render_png
+
+    request = urllib.request.Request(args.url.rstrip("/") + "/debug/kv-cache?format=json")
+    if args.api_key:
+        request.add_header("Authorization", f"Bearer {args.api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            data = json.loads(response.read())
+    except urllib.error.URLError as e:
+        raise OSError(f"--url {args.url}: {getattr(e, 'reason', e)}") from None
+    if args.format == "json":
+        text = json.dumps(data, indent=1)
+        if args.out in (None, "-"):
+            print(text)
+        else:
+            open(args.out, "w").write(text + "\n")
+        return
+    out = args.out or "kv_cache_map.png"
+    with open(out, "wb") as f:
+        f.write(render_png(data, title=args.url))
+    _log(f"wrote {out}: device {data['device']['counts']}, host {data['host']['counts']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jpaged", description="LLM inference in JAX with paged attention.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
@@ -149,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", metavar="DST", help="new directory to write the checkpoint to")
     conv.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to store (default float32)")
     conv.set_defaults(run=_convert)
+
+    cmap = sub.add_parser("cache-map", help="the KV cache map of a running server (every page's state) "
+                          "as a PNG block map or JSON")
+    cmap.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    cmap.add_argument("--api-key", default=None, help="the server's API key, if it has one")
+    cmap.add_argument("--format", choices=("png", "json"), default="png", help="png (default) or json")
+    cmap.add_argument("--out", default=None, help="file to write (default kv_cache_map.png; json: stdout)")
+    cmap.set_defaults(run=_cache_map)
 
     from jpaged.bench_cli import BENCHMARKS
     sub.add_parser("bench", help=f"run a benchmark from bench/ ({', '.join(BENCHMARKS)}); "

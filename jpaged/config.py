@@ -91,6 +91,12 @@ class EngineConfig:
     # -- prompt logprobs in the scheduled prefill (jpaged/engine/prompt_logprobs.py) --
     max_scored_prompt_tokens: int = _knob(512, "most prompt positions one step scores for prompt logprobs "
                                           "(each takes a [vocab] row of float32 logits)")
+    # -- tiered KV cache (jpaged/engine/kv_tiers.py): host and disk tiers of prefix-cached pages --
+    kv_host_cache_gb: float = _knob(0.0, "host RAM (GiB) for cached KV pages evicted from the device, found "
+                                    "again by prefix lookup (0: no host tier)")
+    kv_disk_cache_dir: str | None = _knob(None, "directory of the disk tier: pages dropped by the host tier, "
+                                          "found again by later processes on the same model (needs a host tier)")
+    kv_disk_cache_gb: float = _knob(16.0, "most disk space (GiB) the disk tier takes")
 
     def __post_init__(self):
         def check(ok: bool, msg: str):
@@ -145,3 +151,9 @@ class EngineConfig:
               f"tensor_parallel_size > 1, got {self.tensor_parallel_size}")
         check(self.max_scored_prompt_tokens >= 1,
               f"max_scored_prompt_tokens must be >= 1, got {self.max_scored_prompt_tokens}")
+        check(self.kv_host_cache_gb >= 0, f"kv_host_cache_gb must be >= 0, got {self.kv_host_cache_gb}")
+        check(self.kv_host_cache_gb == 0 or self.enable_prefix_caching,
+              "kv_host_cache_gb > 0 needs prefix caching (the host tier holds prefix-cached pages)")
+        check(self.kv_disk_cache_dir is None or self.kv_host_cache_gb > 0,
+              "kv_disk_cache_dir needs a host tier (kv_host_cache_gb > 0): pages reach disk from the host")
+        check(self.kv_disk_cache_gb > 0, f"kv_disk_cache_gb must be > 0, got {self.kv_disk_cache_gb}")

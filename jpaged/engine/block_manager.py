@@ -15,6 +15,14 @@ Rules:
 - with a window W, pages wholly before `num_computed_tokens - W + 1` are released, so between steps a
   sequence holds at most ceil(W / page_size) + 1 pages (a prefill chunk also holds its own tokens' pages).
 - swap moves a sequence's pages to private host pages and back to fresh device pages.
+- with a host tier (`tiers` given), an evicted cached page is copied to a host page kept in a host
+  prefix cache (LRU, by the same chain key); a full host pool drops its least recently used page, to
+  the disk tier when there is one. Lookup walks the device cache, then the host, then disk; host hits
+  are fetched into fresh device pages (`fetch`), disk hits are read into host pages first. Swap takes
+  its host pages from the same pool (free ones, else the host cache's oldest).
+
+Every host page is free, held by one swapped sequence, or cached (idle in the host cache). A host page
+written this step (an offload not yet started) is not readable until the next `begin_step()`.
 
 API (the scheduler's):
   BlockManager(num_pages, page_size, *, num_host_pages=0, enable_prefix_caching=True, sliding_window=None)
@@ -23,13 +31,17 @@ API (the scheduler's):
   pages_to_grow(seq, num_tokens); grow(seq, num_tokens) -> copies [(src, dst)]
   fork(parent, child); release(seq); truncate(seq, num_tokens); register_full_pages(seq); release_outside_window(seq)
   can_swap_out(seq); swap_out(seq) -> [(device, host)]; pages_to_swap_in(seq); swap_in(seq) -> [(host, device)]
+  host tier: begin_step(); host_prefix(seq, start) -> host pages; fetch(seq, host_pages) -> FetchOrder;
+    take_offloads() -> [(device, host)]; host_states(); free_pages(); counters (kv_tiers.TierCounters)
   check_invariants(holders)
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Iterable
 
+from jpaged.engine.kv_tiers import ChainEntry, PageTiers, TierCounters
 from jpaged.engine.prefix_cache import PrefixCache
 from jpaged.engine.sequence import Sequence
 
@@ -38,9 +50,20 @@ def _held(table: list[int]) -> list[int]:
     return [p for p in table if p >= 0]
 
 
+@dataclasses.dataclass
+class FetchOrder:
+    """Host -> device copies of one sequence's prefix hits: host page host_pages[i] -> device page
+    device_pages[i]. The host pages stay unwritten until fetch_done(seq_id)."""
+
+    seq_id: int
+    host_pages: list[int]
+    device_pages: list[int]
+
+
 class BlockManager:
     def __init__(self, num_pages: int, page_size: int, *, num_host_pages: int = 0,
-                 enable_prefix_caching: bool = True, sliding_window: int | None = None):
+                 enable_prefix_caching: bool = True, sliding_window: int | None = None,
+                 tiers: PageTiers | None = None):
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         if page_size < 1:
@@ -57,6 +80,18 @@ class BlockManager:
         self._ref_counts = [0] * num_pages
         self._free: collections.deque[int] = collections.deque(range(num_pages))
         self._host_free: collections.deque[int] = collections.deque(range(num_host_pages))
+        if tiers is not None and (self.prefix_cache is None or num_host_pages < 1):
+            raise ValueError("a host tier needs prefix caching and num_host_pages >= 1")
+        self.tiers = tiers
+        self.host_cache = PrefixCache() if tiers is not None else None  # host page ids, all idle
+        self.counters = TierCounters()
+        self.window_released: set[int] = set()  # free or idle pages a window released last (the cache map)
+        self._offloads: list[tuple[int, int]] = []  # (device, host) copies this step must start
+        self._host_unreadable: set[int] = set()  # host pages whose data this step's copies bring
+        self._host_busy: set[int] = set()  # host pages a lookup found and a fetch will read
+        self._host_reading: dict[int, list[int]] = {}  # seq_id -> host pages its fetch still reads
+        self._from_disk: set[int] = set()  # of those, the ones the lookup read from disk
+        self._host_freed: list[int] = []  # host pages a swap-in of this step reads: free from the next
 
     # -- counts ----------------------------------------------------------------------------------
 
@@ -71,7 +106,7 @@ class BlockManager:
 
     @property
     def num_free_host_pages(self) -> int:
-        return len(self._host_free)
+        return len(self._host_free) + len(self._host_freed)
 
     def ref_count(self, page: int) -> int:
         return self._ref_counts[page]
@@ -79,14 +114,22 @@ class BlockManager:
     # -- single pages ----------------------------------------------------------------------------
 
     def _take(self) -> int:
-        page = self._free.popleft() if self._free else self.prefix_cache.evict()
+        if self._free:
+            page = self._free.popleft()
+        else:
+            page = self.prefix_cache.oldest_idle()
+            if self.host_cache is not None:
+                self._offload(page, self.prefix_cache.entry(page))
+            self.prefix_cache.evict()
         assert self._ref_counts[page] == 0, page
         self._ref_counts[page] = 1
+        self.window_released.discard(page)
         return page
 
     def _hold(self, page: int) -> None:
         if self._ref_counts[page] == 0:
             self.prefix_cache.unpark(page)
+            self.window_released.discard(page)
         self._ref_counts[page] += 1
 
     def _drop(self, page: int) -> None:
@@ -228,25 +271,28 @@ class BlockManager:
         i = min(first_needed // self.page_size, len(seq.block_table)) - 1
         while i >= 0 and seq.block_table[i] >= 0:
             self._drop(seq.block_table[i])
+            if self._ref_counts[seq.block_table[i]] == 0:
+                self.window_released.add(seq.block_table[i])
             seq.block_table[i] = -1
             i -= 1
 
     # -- swap ------------------------------------------------------------------------------------
 
     def can_swap_out(self, seq: Sequence) -> bool:
-        return len(_held(seq.block_table)) <= len(self._host_free)
+        return len(_held(seq.block_table)) <= len(self._host_free) + self._num_host_evictable()
 
     def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
         """Moves seq's pages to private host pages; returns the (device, host) copies to perform."""
         assert self.can_swap_out(seq), seq.seq_id
         pairs, host_table = [], []
         for page in seq.block_table:
-            host = self._host_free.popleft() if page >= 0 else -1
+            host = self._host_slot() if page >= 0 else -1
             host_table.append(host)
             if page >= 0:
                 pairs.append((page, host))
         self._drop_all(seq.block_table)
         seq.block_table, seq.host_block_table = [], host_table
+        self.counters.swapped_out += len(pairs)
         return pairs
 
     def pages_to_swap_in(self, seq: Sequence) -> int:
@@ -261,9 +307,148 @@ class BlockManager:
             table.append(page)
             if host >= 0:
                 pairs.append((host, page))
-                self._host_free.append(host)
+        # With a host tier, free from the next step on: this step's offloads run before its swap-ins,
+        # and must not land in a host page a swap-in still reads.
+        (self._host_freed if self.host_cache is not None else self._host_free).extend(h for h, _ in pairs)
         seq.block_table, seq.host_block_table = table, []
+        self.counters.swapped_in += len(pairs)
         return pairs
+
+    # -- host and disk tiers ---------------------------------------------------------------------
+
+    @property
+    def has_host_tier(self) -> bool:
+        return self.host_cache is not None
+
+    def begin_step(self) -> None:
+        """A new schedule: the copies the last one asked for have been started, so their pages are readable."""
+        self._host_unreadable.clear()
+        self._host_busy.clear()
+        self._host_free.extend(self._host_freed)
+        self._host_freed.clear()
+
+    def take_offloads(self) -> list[tuple[int, int]]:
+        """The (device, host) copies of evicted cached pages since the last call; the runner starts them
+        before any write of this step (the device pages get new contents)."""
+        offloads, self._offloads = self._offloads, []
+        return offloads
+
+    def _host_pinned(self, page: int) -> bool:
+        """Not to be overwritten now: written this step, found by this step's lookup, or being fetched."""
+        return (page in self._host_busy or page in self._host_unreadable
+                or any(page in pages for pages in self._host_reading.values()))
+
+    def _num_host_evictable(self) -> int:
+        if self.host_cache is None:
+            return 0
+        return sum(1 for p in self.host_cache.iter_idle() if not self._host_pinned(p))
+
+    def _host_victim(self) -> int | None:
+        """The least recently used host-cached page that is readable and no fetch will read."""
+        return next((p for p in self.host_cache.iter_idle() if not self._host_pinned(p)), None)
+
+    def _host_slot(self) -> int | None:
+        """A host page to write: a free one, else the host cache's least recently used readable one
+        (spilled to disk first when there is a disk tier), or None when there is none."""
+        if self._host_free:
+            return self._host_free.popleft()
+        page = self._host_victim() if self.host_cache is not None else None
+        if page is None:
+            return None
+        entry = self.host_cache.entry(page)
+        self.host_cache.unpark(page)
+        self.host_cache.evict_page(page)
+        if self.tiers.spill(page, ChainEntry(entry.key, entry.parent_key, entry.adapter_id, entry.token_ids)):
+            self.counters.spilled += 1
+        else:
+            self.counters.host_dropped += 1
+        return page
+
+    def _offload(self, page: int, entry) -> None:
+        """An evicted cached device page goes to a host page (already there: it is touched instead)."""
+        hit = self.host_cache.lookup(entry.key, entry.parent_key, entry.token_ids, entry.adapter_id)
+        if hit is not None:
+            self.host_cache.unpark(hit)
+            self.host_cache.park(hit)
+            return
+        host = self._host_slot()
+        if host is None:
+            self.counters.host_dropped += 1  # every host page is held or on its way: the page is dropped
+            return
+        self.host_cache.insert(entry.key, entry.parent_key, entry.token_ids, entry.adapter_id, host)
+        self.host_cache.park(host)
+        self._host_unreadable.add(host)
+        self._offloads.append((page, host))
+        self.counters.offloaded += 1
+
+    def host_prefix(self, seq: Sequence, start: int) -> list[int]:
+        """Host pages continuing seq's cached chain from logical page `start` (disk hits are read into
+        host pages on the way), never covering its last token. They stay untouched until fetch() or
+        the next lookup."""
+        self._host_busy.clear()
+        self._from_disk.clear()
+        if self.host_cache is None:
+            return []
+        ps, max_pages = self.page_size, (seq.num_tokens - 1) // self.page_size
+        keys = self._keys_upto(seq, max_pages)
+        found: list[int] = []
+        for i in range(start, max_pages):
+            parent, tokens = keys[i - 1] if i else None, seq.token_ids[i * ps:(i + 1) * ps]
+            host = self.host_cache.lookup(keys[i], parent, tokens, seq.adapter_id)
+            if host is not None:
+                if host in self._host_unreadable:
+                    break
+                self.host_cache.unpark(host)
+                self.host_cache.park(host)
+            elif self.tiers.on_disk(keys[i]):
+                host = self._host_slot()
+                if host is None:
+                    break
+                if not self.tiers.load(ChainEntry(keys[i], parent, seq.adapter_id, tuple(tokens)), host):
+                    self._host_free.append(host)
+                    break
+                self.host_cache.insert(keys[i], parent, tokens, seq.adapter_id, host)
+                self.host_cache.park(host)
+                self.counters.loaded += 1
+                self._from_disk.add(host)
+            else:
+                break
+            self._host_busy.add(host)
+            found.append(host)
+        return found
+
+    def fetch(self, seq: Sequence, host_pages: list[int]) -> FetchOrder:
+        """After admit(seq, ...): fresh device pages for the host hits `host_pages` (from host_prefix),
+        appended to seq's table; those tokens count as computed. The caller checked the room. The host
+        pages are kept unwritten until fetch_done(seq.seq_id) (the copy has landed, or was cancelled)."""
+        assert len(seq.block_table) * self.page_size == seq.num_computed_tokens, seq.seq_id
+        self._host_reading[seq.seq_id] = list(host_pages)  # before any take: a take may reuse a host page
+        disk_hits = len(self._from_disk.intersection(host_pages))
+        self.counters.disk_hits += disk_hits
+        self.counters.host_hits += len(host_pages) - disk_hits
+        self._host_busy.clear()
+        self._from_disk.clear()
+        device = [self._take() for _ in host_pages]
+        seq.block_table.extend(device)
+        seq.num_computed_tokens = len(seq.block_table) * self.page_size
+        self.counters.fetched += len(device)
+        return FetchOrder(seq.seq_id, list(host_pages), device)
+
+    def fetch_done(self, seq_id: int) -> None:
+        """The fetch of seq_id landed (or was cancelled): its host pages may be overwritten again."""
+        self._host_reading.pop(seq_id, None)
+
+    def host_states(self) -> list[str]:
+        """Each host page's state: 'free', 'swapped' (held by a swapped sequence) or 'cached'."""
+        states = ["swapped"] * self.num_host_pages
+        for page in (*self._host_free, *self._host_freed):
+            states[page] = "free"
+        for page in self.host_cache.cached_pages() if self.host_cache is not None else ():
+            states[page] = "cached"
+        return states
+
+    def free_pages(self) -> list[int]:
+        return list(self._free)
 
     # -- invariants ------------------------------------------------------------------------------
 
@@ -293,7 +478,14 @@ class BlockManager:
             self.prefix_cache.check_invariants()
             assert not free & self.prefix_cache.cached_pages(), "a free page is still in the prefix cache"
         assert all(n == 1 for n in host_held.values()), "a host page has two holders"
-        host_free = set(self._host_free)
-        assert len(host_free) == len(self._host_free), "a host page is in the free deque twice"
+        host_free = set(self._host_free) | set(self._host_freed)
+        host_cached = self.host_cache.cached_pages() if self.host_cache is not None else set()
+        assert len(host_free) == len(self._host_free) + len(self._host_freed), "a host page is free twice"
         assert not host_free & set(host_held), "host pages both free and held"
-        assert host_free | set(host_held) == set(range(self.num_host_pages)), "host pages lost from the pool"
+        assert not host_cached & set(host_held), "host pages both cached and held by a swapped sequence"
+        assert not host_cached & host_free, "host pages both cached and free"
+        assert host_free | set(host_held) | host_cached == set(range(self.num_host_pages)), "host pages lost from the pool"
+        if self.host_cache is not None:
+            self.host_cache.check_invariants()
+            assert set(self.host_cache.idle_pages()) == host_cached, "a host-cached page is not evictable"
+        assert not self.window_released & live, "a held page is marked window-released"

@@ -16,6 +16,7 @@ import numpy as np
 
 from jpaged import sharding
 from jpaged.config import EngineConfig, resolve_dtype
+from jpaged.engine import kv_tiers
 from jpaged.engine.model_runner import InFlight, ModelRunner, SampleRow, serving_mesh, serving_spec
 from jpaged.engine.output_processor import OutputProcessor, StepResult
 from jpaged.engine import step_variants
@@ -62,15 +63,17 @@ class Engine:
         num_pages = config.num_kv_blocks or self._default_num_pages()
         log.info("KV cache: %d pages of %d tokens, %s, %.1f KiB a page per device", num_pages, config.block_size,
                  self.kv_spec.dtype, self.kv_spec.bytes_per_page / 1024)
+        host_pool, tiers = kv_tiers.build(config, self.kv_spec, model)
         self.scheduler = Scheduler(config, num_blocks=num_pages, max_model_len=self.max_model_len,
-                                   sliding_window=mcfg.sliding_window)
+                                   sliding_window=mcfg.sliding_window, num_host_pages=host_pool.num_pages, tiers=tiers)
         # Before the runner: a truncated draft shares the target's weights before they are fused.
         self.speculator = make_speculator(config, model, tokenizer, draft=draft, num_pages=num_pages,
                                           max_model_len=self.max_model_len)
         self.constraints = Constraints(tokenizer, mcfg.vocab_size, self.eos_token_ids)  # structured outputs
         self.runner = ModelRunner(config, model, spec=self.kv_spec, backend=self.backend, num_pages=num_pages,
                                   max_model_len=self.max_model_len, mesh=mesh, eos_token_ids=self.eos_token_ids,
-                                  lora=self.lora, constraints=self.constraints)
+                                  lora=self.lora, constraints=self.constraints, host_pool=host_pool)
+        self.scheduler.fetch_arrived = self.runner.fetch_arrived
         self.model = self.runner.model  # the weights being served (sharded under TP): no other copy is kept
         self.output_processor = OutputProcessor(tokenizer, self.scheduler, eos_token_ids=self.eos_token_ids,
                                                 max_model_len=self.max_model_len, seq_ids=itertools.count())
@@ -203,9 +206,7 @@ class Engine:
         prev, self._inflight = self._inflight, None
         spec = self.speculator
         batch = self.scheduler.schedule(spec.proposals(self.scheduler) if spec else None)
-        self.runner.swap_out(batch.swap_out)
-        self.runner.swap_in(batch.swap_in)
-        self.runner.copy_pages(batch.copy_pages)
+        self.runner.move_pages(batch)
         if spec:
             spec.fill_drafts(batch)
         launched = self._launch(batch, prev) if batch.entries else None
@@ -279,6 +280,12 @@ class Engine:
 
     # -- introspection ---------------------------------------------------------------------------
 
+    def cache_map(self) -> dict:
+        """Every KV page's state (device, host, disk) and who holds it, as JSON-able data
+        (jpaged/engine/cache_map.py)."""
+        from jpaged.engine.cache_map import cache_map
+        return cache_map(self.scheduler)
+
     def stats(self) -> dict:
         s = self.scheduler
         return dict(num_running=s.num_running, num_waiting=s.num_waiting, num_free_pages=s.num_free_pages,
@@ -287,7 +294,8 @@ class Engine:
                     num_preemptions=s.num_preemptions, prompt_tokens=self.prompt_tokens_total,
                     generation_tokens=self.generation_tokens_total, num_steps=self._num_steps,
                     num_compilations=self.runner.num_compilations, **self.runner.expert_load.stats(),
-                    **(self.speculator.stats() if self.speculator else {}))
+                    **(self.speculator.stats() if self.speculator else {}),
+                    **kv_tiers.tier_stats(self.scheduler.block_manager, self.kv_spec))
 
 
 @dataclasses.dataclass

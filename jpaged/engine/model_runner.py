@@ -3,7 +3,7 @@
 Where it sits: Scheduler.schedule() decides who runs; the runner packs their new tokens into
 padded numpy arrays, runs `_step` (model + sampling, the KV cache donated) and hands the sampled
 tokens back to the engine. It also performs the page copies the block manager asks for
-(copy-on-write, swap to and from host memory).
+(copy-on-write, swap to and from host memory, the host tier's offloads and fetches).
 
 Shapes come from buckets (powers of two): T tokens, S sequence rows (also the sampler's rows),
 P pages per row. The jitted step compiles once per (T, P, sampler tier) (jpaged/engine/step_variants.py
@@ -14,6 +14,7 @@ their scores after the samples.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
 import itertools
 import math
@@ -26,6 +27,7 @@ from flax import nnx
 from jpaged import sampling, sharding
 from jpaged.engine import packing, prompt_logprobs, step_variants
 from jpaged.engine.expert_load import ExpertLoad
+from jpaged.engine.kv_tiers import HostPagePool
 from jpaged.sampling_params import SamplingParams
 from models import fp8_linear
 from models.kv_cache import MIN_STEP_TOKENS, KVCache, KVCacheSpec, StepInput
@@ -154,7 +156,7 @@ class ModelRunner:
     and the page pool of `spec`, with `backend`'s kernels."""
 
     def __init__(self, config, model, *, spec: KVCacheSpec, backend: Backend, num_pages: int, max_model_len: int,
-                 mesh=None, eos_token_ids=(), lora=None, constraints=None):
+                 mesh=None, eos_token_ids=(), lora=None, constraints=None, host_pool: HostPagePool | None = None):
         if (mesh is None) != (config.tensor_parallel_size == 1):
             raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} needs a mesh of that many "
                              "devices (serving_mesh), one device none")
@@ -193,7 +195,10 @@ class ModelRunner:
         self.weights, treedef = jax.tree.flatten(state)
         self.kv_cache = (spec.create(num_pages) if self.mesh is None
                          else sharding.new_kv_cache(spec, self.mesh, num_pages))
-        self.host_pool = spec.host_pool(config.num_host_kv_blocks)   # a KVCache of numpy arrays
+        # Host pages of swap preemption and the host tier (jpaged/engine/kv_tiers.py).
+        self.host = host_pool if host_pool is not None else HostPagePool(spec, config.num_host_kv_blocks)
+        self._fetches: dict[int, list[tuple[np.ndarray, Future]]] = {}  # seq_id -> [(device pages, staged)]
+        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-fetch")
         # Rows of one step whose tokens the next step may take on the device (async scheduling):
         # one per sequence, so as many as a step has sequences.
         self.max_pending_rows = max(4, min(self.token_buckets()[-1], self.max_num_seqs))
@@ -228,18 +233,60 @@ class ModelRunner:
             self.kv_cache = self.calls["copy_pages"](self.kv_cache, src, dst)
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
-        """Device page -> host page, for each (device, host) pair."""
+        """Device page -> host page, for each (device, host) pair: the read is queued on the device and
+        lands in the host pool asynchronously (the host pool drains it before its next read)."""
         for dev, host, n in step_variants.padded_moves(pairs, self.move_buckets, (0, 0)):
-            data = jax.device_get(self.calls["read_pages"](self.kv_cache, dev))
-            for pool, pages in zip(jax.tree.leaves(self.host_pool), jax.tree.leaves(data)):
-                pool[host[:n]] = pages[:n]
+            self.host.write_from_device(host[:n], self.calls["read_pages"](self.kv_cache, dev))
+
+    offload = swap_out  # an evicted cached page -> its host-tier page: the same copy
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Host page -> device page, for each (host, device) pair."""
         for host, dev, _ in step_variants.padded_moves(pairs, self.move_buckets, (0, self.num_pages)):
             # numpy straight into the jitted call: jnp.asarray would compile a transfer per shape
-            data = jax.tree.map(lambda pool: pool[host], self.host_pool)
-            self.kv_cache = self.calls["write_pages"](self.kv_cache, dev, data)
+            self.kv_cache = self.calls["write_pages"](self.kv_cache, dev, self.host.read(host))
+
+    def start_fetch(self, orders) -> None:
+        """Starts the host -> device copies of host-tier hits (block_manager.FetchOrder) on the fetch
+        thread (host read, then transfer into staging arrays); commit_fetch writes them into the pool
+        once fetch_arrived says they landed. Moves are padded to move_buckets like every page move."""
+        for order in orders:
+            pairs = list(zip(order.host_pages, order.device_pages))
+            self._fetches[order.seq_id] = [
+                (dev, self._fetcher.submit(self._stage, host))
+                for host, dev, _ in step_variants.padded_moves(pairs, self.move_buckets, (0, self.num_pages))]
+
+    def _stage(self, host_pages: np.ndarray) -> KVCache:
+        data = self.host.read(host_pages)
+        sharding = (jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+                    if self.mesh is not None else None)
+        return jax.device_put(data, sharding)
+
+    def fetch_arrived(self, seq_id: int) -> bool:
+        for _, staged in self._fetches[seq_id]:
+            if not staged.done() or not all(x.is_ready() for x in jax.tree.leaves(staged.result())):
+                return False
+        return True
+
+    def commit_fetch(self, seq_ids) -> None:
+        for seq_id in seq_ids:
+            for dev, staged in self._fetches.pop(seq_id):
+                self.kv_cache = self.calls["write_pages"](self.kv_cache, dev, staged.result())
+
+    def cancel_fetch(self, seq_ids) -> None:
+        for seq_id in seq_ids:
+            self._fetches.pop(seq_id, None)
+
+    def move_pages(self, batch) -> None:
+        """A ScheduledBatch's page moves, reads before writes: offloads and swap-outs read pages this
+        step may overwrite; then the fetches, swap-ins and copy-on-write copies."""
+        self.offload(batch.offload)
+        self.swap_out(batch.swap_out)
+        self.cancel_fetch(batch.fetch_cancel)
+        self.commit_fetch(batch.fetch_commit)
+        self.start_fetch(batch.fetch)
+        self.swap_in(batch.swap_in)
+        self.copy_pages(batch.copy_pages)
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -289,7 +336,7 @@ class ModelRunner:
         for b in self.move_buckets:
             self.kv_cache = self.calls["copy_pages"](self.kv_cache, np.zeros(b, np.int32), idle[:b])
             jax.device_get(self.calls["read_pages"](self.kv_cache, np.zeros(b, np.int32)))
-            zeros = jax.tree.map(lambda h: np.zeros((b, *h.shape[1:]), h.dtype), self.host_pool)
+            zeros = jax.tree.map(lambda h: np.zeros((b, *h.shape[1:]), h.dtype), self.host.pages)
             self.kv_cache = self.calls["write_pages"](self.kv_cache, idle[:b], zeros)
         jax.block_until_ready(self.kv_cache)
 

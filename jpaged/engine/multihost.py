@@ -54,6 +54,9 @@ def check_supported(config) -> None:
     if config.preemption_mode == "swap":
         raise ValueError("preemption_mode='swap' is not supported across processes (each process holds only "
                          "its shard of a page); use 'recompute'")
+    if config.kv_host_cache_gb > 0:
+        raise ValueError("kv_host_cache_gb > 0 (the host tier) is not supported across processes (each process "
+                         "holds only its shard of a page); leave it 0")
     if config.tensor_parallel_size != jax.device_count():
         raise ValueError(f"with {jax.process_count()} processes, tensor_parallel_size must be the number of "
                          f"devices of all of them ({jax.device_count()}), got {config.tensor_parallel_size}")

@@ -16,6 +16,7 @@ API:
   lookup(key, parent_key, token_ids, adapter_id) -> page | None
   insert(key, parent_key, token_ids, adapter_id, page) -> bool (False: key already cached)
   is_cached(page), park(page) (now idle, most recent), unpark(page) (held again), evict() -> page
+  entry(page) -> (key, parent_key, adapter_id, token_ids); oldest_idle() -> page | None; evict_page(page); iter_idle()
   num_idle, idle_pages(), cached_pages()
 """
 from __future__ import annotations
@@ -78,16 +79,33 @@ class PrefixCache:
         """An idle page is held again (a prefix hit)."""
         del self._idle[page]
 
+    def entry(self, page: int) -> _Entry:
+        """The chain entry a cached page stands for."""
+        return self._entry_of_page[page]
+
+    def oldest_idle(self) -> int | None:
+        """The idle page evict() would take next, or None."""
+        return next(iter(self._idle), None)
+
     def evict(self) -> int:
         """Forgets the least recently used idle page and returns it, ready for new contents."""
         page, _ = self._idle.popitem(last=False)
+        self.evict_page(page)
+        return page
+
+    def evict_page(self, page: int) -> None:
+        """Forgets a cached page that is not idle (the caller unparked it)."""
+        assert page not in self._idle, page
         entry = self._entry_of_page.pop(page)
         del self._page_of_key[entry.key]
-        return page
 
     @property
     def num_idle(self) -> int:
         return len(self._idle)
+
+    def iter_idle(self):
+        """Idle pages, least recently used first, without a copy (do not change the cache meanwhile)."""
+        return iter(self._idle)
 
     def idle_pages(self) -> list[int]:
         """Idle pages, least recently used first (the eviction order)."""

@@ -10,6 +10,9 @@ sequences with more than one new token (a chunk of more would wait for the next 
    a chunk is cut to the remaining budget (chunked prefill), so decodes never wait for a long prompt;
 2. swapped sequences, swapped back in when their pages fit;
 3. waiting sequences (new, or preempted by recompute), admitted with their prefix-cache hits.
+   With a host tier, hits past the device cache's chain are fetched from host pages: the sequence
+   holds fresh device pages and waits (FETCHING) until `fetch_arrived(seq_id)` says the copy landed;
+   the schedule that sees it lists the seq_id in `fetch_commit` and runs it.
 Order within each queue: arrival (FCFS), or (priority, arrival) with scheduling_policy="priority".
 A sequence that cannot get its pages preempts the most recently admitted running sequence not yet
 in this batch (under "priority": the lowest priority one first), or itself when there is none.
@@ -30,7 +33,8 @@ API:
     (= advance(batch) when the step is launched + fill(batch, sampled) when its output is read: with
     async scheduling the next schedule() runs in between, each token to sample a PLACEHOLDER)
   finish(seq, reason); abort(request_id) -> [Sequence]; fork(parent, child_seq_id) -> Sequence
-  has_unfinished(); running, waiting, swapped (lists); num_running, num_waiting, num_swapped
+  has_unfinished(); running, waiting, swapped, fetching (lists); num_running, num_waiting, num_swapped
+  fetch_arrived (seq_id -> bool: the engine sets it to its runner's check)
   num_preemptions, prefix_cache_queries, prefix_cache_hits (tokens), num_free_pages, num_used_pages
   check_invariants(batch=None)
 """
@@ -40,7 +44,8 @@ import dataclasses
 import itertools
 
 from jpaged.config import EngineConfig
-from jpaged.engine.block_manager import BlockManager
+from jpaged.engine.block_manager import BlockManager, FetchOrder
+from jpaged.engine.kv_tiers import PageTiers
 from jpaged.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
@@ -67,6 +72,13 @@ class ScheduledBatch:
     swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # device -> host
     swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # host -> device
     preempted: list[Sequence] = dataclasses.field(default_factory=list)
+    # Host tier, in the runner's order: start the offloads (device -> host reads of evicted cached pages)
+    # before any write; start the fetches; write the landed fetches of `fetch_commit` (seq_ids) into
+    # their device pages; forget the fetches of `fetch_cancel` (aborted while fetching).
+    offload: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # device -> host
+    fetch: list[FetchOrder] = dataclasses.field(default_factory=list)
+    fetch_commit: list[int] = dataclasses.field(default_factory=list)
+    fetch_cancel: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -74,7 +86,8 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int, sliding_window: int | None = None):
+    def __init__(self, config: EngineConfig, num_blocks: int, max_model_len: int, sliding_window: int | None = None,
+                 *, num_host_pages: int | None = None, tiers: PageTiers | None = None):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if max_model_len < 1:
@@ -86,11 +99,15 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.sliding_window = sliding_window
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, num_host_pages=config.num_host_kv_blocks,
-            enable_prefix_caching=config.enable_prefix_caching, sliding_window=sliding_window)
+            num_blocks, config.block_size,
+            num_host_pages=config.num_host_kv_blocks if num_host_pages is None else num_host_pages,
+            enable_prefix_caching=config.enable_prefix_caching, sliding_window=sliding_window, tiers=tiers)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # in admission order
         self.swapped: list[Sequence] = []
+        self.fetching: list[Sequence] = []  # FETCHING: admitted, waiting for host pages to land
+        self.fetch_arrived = lambda seq_id: True  # the engine asks its runner
+        self._cancelled_fetches: list[int] = []
         self._seq_ids: set[int] = set()
         self._admitted_at: dict[int, int] = {}  # seq_id -> admission counter, for victim choice
         self._admissions = itertools.count()
@@ -107,7 +124,7 @@ class Scheduler:
     num_used_pages = property(lambda self: self.block_manager.num_used_pages)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.swapped)
+        return bool(self.waiting or self.running or self.swapped or self.fetching)
 
     # -- admission -------------------------------------------------------------------------------
 
@@ -160,6 +177,11 @@ class Scheduler:
         self._score_budget = self.config.max_scored_prompt_tokens  # prompt positions left to score this step
         self._in_batch: set[int] = set()
         self._adapters: set[int] = set()  # LoRA adapters of this step's entries, at most max_loras
+        self.block_manager.begin_step()
+        batch.fetch_cancel, self._cancelled_fetches = self._cancelled_fetches, []
+        for seq_id in batch.fetch_cancel:
+            self.block_manager.fetch_done(seq_id)
+        self._commit_fetches(batch)
         running = [s for s in self.running if not self._ends_with_pending(s)]
         decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in running if s.num_tokens - s.num_computed_tokens > 1]
@@ -169,7 +191,20 @@ class Scheduler:
         self._resume_swapped(batch)
         self._admit_waiting(batch)
         batch.entries.sort(key=lambda e: e.seq.num_tokens - e.start != 1)  # stable: decodes first
+        batch.offload = self.block_manager.take_offloads()
         return batch
+
+    def _commit_fetches(self, batch: ScheduledBatch) -> None:
+        """Fetching sequences whose pages landed run from this step on (never preempted before it:
+        their pages are written by this step's commit)."""
+        for seq in [s for s in self.fetching if self.fetch_arrived(s.seq_id)]:
+            self.fetching.remove(seq)
+            self.block_manager.fetch_done(seq.seq_id)
+            batch.fetch_commit.append(seq.seq_id)
+            self.block_manager.register_full_pages(seq)
+            self.block_manager.release_outside_window(seq)
+            self._start_running(seq)
+            self._in_batch.add(seq.seq_id)
 
     def _ends_with_pending(self, seq: Sequence) -> bool:
         """Its not-yet-read token is its last (max_tokens or max_model_len): nothing more to compute."""
@@ -269,20 +304,27 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch) -> None:
         bm = self.block_manager
         while (self.waiting and not self.swapped and not self._batch_full(batch)
-               and len(self.running) < self.config.max_num_seqs):
+               and len(self.running) + len(self.fetching) < self.config.max_num_seqs):
             candidates = [s for s in self.waiting if not self._ends_with_pending(s)]
             if not candidates:
                 return
             seq = min(candidates, key=self._order)
             cached = [] if seq.scores_pending else bm.cached_prefix(seq)
-            n = self._chunk(seq, len(cached) * self.page_size)
-            if n == 0 or bm.pages_to_admit(seq, cached, len(cached) * self.page_size + n) > bm.num_free_pages:
+            hosted = bm.host_prefix(seq, len(cached)) if bm.has_host_tier and not seq.scores_pending else []
+            prefix = (len(cached) + len(hosted)) * self.page_size
+            n = self._chunk(seq, prefix)
+            if n == 0 or bm.pages_to_admit(seq, cached, prefix + n) > bm.num_free_pages:
                 return
             self.waiting.remove(seq)
             bm.admit(seq, cached)
             if bm.prefix_cache is not None:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += seq.num_computed_tokens
+            if hosted:
+                batch.fetch.append(bm.fetch(seq, hosted))
+                seq.status = SequenceStatus.FETCHING
+                self.fetching.append(seq)
+                continue
             self._start_running(seq)
             self._add_entry(seq, n, batch)
 
@@ -404,9 +446,13 @@ class Scheduler:
         if seq.status is SequenceStatus.FINISHED:
             return
         queue = {SequenceStatus.WAITING: self.waiting, SequenceStatus.RUNNING: self.running,
-                 SequenceStatus.SWAPPED: self.swapped}[seq.status]
+                 SequenceStatus.SWAPPED: self.swapped, SequenceStatus.FETCHING: self.fetching}[seq.status]
         if seq not in queue:
             raise ValueError(f"seq {seq.seq_id} was never added to this scheduler")
+        if seq.status is SequenceStatus.FETCHING:
+            # The runner may still be reading its host pages: they stay pinned until the next schedule
+            # tells it to forget the fetch (fetch_done there).
+            self._cancelled_fetches.append(seq.seq_id)
         queue.remove(seq)
         self.block_manager.release(seq)
         self._seq_ids.discard(seq.seq_id)
@@ -416,7 +462,7 @@ class Scheduler:
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Finishes every sequence of the request with reason "abort", whatever its state."""
-        seqs = [s for s in self.waiting + self.running + self.swapped if s.request_id == request_id]
+        seqs = [s for s in self.waiting + self.running + self.swapped + self.fetching if s.request_id == request_id]
         for seq in seqs:
             self.finish(seq, "abort")
         return seqs
@@ -443,12 +489,12 @@ class Scheduler:
     def check_invariants(self, batch: ScheduledBatch | None = None) -> None:
         """Asserts the block manager's invariants and, given a batch, that no two entries write one slot."""
         for queue, status in ((self.waiting, SequenceStatus.WAITING), (self.running, SequenceStatus.RUNNING),
-                              (self.swapped, SequenceStatus.SWAPPED)):
+                              (self.swapped, SequenceStatus.SWAPPED), (self.fetching, SequenceStatus.FETCHING)):
             assert all(s.status is status for s in queue), status
         assert all(not s.block_table and not s.host_block_table and s.num_computed_tokens == 0
                    for s in self.waiting), "a waiting sequence holds pages"
         assert all(not s.block_table for s in self.swapped), "a swapped sequence holds device pages"
-        self.block_manager.check_invariants(self.running + self.swapped)
+        self.block_manager.check_invariants(self.running + self.swapped + self.fetching)
         if batch is not None:
             self._check_batch(batch)
 

@@ -12,6 +12,7 @@ Status and where the K/V live:
   WAITING   no pages (never admitted, or preempted by recompute)
   RUNNING   device pages in `block_table`
   SWAPPED   host pages in `host_block_table` (preempted by swap)
+  FETCHING  admitted with prefix pages on the host tier: device pages held, their data on its way
   FINISHED  no pages; `finish_reason` says why
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     SWAPPED = "swapped"
+    FETCHING = "fetching"
     FINISHED = "finished"
 
 

@@ -518,6 +518,24 @@ def _parse(model, body: bytes):
 # -- the app -------------------------------------------------------------------------------------------
 
 
+async def kv_cache_page(engine: AsyncEngine, request: Request) -> Response:
+    """GET /debug/kv-cache[?format=png|json|html]: the cache map (jpaged/engine/cache_map.py)."""
+    from jpaged.engine.cache_map import render_html, render_png
+
+    fmt = request.query_params.get("format", "png")
+    if fmt not in ("png", "json", "html"):
+        raise p.ApiError(400, f"format must be png, json or html, got {fmt!r}", param="format")
+    if fmt == "html":
+        return Response(render_html(), media_type="text/html")
+    if not hasattr(engine.engine, "cache_map"):
+        raise p.ApiError(501, "this engine has no cache map")
+    data = await engine.call(lambda e: e.cache_map())
+    if fmt == "json":
+        return _json(data)
+    png = await asyncio.get_running_loop().run_in_executor(None, render_png, data)
+    return Response(png, media_type="image/png")
+
+
 def build_app(engine_factory: Callable[[], object], settings: ServerSettings | None = None, **overrides) -> FastAPI:
     """The FastAPI app. The engine is built by `engine_factory()` on the engine thread at startup.
 
@@ -640,6 +658,8 @@ def build_app(engine_factory: Callable[[], object], settings: ServerSettings | N
     app.add_api_route("/detokenize", route("detokenize", detokenize, body=True, admit=True), methods=["POST"])
     app.add_api_route("/health", route("health", health, auth=False), methods=["GET"])
     app.add_api_route("/metrics", route("metrics", metrics, auth=False), methods=["GET"])
+    app.add_api_route("/debug/kv-cache", route("kv_cache", lambda request: kv_cache_page(engine, request)),
+                      methods=["GET"])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

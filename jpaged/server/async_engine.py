@@ -316,18 +316,18 @@ class AsyncEngine:
             self.stats = engine.stats()
 
     def _apply(self, command: tuple) -> None:
+        if command[0] == "call":
+            _, fn, done = command
+            try:
+                result, error = fn(self.engine), None
+            except Exception as e:  # the caller gets it; the engine thread goes on
+                result, error = None, e
+            self._loop.call_soon_threadsafe(_settle, done, error, result)
+            return
         if command[0] == "abort":
             if command[1] in self._live:
                 self.engine.abort(command[1])
                 self._live.discard(command[1])
-            return
-        if command[0] == "call":
-            _, fn, done_future = command
-            try:
-                result, error = fn(self.engine), None
-            except Exception as e:  # the caller's to report; the engine thread goes on
-                result, error = None, e
-            self._loop.call_soon_threadsafe(_settle, done_future, error, result)
             return
         _, requests, added = command
         done: list[str] = []

@@ -52,6 +52,7 @@ class _EngineCollector:
             yield CounterMetricFamily(f"jpaged_{name}", doc, value=value)
         if "expert_tokens" in s:  # a mixture-of-experts model: load balance (jpaged/engine/expert_load.py)
             yield from expert_metrics(s)
+        yield from _tier_metrics(s)
 
 
 def expert_metrics(s: dict):
@@ -68,6 +69,32 @@ def expert_metrics(s: dict):
     yield last
     yield GaugeMetricFamily("jpaged_moe_expert_load_imbalance", "Max / mean tokens per expert in the last step",
                             value=imbalance(s["expert_tokens_last_step"]))
+
+
+def _tier_metrics(s: dict):
+    """The KV tiers (jpaged/engine/kv_tiers.py tier_stats): sizes, hit rates, pages and bytes moved."""
+    if "kv_host_pages_total" not in s:
+        return
+    queries = max(s["prefix_cache_queries"], 1)
+    page_tokens = s["kv_page_tokens"]
+    for name, doc, value in (
+            ("kv_host_pages_total", "Host KV pages (swap and host tier)", s["kv_host_pages_total"]),
+            ("kv_host_pages_cached", "Host-tier pages holding cached prefixes", s["kv_host_pages_cached"]),
+            ("kv_disk_pages", "Disk-tier pages", s["kv_disk_pages"]),
+            ("kv_disk_bytes", "Disk-tier bytes", s["kv_disk_bytes"]),
+            ("kv_host_hit_rate", "Prompt tokens found on the host tier / prefix-cache queries",
+             s["kv_host_hit_pages"] * page_tokens / queries),
+            ("kv_disk_hit_rate", "Prompt tokens found on the disk tier / prefix-cache queries",
+             s["kv_disk_hit_pages"] * page_tokens / queries)):
+        yield GaugeMetricFamily(f"jpaged_{name}", doc, value=value)
+    moves = CounterMetricFamily("jpaged_kv_tier_bytes", "Bytes of KV pages moved between tiers", labels=["move"])
+    hits = CounterMetricFamily("jpaged_kv_tier_hit_pages", "Prefix pages found per tier", labels=["tier"])
+    for move in ("offloaded", "fetched", "spilled", "loaded", "swapped_out", "swapped_in"):
+        moves.add_metric([move], s[f"kv_pages_{move}"] * s["kv_page_bytes"])
+    hits.add_metric(["host"], s["kv_host_hit_pages"])
+    hits.add_metric(["disk"], s["kv_disk_hit_pages"])
+    yield moves
+    yield hits
 
 
 class ServerMetrics:
