@@ -7,6 +7,7 @@ from jpaged.sampling_params import SamplingParams
 from jpaged.server.metrics import expert_metrics
 from tests.engine.test_engine import make_engine, run_engine
 from tests.hf_reference import hf_greedy, jpaged_from_hf, tiny_hf_model
+from tests.multihost.devices import on_cpu_devices
 
 NEW_TOKENS = 20
 
@@ -52,3 +53,29 @@ def test_expert_stats_only_for_moe_models_and_metrics_per_expert():
         load.record(np.zeros((2, 3), np.int32))
     families = {m.name: m for m in expert_metrics(s)}
     assert [smp.value for smp in families["jpaged_moe_expert_tokens"].samples] == [3, 6, 3, 4]
+
+
+@pytest.mark.long
+@on_cpu_devices(4)
+def test_engine_expert_and_tensor_parallel_greedy_equals_hf():
+    """--tensor-parallel-size 4, with the experts split over the devices (--enable-expert-parallel) and
+    with each expert split over them: HF's greedy tokens both ways."""
+    from jax.sharding import PartitionSpec as P
+
+    from jpaged.config import EngineConfig
+    from jpaged.engine.llm_engine import Engine
+    from tests.engine.conftest import ByteTokenizer
+
+    hf = tiny_hf_model("qwen3_moe", seed=7)   # 8 experts, 4 q heads / 2 kv heads (repeated to 4)
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(3, 256, size=n).tolist() for n in (5, 40)]
+    expected = [hf_greedy(hf, p, 6) for p in prompts]
+    for ep in (True, False):
+        engine = Engine(EngineConfig(model="test", dtype="float32", num_kv_blocks=32, max_model_len=128,
+                                     max_num_batched_tokens=64, tensor_parallel_size=4, enable_expert_parallel=ep),
+                        model=jpaged_from_hf(hf), tokenizer=ByteTokenizer())
+        outs = run_engine(engine, prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+        assert [o.outputs[0].token_ids for o in outs] == expected, ep
+        spec = engine.model.layers[0].mlp.experts_gate[...].sharding.spec
+        assert spec == (P("model", None, None) if ep else P(None, None, "model"))
+        assert engine.stats()["expert_tokens"].sum() > 0
