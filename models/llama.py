@@ -141,7 +141,7 @@ class DecoderLayer(nnx.Module):
         x = x + h
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            if lora is not None and any(t in lora for t in ("gate_proj", "up_proj", "down_proj")):
+            if lora is not None and any(t in lora for t in ("gate_up_proj", "gate_proj", "up_proj", "down_proj")):
                 raise NotImplementedError("LoRA on the MLP targets of MoE layers is not implemented "
                                           "(target attention projections only)")
             h, expert_tokens = self.mlp(h, backend, step)

@@ -56,11 +56,11 @@ def _experts_ffn(xs, group_sizes, gate, up, down, backend: Backend):
     """The SwiGLU of each row's expert over rows sorted by expert: [M, H] -> [M, H]. `up` is None when
     `gate` is the fused, interleaved gate/up weight [X, H, 2F]."""
     if up is None:
-        h = pallas_kernels.grouped_gemm(xs, gate, group_sizes, epilogue="swiglu", backend=backend)
+        h = pallas_kernels.grouped_matmul(xs, gate, group_sizes, epilogue="swiglu", backend=backend)
     else:
-        h = swiglu(pallas_kernels.grouped_gemm(xs, gate, group_sizes, backend=backend),
-                   pallas_kernels.grouped_gemm(xs, up, group_sizes, backend=backend))
-    return pallas_kernels.grouped_gemm(h, down, group_sizes, backend=backend)
+        h = swiglu(pallas_kernels.grouped_matmul(xs, gate, group_sizes, backend=backend),
+                   pallas_kernels.grouped_matmul(xs, up, group_sizes, backend=backend))
+    return pallas_kernels.grouped_matmul(h, down, group_sizes, backend=backend)
 
 
 def _sorted_ffn(xs, keys, num_groups: int, weights_fn):
@@ -126,7 +126,6 @@ class MoE(nnx.Module):
         self.experts_gate = nnx.Param(init(rngs.params(), (x, h, f), dtype))
         self.experts_up = nnx.Param(init(rngs.params(), (x, h, f), dtype))
         self.experts_down = nnx.Param(init(rngs.params(), (x, f, h), dtype))
-        self.experts_gate_up = None
         self.num_experts, self.top_k, self.norm_topk_prob = x, cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.expert_parallel = cfg.expert_parallel
 
@@ -139,7 +138,7 @@ class MoE(nnx.Module):
         self.experts_gate = self.experts_up = None
 
     def _weights(self):
-        if self.experts_gate_up is not None:
+        if getattr(self, "experts_gate_up", None) is not None:   # set by fuse()
             return self.experts_gate_up[...], None, self.experts_down[...]
         return self.experts_gate[...], self.experts_up[...], self.experts_down[...]
 

@@ -10,7 +10,7 @@ reference beside it, behind one API routed by a `Backend` (pallas_kernels/backen
 - `gate_up_swiglu`: Backend.gate_up "mosaic" runs the Mosaic GEMM with its SwiGLU epilogue where it
   takes the shapes (rows a multiple of 256), else XLA.
 - `lora_delta`: the per-token LoRA update of multi-LoRA steps, Backend.lora "masked" or "ragged" (lora.py).
-- `grouped_gemm`: the MoE experts' GEMM over rows sorted by expert; Backend.grouped_gemm "pallas" runs
+- `grouped_matmul`: the MoE experts' GEMM over rows sorted by expert; Backend.grouped_gemm "pallas" runs
   the Pallas kernel where it takes the shapes, else `jax.lax.ragged_dot`.
 """
 from __future__ import annotations
@@ -87,9 +87,10 @@ def gate_up_swiglu(x, w_gate_up, *, backend: Backend = REFERENCE):
     return _matmul_mgpu.swiglu(*_matmul_mgpu.split_gate_up(jnp.dot(x, w_gate_up)))
 
 
-def grouped_gemm(x, w, group_sizes, *, epilogue: str = "none", backend: Backend = REFERENCE):
+def grouped_matmul(x, w, group_sizes, *, epilogue: str = "none", backend: Backend = REFERENCE):
     """y [M, N] (or [M, N / 2] with epilogue="swiglu") with y[r] = x[r] @ w[g] for the rows of group g,
-    groups consecutive by `group_sizes` [G]; rows past the last group are zero (grouped_gemm.py)."""
+    groups consecutive by `group_sizes` [G]; rows past the last group are zero (grouped_gemm.py; named
+    apart from that module, which stays `pallas_kernels.grouped_gemm`)."""
     _check_backend(backend)
     if backend.grouped_gemm == "pallas" and _grouped_gemm.unsupported_reason(x, w, epilogue=epilogue) is None:
         return _grouped_gemm.grouped_gemm_pallas(x, w, group_sizes, epilogue=epilogue, interpret=backend.interpret)
@@ -121,8 +122,7 @@ def lora_delta(x, a, b, lora_index, *, backend: Backend = REFERENCE):
 
 
 __all__ = ["Backend", "PRESETS", "REFERENCE", "select_backend", "ragged_paged_attention", "gate_up_swiglu",
-           "lora_delta",
-           "grouped_gemm",
+           "lora_delta", "grouped_matmul",
            "ragged_paged_attention_reference", "ragged_paged_attention_pallas", "mosaic_takes",
            "write_kv", "write_kv_reference", "write_kv_pallas", "write_kv_quantized",
            "write_kv_quantized_reference", "write_kv_quantized_pallas"]
