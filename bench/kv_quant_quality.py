@@ -24,9 +24,9 @@ import numpy as np
 CONFIGS = {
     "bfloat16 KV": ("bfloat16", "none"),
     "fp8 (e4m3) KV": ("fp8", "none"),
-    "fp8_e5m2 KV": ("fp8_e5m2", "none"),
     "int8 KV": ("int8", "none"),
     "fp8 weights, bfloat16 KV": ("bfloat16", "fp8"),
+    "fp8_e5m2 KV": ("fp8_e5m2", "none"),
     "fp8 weights + fp8 KV": ("fp8", "fp8"),
 }
 BASELINE = "bfloat16 KV"
