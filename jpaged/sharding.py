@@ -172,7 +172,7 @@ def new_replica_kv_cache(spec: KVCacheSpec, mesh: Mesh, num_pages: int) -> KVCac
                          f"{mesh.shape[MODEL]}")
     # Pages [R, N, page_size, Hkv, D] and scales [R, N, page_size, Hkv], both split over kv heads.
     return spec.create(num_pages, leading=(mesh.shape[DATA],),
-                       sharding=lambda rank: NamedSharding(mesh, REPLICA_KV_CACHE_SPEC[:rank]))
+                       sharding=lambda rank: NamedSharding(mesh, P(*REPLICA_KV_CACHE_SPEC[:rank])))
 
 
 def stack_replicas(trees: Sequence[Any], mesh: Mesh):

@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from jpaged.loader import fp8_checkpoint
+
 from jpaged import config
 from models import ModelConfig, model_class
 from models.weights import load_hf_weights
@@ -74,8 +76,12 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:
     for file in files:
         try:
             # framework="flax" reads bf16 (numpy cannot); pinned to the CPU so np.asarray does not copy back.
+            fp8 = fp8_checkpoint.fp8_tensors(file)   # safetensors' own readers cannot build fp8 arrays
             with safe_open(str(file), framework="flax") as f:
                 for name in f.keys():
+                    if name in fp8:
+                        yield name, np.asarray(fp8[name])
+                        continue
                     with jax.default_device(cpu):
                         tensor = f.get_tensor(name)
                     yield name, np.asarray(tensor)
@@ -86,5 +92,9 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray]]:
 def load_hf_dir(model_dir: str | Path, dtype: str = "float32") -> nnx.Module:
     """Builds the model of an HF dir (`config.json` + safetensors) in `dtype` ("float32" or "bfloat16")."""
     model_dir = Path(model_dir)
-    cfg = ModelConfig.from_hf(read_json(model_dir / "config.json"))
-    return build_model(cfg, dtype, iter_safetensors(safetensors_files(model_dir)))
+    hf_config = read_json(model_dir / "config.json")
+    cfg = ModelConfig.from_hf(hf_config)
+    weights = iter_safetensors(safetensors_files(model_dir))
+    if fp8_checkpoint.checkpoint_quantization(hf_config) == "fp8":   # fp8 weights: dequantized as they stream
+        weights = fp8_checkpoint.dequantized(weights)
+    return build_model(cfg, dtype, weights)

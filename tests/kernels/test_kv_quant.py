@@ -207,3 +207,37 @@ def test_routed_write_and_attend_through_the_backends():
         outs.append(np.asarray(pallas_kernels.ragged_paged_attention(
             q, kp, vp, *meta, sm_scale=0.2, backend=backend, k_scale=ks, v_scale=vs)))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+from tests.multihost.devices import on_cpu_devices  # noqa: E402
+
+
+@pytest.mark.long
+@on_cpu_devices(2)
+def test_tensor_parallel_pages_and_scales_split_over_kv_heads_and_attend_as_one_device():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jpaged import sharding
+    from models.kv_cache import KVCacheSpec, contiguous_step_input
+    from models.layers import paged_attention
+    from pallas_kernels import REFERENCE
+
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=2, head_dim=16, page_size=8, dtype=jnp.int8, kv_shards=2)
+    mesh = sharding.make_mesh(2)
+    cache = sharding.new_kv_cache(spec, mesh, num_pages=4)
+    assert cache.k_scale[0].sharding.spec[2] == "model" and cache.k[0].sharding.spec[2] == "model"
+    assert cache.k_scale[0].addressable_shards[0].data.shape == (4, 8, 1)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((12, h, 16)), jnp.float32) for h in (4, 2, 2))
+    step = contiguous_step_input(np.arange(12), 0, page_size=8, num_pages=2)
+    args = dict(sm_scale=0.25, sliding_window=None, backend=REFERENCE)
+    one = spec.create(4)
+    want = paged_attention(q, k, v, one.k[0], one.v[0], step, k_scale=one.k_scale[0], v_scale=one.v_scale[0],
+                           **args)
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda c: paged_attention(q, k, v, c.k[0], c.v[0], step, k_scale=c.k_scale[0],
+                                                v_scale=c.v_scale[0], **args))(cache)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-5, atol=1e-6)
