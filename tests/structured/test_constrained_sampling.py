@@ -37,7 +37,7 @@ term: NUMBER | "(" expr ")"
 NUMBER: /[1-9][0-9]{0,2}/
 """
 ARITH_RE = re.compile(r"^[0-9+\-()]+$")
-NUM_SAMPLES = 256 if os.environ.get("JPAGED_LONG_TESTS") == "1" else 32
+NUM_SAMPLES = 256 if os.environ.get("JPAGED_LONG_TESTS") == "1" else 8  # the long profile: hundreds
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_sampled_outputs_validate_and_unconstrained_neighbours_are_unchanged(llm
     biased = SamplingParams(temperature=0.0, max_tokens=3, logit_bias={banana: 100.0})
     free = [SamplingParams(temperature=1.0, max_tokens=12, seed=s) for s in (1, 2, 3)]
     free_prompts = [_prompt(llm, "Tell me about cats."), _prompt(llm, "Name a colour."), _prompt(llm, "Count to five.")]
-    n_other = max(4, NUM_SAMPLES // 8)
+    n_other = max(2, NUM_SAMPLES // 8)
     prompts = ([_prompt(llm, "Describe a user as JSON.")] * NUM_SAMPLES + [_prompt(llm, "An email address?")] * n_other
                + [_prompt(llm, "Write a sum.")] * n_other + [_prompt(llm, "Any JSON please."), _prompt(llm, "Hello")]
                + free_prompts)
@@ -95,6 +95,12 @@ def test_bad_constraints_are_value_errors_before_any_page_is_taken(llm):
     with pytest.raises(ValueError, match="logit_bias token ids"):
         engine.add_request("bad-bias", "hi", SamplingParams(logit_bias={10 ** 6: 1.0}))
     assert not engine.has_unfinished() and engine.scheduler.num_free_pages == free
+    engine.add_request("prio", "hi", SamplingParams(priority=3))  # SamplingParams.priority reaches the scheduler
+    engine.add_request("prio-arg", "hi", SamplingParams(priority=3), priority=1)
+    assert [engine.requests[r].seqs[0].priority for r in ("prio", "prio-arg")] == [3, 1]
+    engine.abort("prio")
+    engine.abort("prio-arg")
+    assert engine.scheduler.num_free_pages == free
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -133,7 +139,7 @@ def test_sampler_bitmask_and_logit_bias_stages():
     params = [SamplingParams(temperature=1.0, seed=i) for i in range(2)] + [
         SamplingParams(temperature=0.0, logit_bias={7: 100.0})]
     tensors = sampling.SamplingTensors.from_params(params, num_rows=4, vocab_size=v,
-                                                   token_bitmask=np.vstack([mask, np.full((1, 3), -1, np.uint32)]).view(np.int32))
+                                                   token_bitmask=np.vstack([mask, np.full((1, 3), 0xFFFFFFFF, np.uint32)]).view(np.int32))
     assert tensors.use_bitmask and tensors.use_logit_bias
     for step in range(8):
         out = sampling.sample(jnp.concatenate([logits, logits[:1]]), tensors, jnp.asarray([0, step], jnp.uint32))
