@@ -57,6 +57,9 @@ def parse_args(argv):
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--tokenizer", help="an HF tokenizer directory (tokenizer.json); default: synthetic")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny-llama, 8 sequences of 16+16 tokens")
+    p.add_argument("--mask-cost", action="store_true",
+                   help="only time the host side: --num-seqs matchers of the schema filling one bitmask per step "
+                        "for --output-len steps (random allowed tokens), no model")
     args = p.parse_args(argv)
     if args.tiny:
         args.model, args.dtype, args.num_seqs, args.input_len, args.output_len = "tiny-llama", "float32", 8, 16, 16
@@ -101,6 +104,37 @@ def timed(llm, prompts, params) -> dict:
                 compilations=llm.engine.runner.num_compilations - compiled)
 
 
+def mask_cost(args, tokenizer, vocab_size: int) -> dict:
+    """Milliseconds per step the host spends on the masks of --num-seqs constrained rows."""
+    from jpaged.sampling_params import SamplingParams
+    from jpaged.structured import StructuredOutputsParams
+    from jpaged.structured.grammar import Constraints
+
+    class Row:  # what Constraints reads of a sequence
+        def __init__(self, i, params):
+            self.seq_id, self.sampling_params, self.token_ids, self.num_prompt_tokens = i, params, [0], 1
+
+    eos = list(getattr(tokenizer, "eos_token_ids", ()))
+    constraints = Constraints(tokenizer, vocab_size, eos)
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(json=schema(args.output_len)))
+    start = time.perf_counter()
+    constraints.check(params.structured_outputs)
+    compile_s = time.perf_counter() - start
+    rows = [Row(i, params) for i in range(args.num_seqs)]
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(args.output_len):
+        start = time.perf_counter()
+        mask = constraints.bitmask(rows, len(rows))
+        times.append(time.perf_counter() - start)
+        bits = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size]
+        for r, row in enumerate(rows):
+            row.token_ids.append(int(rng.choice(np.flatnonzero(bits[r]))))
+    ms = 1e3 * np.asarray(times[1:])  # the first step builds llguidance's caches
+    return dict(grammar_compile_s=compile_s, first_step_ms=1e3 * times[0], median_step_ms=float(np.median(ms)),
+                p90_step_ms=float(np.percentile(ms, 90)), rows=args.num_seqs, steps=args.output_len)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     common.prepare_memory(with_torch=False)
@@ -117,6 +151,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tokenizer = byte_tokenizer(eos_token_ids=list(cfg.eos_token_ids), vocab_size=cfg.vocab_size)
     else:
         tokenizer = synthetic_tokenizer(cfg.vocab_size)
+    if args.mask_cost:
+        result = dict(benchmark=NAME + "_mask_cost", command=common.command_line(argv, NAME), device=common.device_info(),
+                      model=args.model, vocab_size=cfg.vocab_size, mask_cost=mask_cost(args, tokenizer, cfg.vocab_size))
+        common.print_table("structured outputs: host mask cost", list(result["mask_cost"].items()))
+        print(f"\nwrote {common.write_json(result, args.out, NAME + '_mask_cost')}")
+        return result
     model = common.random_model(cfg, args.dtype)
     max_len = args.input_len + args.output_len
     kw = common.engine_kwargs(args, max_len)
