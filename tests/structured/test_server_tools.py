@@ -64,7 +64,7 @@ def test_tool_choice_required_and_named(real_server):
     wait_until_idle(url, timeout=30)
 
 
-def test_json_schema_then_streamed_tool_call_deltas_then_a_tool_result_continues_the_chat(real_server):
+def test_json_schema_then_streamed_tool_call_deltas(real_server):
     url, client = real_server
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                                "population": {"type": "integer", "minimum": 0, "maximum": 10 ** 8}},
@@ -89,6 +89,13 @@ def test_json_schema_then_streamed_tool_call_deltas_then_a_tool_result_continues
     assert call["name"] == "get_weather" and call["id"]
     jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])
 
+    wait_until_idle(url, timeout=30)
+
+
+@pytest.mark.long
+def test_a_tool_result_continues_the_chat(real_server):
+    url, client = real_server
+    call = {"id": "call_0", "arguments": json.dumps({"city": "Paris", "unit": "celsius"})}
     history = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": call["id"], "type": "function", "function": {"name": "get_weather", "arguments": call["arguments"]}}]},
