@@ -96,6 +96,9 @@ def generate(model_or_params, prompt_tokens, prompt_lens, *, max_new_tokens: int
     sampling = sampling if sampling is not None else SamplingParams(temperature=0.0)
     if sampling.seed is not None:
         raise ValueError("sampling.seed must be None in generate: pass the randomness as `key`")
+    if sampling.structured_outputs is not None:
+        raise ValueError("sampling.structured_outputs is not supported by jpaged.generate (its whole loop runs on "
+                         "the device, the grammar's matchers on the host): use LLM.generate")
     min_pages = batch * (-(-width // page_size) + num_samples - 1)
     if num_pages is None:
         num_pages = min_pages + batch * num_samples * (-(-(max_new_tokens - 1) // page_size) + 1)

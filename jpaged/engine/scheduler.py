@@ -19,7 +19,9 @@ in this batch (under "priority": the lowest priority one first), or itself when 
 Preemption by recompute frees the pages and sends the sequence back to waiting (it keeps its tokens
 and is prefilled again); by swap, its pages are copied to host pages (when the host pool has room,
 else recompute) and it is swapped back in before it runs again. Swap-ins and admissions never preempt,
-and the head of a queue that does not fit blocks the ones behind it (no starvation of long prompts).
+and the head of a queue that does not fit blocks the ones behind it (no starvation of long prompts);
+under "priority", a waiting sequence whose pages do not fit first preempts (by recompute) running
+sequences of lower priority, the lowest first (vLLM's priority policy).
 Without chunked prefill a prompt waits for a step with room for all of it; a recompute longer than
 the whole budget is chunked anyway (it could never run otherwise).
 Counters: num_preemptions; prefix_cache_queries / prefix_cache_hits count tokens at each admission.
@@ -182,6 +184,8 @@ class Scheduler:
         for seq_id in batch.fetch_cancel:
             self.block_manager.fetch_done(seq_id)
         self._commit_fetches(batch)
+        if self.config.scheduling_policy == "priority":
+            self._preempt_for_priority(batch)
         running = [s for s in self.running if not self._ends_with_pending(s)]
         decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in running if s.num_tokens - s.num_computed_tokens > 1]
@@ -346,9 +350,25 @@ class Scheduler:
         by_priority = self.config.scheduling_policy == "priority"
         return max(candidates, key=lambda s: (s.priority if by_priority else 0, self._admitted_at[s.seq_id]))
 
-    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+    def _preempt_for_priority(self, batch: ScheduledBatch) -> None:
+        """Frees pages for the first waiting sequence by preempting running ones of lower priority."""
+        bm = self.block_manager
+        candidates = [s for s in self.waiting if not self._ends_with_pending(s)]
+        if not candidates:
+            return
+        seq = min(candidates, key=self._order)
+        cached = bm.cached_prefix(seq)
+        n = self._chunk(seq, len(cached) * self.page_size)
+        while n and bm.pages_to_admit(seq, cached, len(cached) * self.page_size + n) > bm.num_free_pages:
+            lower = [s for s in self.running if s.priority > seq.priority]
+            if not lower:
+                return
+            self._preempt(max(lower, key=lambda s: (s.priority, self._admitted_at[s.seq_id])), batch, recompute=True)
+            cached = bm.cached_prefix(seq)
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch, recompute: bool = False) -> None:
         self.running.remove(seq)
-        if self.config.preemption_mode == "swap" and self.block_manager.can_swap_out(seq):
+        if not recompute and self.config.preemption_mode == "swap" and self.block_manager.can_swap_out(seq):
             batch.swap_out += self.block_manager.swap_out(seq)
             seq.status = SequenceStatus.SWAPPED
             self.swapped.append(seq)

@@ -15,11 +15,9 @@ import os
 import weakref
 from typing import Callable, Sequence
 
-import llguidance
-import llguidance.numpy
 import numpy as np
 
-from jpaged.structured.params import StructuredOutputsParams
+from jpaged.structured.params import StructuredOutputsParams, import_llguidance
 
 log = logging.getLogger("jpaged.structured")
 
@@ -30,8 +28,9 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def ll_tokenizer(tokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> llguidance.LLTokenizer:
+def ll_tokenizer(tokenizer, vocab_size: int, eos_token_ids: Sequence[int]):
     """llguidance's view of a jpaged Tokenizer (its `tokenizers.Tokenizer` serialised to JSON)."""
+    llguidance = import_llguidance()
     inner = getattr(tokenizer, "_tok", None)
     if inner is None or not hasattr(inner, "to_str"):
         raise ValueError("structured outputs need a tokenizer built on a `tokenizers.Tokenizer` (tokenizer.json)")
@@ -43,7 +42,7 @@ class _Matcher:
 
     __slots__ = ("matcher", "consumed", "__weakref__")
 
-    def __init__(self, matcher: llguidance.LLMatcher):
+    def __init__(self, matcher):
         self.matcher, self.consumed = matcher, 0
 
 
@@ -60,14 +59,14 @@ class Constraints:
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: Sequence[int]):
         self._tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, tuple(eos_token_ids)
-        self._ll: llguidance.LLTokenizer | None = None
+        self._ll = None  # llguidance.LLTokenizer, built on first use
         self._grammars: dict[tuple, str] = {}
         self._matchers: "weakref.WeakKeyDictionary[object, _Matcher]" = weakref.WeakKeyDictionary()
-        self._executor: llguidance.LLExecutor | None = None
+        self._executor = None  # llguidance.LLExecutor, its thread pool
         self.words = bitmask_words(vocab_size)
 
     @property
-    def ll(self) -> llguidance.LLTokenizer:
+    def ll(self):
         if self._ll is None:
             self._ll = ll_tokenizer(self._tokenizer, self.vocab_size, self.eos_token_ids)
         return self._ll
@@ -82,10 +81,10 @@ class Constraints:
                 grammar = params.to_grammar()
             except ValueError as e:
                 raise ValueError(f"structured_outputs.{params.kind}: {e}") from None
-            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll)
+            is_error, messages = import_llguidance().LLMatcher.validate_grammar_with_warnings(grammar, self.ll)
             if is_error:
                 raise ValueError(f"structured_outputs.{params.kind} does not compile: {messages[0].strip()}")
-            if len(self._grammars) >= self.MAX_CACHED_GRAMMARS:
+            if len(self._grammars) >= self.MAX_CACHED_GRAMMARS:  # oldest first
                 self._grammars.pop(next(iter(self._grammars)))
             self._grammars[key] = grammar
         return grammar
@@ -99,7 +98,7 @@ class Constraints:
         m = self._matchers.get(key)
         if m is None:
             grammar = self.grammar(key.sampling_params.structured_outputs)
-            m = self._matchers[key] = _Matcher(llguidance.LLMatcher(self.ll, grammar, log_level=0))
+            m = self._matchers[key] = _Matcher(import_llguidance().LLMatcher(self.ll, grammar, log_level=0))
         return m
 
     def _sync(self, seq, m: _Matcher, pending_token: Callable[[object], int | None]) -> None:
@@ -127,8 +126,9 @@ class Constraints:
                        if row.sampling_params.structured_outputs is not None]
         if not constrained:
             return None
+        llguidance = import_llguidance()
         mask = np.full((num_rows, self.words), -1, np.int32)
-        work: list[tuple[llguidance.LLMatcher, int]] = []
+        work: list[tuple[object, int]] = []  # (llguidance.LLMatcher, row)
         first_row: dict[int, int] = {}  # id(matcher) -> its row; n > 1 samples of one parent share it
         copies: list[tuple[int, int]] = []
         for r, row in constrained:

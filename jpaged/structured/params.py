@@ -2,7 +2,7 @@
 
 Exactly one kind per request: `json` (a JSON schema, dict or string), `json_object` (any JSON object),
 `regex`, `choice` (one of a list of strings) or `grammar` (Lark, or llama.cpp's GBNF/EBNF). Checking
-that the constraint compiles against the model's tokenizer happens in `grammar.GrammarCompiler`.
+that the constraint compiles against the model's tokenizer happens in `grammar.Constraints`.
 """
 from __future__ import annotations
 
@@ -10,12 +10,20 @@ import dataclasses
 import json
 from typing import Any
 
-import llguidance
-
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # JSON is written compactly (", " and ": ", no free whitespace), as vLLM does: a sampled model otherwise
 # spends tokens on runs of newlines and spaces the grammar would allow.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def import_llguidance():
+    """llguidance, imported on first use: jpaged runs without it until a request asks for a constraint."""
+    try:
+        import llguidance
+        import llguidance.numpy  # noqa: F401
+    except ImportError:
+        raise ValueError("structured outputs need the llguidance package (pip install llguidance)") from None
+    return llguidance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +74,8 @@ class StructuredOutputsParams:
         return self.kind, value
 
     def to_grammar(self) -> str:
-        """The constraint as llguidance grammar text (not yet checked: GrammarCompiler does that)."""
+        """The constraint as llguidance grammar text (not yet checked: grammar.Constraints does that)."""
+        llguidance = import_llguidance()
         kind = self.kind
         if kind in ("json", "json_object"):
             schema = {"type": "object"} if kind == "json_object" else self.json

@@ -40,6 +40,8 @@ def from_schema(schema: dict, defs: dict) -> st.SearchStrategy:
     if "enum" in schema:
         return st.sampled_from(schema["enum"])
     kind = schema.get("type")
+    if kind is None:  # Any
+        return JSON_VALUES
     if kind == "integer":
         return st.integers(-2, 40) | EDGE_INTS
     if kind == "number":
@@ -52,6 +54,10 @@ def from_schema(schema: dict, defs: dict) -> st.SearchStrategy:
         return st.none()
     if kind == "array":
         return st.lists(from_schema(schema["items"], defs), min_size=schema.get("minItems", 0), max_size=4)
+    if kind == "object" and "properties" not in schema:  # a dict of str keys
+        values = schema.get("additionalProperties")
+        return st.dictionaries(st.text(max_size=4), from_schema(values, defs) if isinstance(values, dict)
+                               else JSON_VALUES, max_size=2)
     if kind == "object":
         return objects(schema, defs)
     raise ValueError(f"from_schema: unsupported schema {schema}")

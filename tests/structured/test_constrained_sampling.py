@@ -1,4 +1,5 @@
-"""Constrained decoding on the default model (sampled outputs all validate), the sampler's bitmask and
+"""Constrained decoding on the default model (sampled outputs all validate: the long profile, hundreds;
+tests/structured/test_tiny_engine.py is the default profile's quick version), the sampler's bitmask and
 logit_bias stages, and what SamplingParams refuses."""
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ term: NUMBER | "(" expr ")"
 NUMBER: /[1-9][0-9]{0,2}/
 """
 ARITH_RE = re.compile(r"^[0-9+\-()]+$")
-NUM_SAMPLES = 256 if os.environ.get("JPAGED_LONG_TESTS") == "1" else 32
+# The default profile's batch stays within 16 rows (the 16-token step bucket); the long one has hundreds.
+LONG = os.environ.get("JPAGED_LONG_TESTS") == "1"
+NUM_SAMPLES = 256 if LONG else 6
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,8 @@ def llm():
     from jpaged import LLM
 
     # One KV page per 64 tokens and a 64-token step budget: few step shapes, so few compilations.
-    return LLM("default", dtype="float32", block_size=64, num_kv_blocks=320, max_num_seqs=64,
+    seqs = 64 if LONG else 16
+    return LLM("default", dtype="float32", block_size=64, num_kv_blocks=4 * seqs, max_num_seqs=seqs,
                max_num_batched_tokens=64, max_model_len=256)
 
 
@@ -53,6 +57,7 @@ def _prompt(llm, text):
     return llm.chat_prompt_ids([{"role": "user", "content": text}])
 
 
+@pytest.mark.long
 def test_sampled_outputs_validate_and_unconstrained_neighbours_are_unchanged(llm):
     """One batch: NUM_SAMPLES outputs under a nested JSON schema, regex, grammar, json_object and
     logit_bias rows, and three seeded unconstrained rows, which must equal the same rows run alone."""
@@ -64,7 +69,7 @@ def test_sampled_outputs_validate_and_unconstrained_neighbours_are_unchanged(llm
     biased = SamplingParams(temperature=0.0, max_tokens=3, logit_bias={banana: 100.0})
     free = [SamplingParams(temperature=1.0, max_tokens=12, seed=s) for s in (1, 2, 3)]
     free_prompts = [_prompt(llm, "Tell me about cats."), _prompt(llm, "Name a colour."), _prompt(llm, "Count to five.")]
-    n_other = max(4, NUM_SAMPLES // 8)
+    n_other = max(2, NUM_SAMPLES // 8)
     prompts = ([_prompt(llm, "Describe a user as JSON.")] * NUM_SAMPLES + [_prompt(llm, "An email address?")] * n_other
                + [_prompt(llm, "Write a sum.")] * n_other + [_prompt(llm, "Any JSON please."), _prompt(llm, "Hello")]
                + free_prompts)
@@ -95,6 +100,12 @@ def test_bad_constraints_are_value_errors_before_any_page_is_taken(llm):
     with pytest.raises(ValueError, match="logit_bias token ids"):
         engine.add_request("bad-bias", "hi", SamplingParams(logit_bias={10 ** 6: 1.0}))
     assert not engine.has_unfinished() and engine.scheduler.num_free_pages == free
+    engine.add_request("prio", "hi", SamplingParams(priority=3))  # SamplingParams.priority reaches the scheduler
+    engine.add_request("prio-arg", "hi", SamplingParams(priority=3), priority=1)
+    assert [engine.requests[r].seqs[0].priority for r in ("prio", "prio-arg")] == [3, 1]
+    engine.abort("prio")
+    engine.abort("prio-arg")
+    assert engine.scheduler.num_free_pages == free
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -133,7 +144,7 @@ def test_sampler_bitmask_and_logit_bias_stages():
     params = [SamplingParams(temperature=1.0, seed=i) for i in range(2)] + [
         SamplingParams(temperature=0.0, logit_bias={7: 100.0})]
     tensors = sampling.SamplingTensors.from_params(params, num_rows=4, vocab_size=v,
-                                                   token_bitmask=np.vstack([mask, np.full((1, 3), -1, np.uint32)]).view(np.int32))
+                                                   token_bitmask=np.vstack([mask, np.full((1, 3), 0xFFFFFFFF, np.uint32)]).view(np.int32))
     assert tensors.use_bitmask and tensors.use_logit_bias
     for step in range(8):
         out = sampling.sample(jnp.concatenate([logits, logits[:1]]), tensors, jnp.asarray([0, step], jnp.uint32))
@@ -143,3 +154,14 @@ def test_sampler_bitmask_and_logit_bias_stages():
     assert not plain.use_bitmask and not plain.use_logit_bias and plain.token_bitmask.shape == (4, 0)
     with pytest.raises(ValueError, match="token_bitmask must be"):
         sampling.SamplingTensors.from_params(params, num_rows=4, vocab_size=v, token_bitmask=np.zeros((4, 2), np.int32))
+
+
+def test_jpaged_generate_refuses_structured_outputs_by_name(llm):
+    import jax
+
+    from jpaged.generate import generate
+
+    with pytest.raises(ValueError, match="structured_outputs is not supported by jpaged.generate"):
+        generate(llm.engine.model, np.ones((1, 4), np.int32), np.array([4], np.int32), max_new_tokens=2,
+                 sampling=SamplingParams(structured_outputs=StructuredOutputsParams(regex="a")),
+                 key=jax.random.PRNGKey(0))

@@ -31,8 +31,9 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 def real_server():
     from jpaged.engine.llm_engine import Engine
 
-    config = EngineConfig(model="default", dtype="float32", num_kv_blocks=128, max_num_seqs=4,
-                          max_num_batched_tokens=512, max_model_len=1024)
+    # Few step shapes (a 64-token budget, 64-token pages): few compilations.
+    config = EngineConfig(model="default", dtype="float32", block_size=64, num_kv_blocks=64, max_num_seqs=4,
+                          max_num_batched_tokens=64, max_model_len=1024)
     app = build_app(lambda: Engine(config), warmup=False, tool_call_parser="hermes", enable_auto_tool_choice=True)
     with BackgroundServer(app) as url:
         yield url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
@@ -44,16 +45,9 @@ def _args(call, tool) -> dict:
     return args
 
 
-def test_response_format_json_schema_and_tool_choice_required_and_named(real_server):
+@pytest.mark.long
+def test_tool_choice_required_and_named(real_server):
     url, client = real_server
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
-                                               "population": {"type": "integer", "minimum": 0}},
-              "required": ["city", "population"], "additionalProperties": False}
-    r = client.chat.completions.create(
-        model="default", messages=ASK, max_tokens=60, temperature=1.0, seed=1,
-        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
-    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
-
     r = client.chat.completions.create(model="default", messages=ASK, max_tokens=80, temperature=1.0, seed=2,
                                        tools=[WEATHER, TIME], tool_choice="required")
     calls = r.choices[0].message.tool_calls
@@ -70,8 +64,16 @@ def test_response_format_json_schema_and_tool_choice_required_and_named(real_ser
     wait_until_idle(url, timeout=30)
 
 
-def test_streamed_tool_call_deltas_reassemble_and_a_tool_result_continues_the_chat(real_server):
+def test_json_schema_then_streamed_tool_call_deltas(real_server):
     url, client = real_server
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "population": {"type": "integer", "minimum": 0, "maximum": 10 ** 8}},
+              "required": ["city", "population"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="default", messages=ASK, max_tokens=64, temperature=1.0, seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
     chunks = list(client.chat.completions.create(
         model="default", messages=ASK, max_tokens=60, temperature=1.0, seed=4, stream=True,
         tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}}))
@@ -87,11 +89,18 @@ def test_streamed_tool_call_deltas_reassemble_and_a_tool_result_continues_the_ch
     assert call["name"] == "get_weather" and call["id"]
     jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])
 
+    wait_until_idle(url, timeout=30)
+
+
+@pytest.mark.long
+def test_a_tool_result_continues_the_chat(real_server):
+    url, client = real_server
+    call = {"id": "call_0", "arguments": json.dumps({"city": "Paris", "unit": "celsius"})}
     history = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": call["id"], "type": "function", "function": {"name": "get_weather", "arguments": call["arguments"]}}]},
         {"role": "tool", "tool_call_id": call["id"], "content": json.dumps({"temperature": 21, "sky": "sunny"})}]
-    r = client.chat.completions.create(model="default", messages=history, max_tokens=24, temperature=0,
+    r = client.chat.completions.create(model="default", messages=history, max_tokens=8, temperature=0,
                                        tools=[WEATHER], tool_choice="auto")
     message = r.choices[0].message
     assert message.content or message.tool_calls  # auto: either is a valid answer
