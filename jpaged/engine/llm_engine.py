@@ -20,7 +20,7 @@ from jpaged.engine.model_runner import InFlight, ModelRunner, SampleRow, serving
 from jpaged.engine.output_processor import OutputProcessor, StepResult
 from jpaged.engine.prompt_logprobs import PromptScorer
 from jpaged.engine.scheduler import ScheduledBatch, Scheduler
-from jpaged.engine.spec_decode.setup import make_speculator
+from jpaged.engine.spec_decode.setup import load_draft, make_speculator
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 from pallas_kernels import select_backend
@@ -53,12 +53,12 @@ class Engine:
         self.kv_spec = serving_spec(model, config)
         self.backend = select_backend(mesh.devices.flat[0] if mesh is not None else jax.devices()[0], self.kv_spec,
                                       config.backend)
-        num_pages = config.num_kv_blocks or self._default_num_pages()
+        # The draft's page pool has as many pages as the target's: they share the memory budget.
+        draft_net = load_draft(config, model, tokenizer, draft)
+        num_pages = config.num_kv_blocks or self._default_num_pages(draft_net)
         self.scheduler = Scheduler(config, num_blocks=num_pages, max_model_len=self.max_model_len,
                                    sliding_window=mcfg.sliding_window)
-        # Before the runner: a truncated draft shares the target's weights before they are fused.
-        self.speculator = make_speculator(config, model, tokenizer, draft=draft, num_pages=num_pages,
-                                          max_model_len=self.max_model_len)
+        self.speculator = make_speculator(config, draft_net, num_pages=num_pages, max_model_len=self.max_model_len)
         self.runner = ModelRunner(config, model, spec=self.kv_spec, backend=self.backend, num_pages=num_pages,
                                   max_model_len=self.max_model_len, mesh=mesh, eos_token_ids=self.eos_token_ids)
         self.model = self.runner.model  # the weights being served (sharded under TP): no other copy is kept
@@ -77,8 +77,11 @@ class Engine:
     def generation_tokens_total(self) -> int:
         return self.output_processor.generation_tokens
 
-    def _default_num_pages(self) -> int:
+    def _default_num_pages(self, draft_net=None) -> int:
+        """Pages the free memory holds; a draft model's pool has as many pages, so it shares the budget."""
         c, page_bytes = self.config, self.kv_spec.bytes_per_page
+        if draft_net is not None:
+            page_bytes += serving_spec(draft_net, c).bytes_per_page
         device = jax.local_devices()[0]
         stats = device.memory_stats() if device.platform == "gpu" else None
         if stats:

@@ -51,6 +51,21 @@ def test_config_parses_dicts_and_json_and_refuses_bad_keys():
             EngineConfig(speculative_config=bad)
 
 
+def test_a_draft_with_another_tokenizer_is_refused():
+    from jpaged.engine.spec_decode.draft_model import check_tokenizers
+    from tests.engine.conftest import ByteTokenizer
+
+    class Shifted(ByteTokenizer):
+        def encode(self, text, add_special_tokens=True):
+            return [(t + 1) % 256 for t in super().encode(text)]
+
+    check_tokenizers(ByteTokenizer(), ByteTokenizer(), 256, 256)
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        check_tokenizers(ByteTokenizer(), Shifted(), 256, 256)
+    with pytest.raises(ValueError, match="vocabulary"):
+        check_tokenizers(ByteTokenizer(), ByteTokenizer(), 256, 512)
+
+
 def target_token(seq: Sequence, position: int) -> int:
     """The fake target's token at `position`: a function of the sequence and position only."""
     return (7 * seq.seq_id + position) % 50 + 1
