@@ -112,6 +112,7 @@ def main(argv=None) -> dict:
                 num_steps=r["num_steps"], seconds=r["seconds"], equals_plain_greedy=r["tokens"] == base["tokens"],
                 per_request=r["per_request"])
             rows.append((f"{workload:<9} {name:<16} mean accepted length", mean))
+            print(f"{workload} {name}: mean accepted length {mean:.2f} ({r['seconds']:.0f} s)", flush=True)
         result["workloads"][workload] = entry
     common.print_table(f"speculative decoding acceptance (k = {args.k}, greedy)", rows)
     path = common.write_json(result, args.out, NAME)
