@@ -149,3 +149,16 @@ def test_verified_runs_give_the_outputs_of_plain_decoding(prompt_lens, data):
     max_tokens = [data.draw(st.integers(1, 20)) for _ in prompt_lens]
     expected = run_fake(fake_seqs(prompt_lens, max_tokens))
     assert run_fake(fake_seqs(prompt_lens, max_tokens), draw=data.draw) == expected
+
+
+def test_metrics_export_the_acceptance_figures():
+    from jpaged.server.metrics import ServerMetrics
+
+    stats = dict(num_running=0, num_waiting=0, num_used_pages=0, num_free_pages=8, num_total_pages=8,
+                 prefix_cache_hits=0, prefix_cache_queries=0, prompt_tokens=0, generation_tokens=0,
+                 num_preemptions=0, spec_proposed_tokens=40, spec_accepted_tokens=30, spec_verify_steps=10)
+    text = ServerMetrics(lambda: stats, lambda: 0).render().decode()
+    assert "jpaged_spec_decode_accepted_tokens_total 30.0" in text
+    assert "jpaged_spec_decode_mean_accepted_length 4.0" in text
+    del stats["spec_verify_steps"], stats["spec_accepted_tokens"], stats["spec_proposed_tokens"]
+    assert "spec_decode" not in ServerMetrics(lambda: stats, lambda: 0).render().decode()

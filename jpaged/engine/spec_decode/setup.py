@@ -14,9 +14,8 @@ def load_draft(config, model, tokenizer, draft=None):
         if draft is not None:
             raise ValueError("a draft model was given, but speculative_config's method is not 'draft_model'")
         return None
-    if config.data_parallel_size > 1 or config.tensor_parallel_size > 1:
-        raise ValueError("speculative_config method 'draft_model' is not supported with "
-                         "tensor_parallel_size or data_parallel_size > 1")
+    if config.tensor_parallel_size > 1:
+        raise ValueError("speculative_config method 'draft_model' is not supported with tensor_parallel_size > 1")
     from jpaged.engine.spec_decode import draft_model
 
     if draft is None:
@@ -33,8 +32,6 @@ def make_speculator(config, draft_net=None, *, num_pages: int, max_model_len: in
     spec: SpeculativeConfig | None = config.speculative_config
     if spec is None:
         return None
-    if config.data_parallel_size > 1:
-        raise ValueError("speculative_config is not supported with data_parallel_size > 1")
     if spec.method == "ngram":
         return Speculator(spec)
     from jpaged.engine.spec_decode.draft_model import DraftProposer
