@@ -138,6 +138,8 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Frees every page of the request, whatever state it is in; no more outputs for it."""
         self.output_processor.abort(request_id)
+        if self.speculator is not None:
+            self.speculator.per_request.pop(request_id, None)
 
     def warmup(self) -> None:
         """Compiles every step shape up front (serving calls it; steady state then never compiles)."""
