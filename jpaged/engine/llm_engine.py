@@ -24,7 +24,7 @@ from jpaged.engine.prompt_logprobs import PromptScores, ScorePlan, plan_scores, 
 from jpaged.engine.scheduler import ScheduledBatch, Scheduler
 from jpaged.lora import LoRAManager, LoRARequest
 from models.sharding import tp_model_config
-from jpaged.engine.spec_decode.setup import make_speculator
+from jpaged.engine.spec_decode.setup import load_draft, make_speculator
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.structured.grammar import Constraints
@@ -60,15 +60,15 @@ class Engine:
         self.backend = select_backend(mesh.devices.flat[0] if mesh is not None else jax.devices()[0], self.kv_spec,
                                       config.backend)
         self.lora = _lora_manager(config, model, mesh)
-        num_pages = config.num_kv_blocks or self._default_num_pages()
+        # The draft's page pool has as many pages as the target's: they share the memory budget.
+        draft_net = load_draft(config, model, tokenizer, draft)
+        num_pages = config.num_kv_blocks or self._default_num_pages(draft_net)
         log.info("KV cache: %d pages of %d tokens, %s, %.1f KiB a page per device", num_pages, config.block_size,
                  self.kv_spec.dtype, self.kv_spec.bytes_per_page / 1024)
         host_pool, tiers = kv_tiers.build(config, self.kv_spec, model)
         self.scheduler = Scheduler(config, num_blocks=num_pages, max_model_len=self.max_model_len,
                                    sliding_window=mcfg.sliding_window, num_host_pages=host_pool.num_pages, tiers=tiers)
-        # Before the runner: a truncated draft shares the target's weights before they are fused.
-        self.speculator = make_speculator(config, model, tokenizer, draft=draft, num_pages=num_pages,
-                                          max_model_len=self.max_model_len)
+        self.speculator = make_speculator(config, draft_net, num_pages=num_pages, max_model_len=self.max_model_len)
         self.constraints = Constraints(tokenizer, mcfg.vocab_size, self.eos_token_ids)  # structured outputs
         self.runner = ModelRunner(config, model, spec=self.kv_spec, backend=self.backend, num_pages=num_pages,
                                   max_model_len=self.max_model_len, mesh=mesh, eos_token_ids=self.eos_token_ids,
@@ -90,8 +90,11 @@ class Engine:
     def generation_tokens_total(self) -> int:
         return self.output_processor.generation_tokens
 
-    def _default_num_pages(self) -> int:
+    def _default_num_pages(self, draft_net=None) -> int:
+        """Pages the free memory holds; a draft model's pool has as many pages, so it shares the budget."""
         c, page_bytes = self.config, self.kv_spec.bytes_per_page
+        if draft_net is not None:
+            page_bytes += serving_spec(draft_net, c).bytes_per_page
         device = jax.local_devices()[0]
         stats = device.memory_stats() if device.platform == "gpu" else None
         if stats:
@@ -162,6 +165,9 @@ class Engine:
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {max(params.logit_bias)}")
         if params.structured_outputs is not None:
+            if self.speculator is not None:
+                raise ValueError("structured_outputs with speculative decoding (speculative_config) is not "
+                                 "implemented")
             self.constraints.check(params.structured_outputs)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
@@ -180,6 +186,8 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Frees every page of the request, whatever state it is in; no more outputs for it."""
         self.output_processor.abort(request_id)
+        if self.speculator is not None:
+            self.speculator.per_request.pop(request_id, None)
 
     def warmup(self, variants: str = "all") -> None:
         """Compiles every step shape up front (serving calls it; steady state then never compiles).

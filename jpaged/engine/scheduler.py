@@ -31,7 +31,8 @@ sequences of the step (jpaged/engine/prompt_logprobs.py).
 
 API:
   Scheduler(config, num_blocks, max_model_len, sliding_window=None)
-  add(seq); schedule() -> ScheduledBatch; postprocess(batch, sampled: {seq_id: [token, ...]})
+  add(seq); schedule(proposals=None) -> ScheduledBatch (proposals: speculative tokens by seq_id)
+  postprocess(batch, sampled: {seq_id: [token, ...]})
     (= advance(batch) when the step is launched + fill(batch, sampled) when its output is read: with
     async scheduling the next schedule() runs in between, each token to sample a PLACEHOLDER)
   finish(seq, reason); abort(request_id) -> [Sequence]; fork(parent, child_seq_id) -> Sequence

@@ -48,6 +48,13 @@ class _EngineCollector:
                     ("num_preemptions", "Sequences preempted", s["num_preemptions"]),
                     ("compilations", "XLA compilations in this process since the server started",
                      compilations.count())]
+        if "spec_verify_steps" in s:  # speculative decoding is on
+            counters += [("spec_decode_proposed_tokens", "Speculative tokens proposed", s["spec_proposed_tokens"]),
+                         ("spec_decode_accepted_tokens", "Speculative tokens accepted", s["spec_accepted_tokens"]),
+                         ("spec_decode_verify_steps", "Sequence verifications of proposals", s["spec_verify_steps"])]
+            yield GaugeMetricFamily("jpaged_spec_decode_mean_accepted_length",
+                                    "Tokens per verification: accepted proposals + 1, since start",
+                                    value=1 + s["spec_accepted_tokens"] / max(s["spec_verify_steps"], 1))
         for name, doc, value in counters:
             yield CounterMetricFamily(f"jpaged_{name}", doc, value=value)
         if "expert_tokens" in s:  # a mixture-of-experts model: load balance (jpaged/engine/expert_load.py)

@@ -92,9 +92,6 @@ class _DraftState:
 
 class DraftProposer:
     def __init__(self, config, model, *, num_pages: int, max_model_len: int):
-        if config.tensor_parallel_size > 1:
-            raise ValueError("speculative_config method 'draft_model' is not supported with "
-                             "tensor_parallel_size > 1")
         if model.config.sliding_window is not None:
             raise ValueError("speculative_config method 'draft_model' is not supported with a sliding-window draft")
         config = dataclasses.replace(config, num_host_kv_blocks=0, preemption_mode="recompute")

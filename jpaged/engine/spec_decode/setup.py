@@ -1,34 +1,39 @@
 """Builds the engine's Speculator from EngineConfig.speculative_config (None when it is off)."""
 from __future__ import annotations
 
-
 from jpaged.engine.spec_decode.config import SpeculativeConfig
 from jpaged.engine.spec_decode.speculator import Speculator
 
 
-def make_speculator(config, model, tokenizer, *, draft=None, num_pages: int, max_model_len: int):
-    """`draft`: (model, tokenizer) to use instead of loading speculative_config's model."""
+def load_draft(config, model, tokenizer, draft=None):
+    """The draft model of speculative_config (None for n-gram or no speculation), its tokenizer checked
+    against the target's. `draft`: (model, tokenizer) to use instead of loading speculative_config's
+    model; the target itself gives a self-draft sharing its weights."""
     spec: SpeculativeConfig | None = config.speculative_config
-    if spec is None:
+    if spec is None or spec.method != "draft_model":
         if draft is not None:
-            raise ValueError("a draft model was given without speculative_config")
+            raise ValueError("a draft model was given, but speculative_config's method is not 'draft_model'")
         return None
-    if config.data_parallel_size > 1:
-        raise ValueError("speculative_config is not supported with data_parallel_size > 1")
-    if spec.method == "ngram":
-        if draft is not None:
-            raise ValueError("a draft model was given, but speculative_config's method is 'ngram'")
-        return Speculator(spec)
+    if config.tensor_parallel_size > 1:
+        raise ValueError("speculative_config method 'draft_model' is not supported with tensor_parallel_size > 1")
     from jpaged.engine.spec_decode import draft_model
 
     if draft is None:
         from jpaged.loader import load_model
         draft = load_model(spec.model, dtype=config.dtype)
-    draft_net, draft_tokenizer = draft
-    if draft_net is model:  # self-drafting: a view of the same weights
-        draft_net = draft_model.truncated(model, spec.draft_num_layers or model.config.num_layers)
-    elif spec.draft_num_layers is not None:
-        draft_net = draft_model.truncated(draft_net, spec.draft_num_layers)
-    draft_model.check_tokenizers(tokenizer, draft_tokenizer, model.config.vocab_size, draft_net.config.vocab_size)
-    proposer = draft_model.DraftProposer(config, draft_net, num_pages=num_pages, max_model_len=max_model_len)
-    return Speculator(spec, draft=proposer)
+    net, draft_tokenizer = draft
+    if net is model or spec.draft_num_layers is not None:  # a view of the weights, never a copy
+        net = draft_model.truncated(net, spec.draft_num_layers or net.config.num_layers)
+    draft_model.check_tokenizers(tokenizer, draft_tokenizer, model.config.vocab_size, net.config.vocab_size)
+    return net
+
+
+def make_speculator(config, draft_net=None, *, num_pages: int, max_model_len: int) -> Speculator | None:
+    spec: SpeculativeConfig | None = config.speculative_config
+    if spec is None:
+        return None
+    if spec.method == "ngram":
+        return Speculator(spec)
+    from jpaged.engine.spec_decode.draft_model import DraftProposer
+
+    return Speculator(spec, draft=DraftProposer(config, draft_net, num_pages=num_pages, max_model_len=max_model_len))

@@ -89,7 +89,7 @@ class Speculator:
         keep, r = [], 0
         while r < len(result.rows):
             seq = result.rows[r]
-            entry = proposed.get(getattr(seq, "seq_id", None))
+            entry = proposed.get(seq.seq_id)
             if entry is None:
                 keep.append(r)
                 r += 1
