@@ -57,11 +57,28 @@ def test_lru_eviction_under_max_loras_and_no_recompilation(engine, lora_requests
     assert compilations.count() == before, "loading, evicting or reloading an adapter must not compile"
 
 
-def test_request_refusals_keep_no_state(engine, lora_requests):
+def test_request_refusals_keep_no_state(engine, tmp_path):
+    from jpaged.lora import LoRARequest
+
     free = engine.scheduler.num_free_pages
-    with pytest.raises(ValueError, match="prompt_logprobs"):
-        engine.add_request("x", PROMPT, SamplingParams(max_tokens=2, prompt_logprobs=1), lora_request=lora_requests[0])
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        engine.add_request("x", PROMPT, SamplingParams(max_tokens=2), lora_request=LoRARequest("gone", 99, str(tmp_path)))
     assert not engine.has_unfinished() and engine.scheduler.num_free_pages == free
+
+
+def test_prompt_logprobs_are_scored_through_the_adapter(engine, lora_requests):
+    """The scored prefill runs with the request's adapter, so its prompt logprobs differ from the base's."""
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    engine.add_request("base", PROMPT, params)
+    engine.add_request("lora", PROMPT, params, lora_request=lora_requests[0])
+    outs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out
+    base, lora = ([next(iter(p.values())).logprob for p in outs[r].prompt_logprobs[1:]] for r in ("base", "lora"))
+    assert len(base) == len(lora) == len(PROMPT if isinstance(PROMPT, list) else engine.tokenizer.encode(PROMPT)) - 1
+    assert base != lora
 
 
 def test_llm_generate_takes_one_lora_request_per_prompt(engine, lora_requests, merged_greedy):
