@@ -327,8 +327,8 @@ class StepRecorder:
         timed = self.timed("schedule", schedule)
 
         @functools.wraps(schedule)
-        def wrapper():
-            batch = timed()
+        def wrapper(*args, **kwargs):
+            batch = timed(*args, **kwargs)
             self._current.num_tokens = batch.num_tokens
             self._current.num_entries = len(batch.entries)
             return batch

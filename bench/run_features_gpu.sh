@@ -27,14 +27,14 @@ step() {  # step SECONDS NAME ARGS...: run one benchmark if NAME is in STEPS, lo
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-step 220 kv_quant bench.kv_quant_gpu --sections check,decode_kernel,decode_step,offline \
+step 200 kv_quant bench.kv_quant_gpu --sections check,decode_kernel,decode_step,offline \
   --out "$OUT/kv_quant_gpu_$GPU.json"
-step 170 lora bench.lora --out "$OUT/lora_llama3-8b_$GPU.json"
-step 90 moe_gemm bench.moe --sections gemm --out "$OUT/moe_gemm_$GPU.json"
-step 180 tiered bench.tiered_kv --out "$OUT/tiered_kv_llama3-8b_$GPU.json"
+step 150 lora bench.lora --out "$OUT/lora_llama3-8b_$GPU.json"
+step 80 moe_gemm bench.moe --sections gemm --out "$OUT/moe_gemm_$GPU.json"
+step 140 tiered bench.tiered_kv --out "$OUT/tiered_kv_llama3-8b_$GPU.json"
 step 120 prompt_logprobs bench.prompt_logprobs --out "$OUT/prompt_logprobs_llama3-8b_$GPU.json"
-step 200 spec_decode bench.spec_decode --out "$OUT/spec_decode_llama3-8b_$GPU.json"
-step 150 structured bench.structured --out "$OUT/structured_llama3-8b_$GPU.json"
+step 150 spec_decode bench.spec_decode --out "$OUT/spec_decode_llama3-8b_$GPU.json"
+step 140 structured bench.structured --out "$OUT/structured_llama3-8b_$GPU.json"
 step 420 serving bench.serving --model llama3-8b --request-rates 1,4,8,16,32,inf --num-prompts 500 \
   --out "$OUT/serving_sweep_llama3-8b_$GPU.json"
 step 300 kv_quant_long bench.kv_quant_gpu --sections long --out "$OUT/kv_quant_gpu_long_$GPU.json"

@@ -18,6 +18,7 @@ def _read(path):
     return result
 
 
+@pytest.mark.long  # a full bench run; the CI budget keeps the cheap bench checks
 @pytest.mark.slow  # ~40 s on a loaded 2-core machine: HF import, the first compilations, three runs
 def test_latency_reports_mbu_host_overhead_profile_and_hf(tmp_path):
     out = tmp_path / "latency.json"
@@ -34,6 +35,7 @@ def test_latency_reports_mbu_host_overhead_profile_and_hf(tmp_path):
     assert r["command"].startswith("python -m bench.latency --model tiny-llama")
 
 
+@pytest.mark.long  # a full bench run; the CI budget keeps the cheap bench checks
 def test_throughput_runs_both_workloads_with_hf_side_by_side(tmp_path):
     out = tmp_path / "throughput.json"
     throughput.main(ENGINE + ["--num-requests", "6", "--input-len", "12", "--output-len", "4",
@@ -55,6 +57,7 @@ def test_nano_workload_lengths_are_seeded_and_in_range():
     assert all(100 <= n <= 1024 for lengths in first for n in lengths) and len(first[0]) == 256
 
 
+@pytest.mark.long  # a full bench run; the CI budget keeps the cheap bench checks
 def test_prefix_reports_ttft_with_caching_on_and_off(tmp_path):
     out = tmp_path / "prefix.json"
     prefix.main(ENGINE + ["--num-requests", "4", "--prefix-len", "40", "--question-len", "5",
@@ -97,6 +100,7 @@ def test_multi_gpu_help_runs_without_starting_jax():
     assert "--engine-dp" in proc.stdout and "--no-tp-sweep" in proc.stdout
 
 
+@pytest.mark.long  # a full bench run; the CI budget keeps the cheap bench checks
 def test_tp_step_profile_and_xla_options_ab_run_on_two_cpu_devices(tmp_path):
     """The two TP-step tools of bench/README.md "Session 5", at the tiny shape with the jnp attention."""
     import json
@@ -116,6 +120,7 @@ def test_tp_step_profile_and_xla_options_ab_run_on_two_cpu_devices(tmp_path):
         assert all(row.get("ms_per_step", row.get("ms_median", 0)) > 0 for row in rows)
 
 
+@pytest.mark.long  # a full bench run; the CI budget keeps the cheap bench checks
 def test_step_profile_times_a_mixed_step_with_and_without_the_split(tmp_path):
     import json
     import os

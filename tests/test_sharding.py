@@ -314,6 +314,7 @@ def test_mesh_and_config_errors_name_the_argument():
         sharding.initialize_distributed(coordinator_address="127.0.0.1:1")
 
 
+@pytest.mark.long  # tests/engine/test_multihost.py covers two processes in the short profile
 @pytest.mark.slow
 def test_two_processes_on_loopback_reproduce_one_device():
     """2 processes x 2 CPU devices, JAX CPU collectives over 127.0.0.1, tp=4 across both processes."""

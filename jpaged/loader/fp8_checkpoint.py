@@ -7,6 +7,7 @@ token, dynamically.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -25,12 +26,16 @@ def fp8_tensors(file: Path) -> dict[str, np.ndarray]:
     try:
         with open(file, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
+            if size > os.path.getsize(file) - 8:
+                return {}   # a header longer than the file: corrupt
             header = json.loads(f.read(size))
-    except (OSError, struct.error, ValueError):
+    except (OSError, struct.error, ValueError, MemoryError):
         return {}   # unreadable: safetensors' own reader reports it
     out = {}
+    if not isinstance(header, dict):
+        return out
     for name, info in header.items():
-        if name != "__metadata__" and info["dtype"] in SAFETENSORS_FP8:
+        if name != "__metadata__" and isinstance(info, dict) and info.get("dtype") in SAFETENSORS_FP8:
             start, end = info["data_offsets"]
             data = np.memmap(file, np.uint8, "r", offset=8 + size + start, shape=(end - start,))
             out[name] = data.view(SAFETENSORS_FP8[info["dtype"]]).reshape(info["shape"])

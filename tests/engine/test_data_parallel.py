@@ -22,6 +22,7 @@ def _greedy():
     return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
+@pytest.mark.long  # tests/test_sharding.py's data-parallel test covers replicas in the short profile
 @on_cpu_devices(4)
 def test_replicas_give_one_devices_greedy_tokens_and_share_the_requests():
     import jax
@@ -47,6 +48,7 @@ def test_replicas_give_one_devices_greedy_tokens_and_share_the_requests():
     assert got[2, 1] == want and got[2, 2] == want
 
 
+@pytest.mark.long  # tests/test_sharding.py's data-parallel test covers replicas in the short profile
 @on_cpu_devices(4)
 def test_abort_frees_pages_on_its_replica_and_ids_are_unique_across_replicas():
     import dataclasses

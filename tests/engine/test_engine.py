@@ -67,6 +67,7 @@ def test_greedy_equals_hf_under_preemption_chunking_and_prefix_caching(tiny_llam
     assert stats["num_used_pages"] == 0 and stats["num_free_pages"] == 160
 
 
+@pytest.mark.long  # the preemption/chunking/prefix-caching equality tests cover the engine in the short profile
 def test_greedy_equals_hf_with_everything_off(tiny_llama, byte_tokenizer, reference):
     _, model = tiny_llama
     prompts, expected = reference

@@ -41,7 +41,7 @@ def test_swiglu_reference_on_the_interleaved_weight_is_silu_gate_times_up():
 @given(m_tiles=st.integers(1, 2), k_steps=st.integers(1, 5), n_tiles=st.integers(1, 3),
        epilogue=st.sampled_from(mm.EPILOGUES), stages=st.sampled_from([None, 2, 3]),
        max_ctas=st.sampled_from([None, 1, 2]), seed=st.integers(0, 2**16))
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=4, deadline=None)
 def test_interpreted_kernel_matches_the_reference(m_tiles, k_steps, n_tiles, epilogue, stages, max_ctas, seed):
     """K steps fewer and more than the SMEM slots; tiles over M (the fastest tile index) and N; persistent
     CTAs taking several tiles each, their K steps one stream through the slots."""

@@ -232,6 +232,7 @@ def check_interpreted(args, *, window, cap, config, live_items_only: bool, sm_sc
     np.testing.assert_allclose(out[:real], np.asarray(ref)[:real], rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.long  # Mosaic interpreter; the plain interpreted cases stay in the short profile
 def test_interpreted_kernel_matches_reference_with_window_and_soft_cap():
     """~25 s: 4 CTAs. GQA 4, block_kv 64, window 150, cap 20. Sequence 0 (positions 272..300): its first tile
     takes blocks 1-2 masked (window edge), 3 unmasked, 4 masked (diagonal); its second tile skips block 1;
