@@ -4,6 +4,7 @@ device's greedy tokens, requests spread over them, abort frees pages on the righ
 Each test body runs in a child process with 4 CPU devices (`on_cpu_devices`, tests/multihost/devices.py).
 """
 import numpy as np
+import pytest
 
 from tests.multihost.devices import on_cpu_devices
 
