@@ -326,6 +326,8 @@ def _lora_manager(config: EngineConfig, model, mesh) -> LoRAManager | None:
         return None
     if jax.process_count() > 1:
         raise ValueError("enable_lora across several hosts is not implemented")
+    if model.config.is_moe:
+        raise ValueError("enable_lora with a mixture-of-experts model is not implemented")
     served = tp_model_config(model.config, config.tensor_parallel_size)
     fused = mesh is None and config.fuse_projections and hasattr(model, "fuse_projections")  # as ModelRunner
     manager = LoRAManager(served, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,

@@ -126,3 +126,13 @@ def test_expert_and_tensor_parallel_match_one_device():
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="must divide num_experts"):
         sharding.shard_model(model, sharding.make_mesh(3), expert_parallel=True)
+
+
+def test_lora_on_a_moe_model_is_refused_by_name():
+    from jpaged.config import EngineConfig
+    from jpaged.engine.llm_engine import Engine
+    from tests.engine.conftest import ByteTokenizer
+
+    config = EngineConfig(model="test", dtype="float32", num_kv_blocks=8, max_model_len=64, enable_lora=True)
+    with pytest.raises(ValueError, match="enable_lora with a mixture-of-experts model"):
+        Engine(config, model=LlamaForCausalLM(MOE_TINY, rngs=nnx.Rngs(0)), tokenizer=ByteTokenizer())
