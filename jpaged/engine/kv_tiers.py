@@ -15,6 +15,7 @@ scales, of every layer).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -212,10 +213,8 @@ class DiskPageStore:
             self.drop(entry.key)
             return None
         self._index.move_to_end(entry.key)
-        try:
+        with contextlib.suppress(OSError):
             os.utime(self.path(entry.key))  # the LRU order a new process rebuilds
-        except OSError:
-            pass
         return data
 
     def _read(self, entry: ChainEntry) -> np.ndarray | None:
@@ -244,10 +243,8 @@ class DiskPageStore:
     def drop(self, key: int) -> None:
         self._wait(key)
         self._forget(key)
-        try:
+        with contextlib.suppress(OSError):
             self.path(key).unlink()
-        except OSError:
-            pass
 
     def _forget(self, key: int) -> None:
         size = self._index.pop(key, None)

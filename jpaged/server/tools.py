@@ -16,6 +16,7 @@ object with "name" and "parameters", after an optional `<|python_tag|>`, several
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import random
@@ -73,15 +74,16 @@ def _json_values(text: str) -> list:
     return out
 
 
-class ToolParser:
+class ToolParser(abc.ABC):
     """Splits a model's text into (content, tool calls); `marker` starts a call in the text."""
 
     name = ""
     marker = ""
     skip_special_tokens = True  # False where the marker is a special token the text must keep
 
+    @abc.abstractmethod
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        raise NotImplementedError
+        """(the text outside tool calls or None, the calls), each call's arguments a JSON string."""
 
     def call_start(self, text: str) -> int:
         """Where a tool call starts in `text` (len(text) when none has): content streams up to here."""

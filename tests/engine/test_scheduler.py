@@ -35,19 +35,26 @@ class FakeModel:
     def step(self) -> ScheduledBatch:
         """One engine step; sequences that reached max_tokens are finished, as the engine does."""
         sched = self.sched
-        batch = sched.schedule()
+        batch = self.schedule()
         sched.check_invariants(batch)
         self.kv.apply(batch.swap_out, batch.swap_in, batch.copy_pages)
         for e in batch.entries:
             self.kv.write(e.seq, e.start, e.num_tokens)
         for e in batch.entries:
             self.kv.check_reads(e.seq, e.start, e.start + e.num_tokens)
-        sched.postprocess(batch, {e.seq.seq_id: [next_token(e.seq)] for e in batch.entries if e.num_samples})
+        sched.postprocess(batch, self.sampled(batch))
         for e in batch.entries:
             if e.num_samples and e.seq.num_output_tokens >= e.seq.sampling_params.max_tokens:
                 sched.finish(e.seq, "length")
         sched.check_invariants()
         return batch
+
+    def schedule(self) -> ScheduledBatch:
+        return self.sched.schedule()
+
+    def sampled(self, batch: ScheduledBatch) -> dict[int, list[int]]:
+        """The tokens each sampling entry's sequence takes this step."""
+        return {e.seq.seq_id: [next_token(e.seq)] for e in batch.entries if e.num_samples}
 
     def run(self, max_steps: int = 1000) -> list[ScheduledBatch]:
         batches = []

@@ -11,7 +11,7 @@ from jpaged.engine.sequence import Sequence
 from jpaged.engine.spec_decode import ngram, verify
 from jpaged.engine.spec_decode.config import SpeculativeConfig
 from jpaged.sampling_params import SamplingParams
-from tests.engine.test_block_manager import KVContents
+from tests.engine.test_scheduler import FakeModel
 
 PS = 8
 
@@ -71,14 +71,14 @@ def target_token(seq: Sequence, position: int) -> int:
     return (7 * seq.seq_id + position) % 50 + 1
 
 
-class SpecFakeModel:
+class SpecFakeModel(FakeModel):
     """Plays the engine with proposals: each decode gets k proposals, right or wrong at random (none
     without `draw`); the target 'samples' target_token at every verified position and the run stops
     at the first mismatch."""
 
     def __init__(self, sched: Scheduler, draw):
-        self.sched, self.draw = sched, draw
-        self.kv = KVContents(sched.page_size)
+        super().__init__(sched)
+        self.draw = draw
 
     def proposals(self) -> dict[int, list[int]]:
         out = {}
@@ -89,15 +89,10 @@ class SpecFakeModel:
                 out[seq.seq_id] = [t if self.draw(st.booleans()) else 60 + t for t in right]
         return out
 
-    def step(self) -> None:
-        sched = self.sched
-        batch = sched.schedule(self.proposals())
-        sched.check_invariants(batch)
-        self.kv.apply(batch.swap_out, batch.swap_in, batch.copy_pages)
-        for e in batch.entries:
-            self.kv.write(e.seq, e.start, e.num_tokens)
-        for e in batch.entries:
-            self.kv.check_reads(e.seq, e.start, e.start + e.num_tokens)
+    def schedule(self):
+        return self.sched.schedule(self.proposals())
+
+    def sampled(self, batch) -> dict[int, list[int]]:
         runs = {}
         for e in batch.entries:
             if not e.num_samples:
@@ -106,12 +101,12 @@ class SpecFakeModel:
             drawn = [target_token(e.seq, first + i) for i in range(e.num_samples)]
             n = verify.accepted_length(e.seq.token_ids[first:first + e.num_proposed], drawn)
             runs[e.seq.seq_id] = drawn[:n + 1]
-        sched.postprocess(batch, runs)
-        for e in batch.entries:
-            if e.num_samples and e.seq.num_output_tokens >= e.seq.sampling_params.max_tokens:
-                sched.finish(e.seq, "length")
-        sched.check_invariants()
+        return runs
+
+    def step(self):
+        batch = super().step()
         self.check_cached_pages()
+        return batch
 
     def check_cached_pages(self) -> None:
         """Every page in the prefix cache holds exactly the tokens it is cached under."""
